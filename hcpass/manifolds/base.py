@@ -1,0 +1,184 @@
+"""The manifold interface: how a mixer turns a stream state into (H_pre, H_post, H_res).
+
+Every variant in the literature (HC, mHC, mHC-lite, KromHC, sHC, JPmHC) is one subclass.
+A subclass declares how many logits H_res needs (`res_logits`), how those logits become an
+n x n matrix (`res_map`), and the identity-preserving bias for them (`res_identity_bias`).
+Everything else -- the projection of the flattened n*C state, the sigmoid maps of H_pre
+and H_post, the function-preserving and paper inits -- is shared here and can be
+overridden where a paper differs (HC overrides `project` and `coefficients`).
+
+Conventions (see docs/math.md):
+- stream states are stream-major, ``x[n, *positions, C]``;
+- ``X'[i] = sum_j H_res[..., i, j] X[j] + H_post[..., i] * y`` (rows of H_res mix *into* stream i);
+- coefficients are computed in fp32 whatever the stream dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+INITS = ("identity", "paper")
+
+# RMSNorm epsilon of the flattened n*C state ("tiny" in the mHC paper).
+RMS_EPS = 1e-6
+
+# sigmoid(PRE_LOGIT_CAP) rounds to 1.0 in fp32; used for n = 1 where logit(1/n) is +inf.
+PRE_LOGIT_CAP = 30.0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Coefficients and stream sums accumulate in fp32 (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Manifold:
+    """Base class of every mixer manifold. Subclasses set the class attributes and
+    implement `res_logits`, `res_map` and `res_identity_bias`."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str]
+    # Extra options a subclass accepts, with their defaults (streams/dynamic/init/alpha are common).
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        streams: int,
+        *,
+        dynamic: bool = True,
+        init: str = "identity",
+        alpha: float = 0.01,
+        **options: Any,
+    ) -> None:
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise ValueError(f"streams must be an integer >= 1, got {streams!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not isinstance(dynamic, bool):
+            raise ValueError(f"dynamic must be True or False, got {dynamic!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        unknown = set(options) - set(self.option_defaults)
+        if unknown:
+            valid = sorted({"streams", "dynamic", "init", "alpha", *self.option_defaults})
+            raise ValueError(
+                f"manifold {self.name!r} got unknown option(s) {sorted(unknown)}; "
+                f"valid options: {valid}"
+            )
+        self.streams = streams
+        self.dynamic = dynamic
+        self.init = init
+        self.alpha = float(alpha)
+        self.options = {**self.option_defaults, **options}
+        self.validate()
+
+    # ----------------------------------------------------------------- subclass API
+    def validate(self) -> None:
+        """Check `self.options` (and `self.streams`); raise ValueError with a clear message."""
+
+    @property
+    def res_logits(self) -> int:
+        """How many logits H_res is computed from."""
+        raise NotImplementedError
+
+    def res_map(self, logits: Tensor) -> Tensor:
+        """``[..., res_logits]`` fp32 logits -> ``[..., n, n]`` H_res."""
+        raise NotImplementedError
+
+    def res_identity_bias(self) -> Tensor:
+        """Logits (shape ``[res_logits]``) whose H_res is (close to) the identity."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared parts
+    @property
+    def num_logits(self) -> int:
+        return 2 * self.streams + self.res_logits
+
+    def phi_shape(self, channels: int) -> tuple[int, ...]:
+        """Shape of the dynamic projection weight phi for a stream of width `channels`."""
+        return (self.streams * channels, self.num_logits)
+
+    def project(self, x: Tensor, phi: Tensor) -> Tensor:
+        """mHC's fused projection: ``(vec(X) @ phi) / rms(vec(X))`` per position.
+
+        x: ``[n, *positions, C]`` -> ``[*positions, num_logits]`` in fp32. Dividing after
+        the matmul equals projecting RMSNorm(vec X) (the norm weight is folded into phi).
+        """
+        dtype = compute_dtype(x.dtype)
+        flat = x.to(dtype).movedim(0, -2).flatten(-2)
+        rms = flat.pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt()
+        return (flat @ phi.to(dtype)) / rms
+
+    def split(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n = self.streams
+        return logits[..., :n], logits[..., n : 2 * n], logits[..., 2 * n :]
+
+    def coefficients(
+        self, x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(H_pre ``[*pos, n]``, H_post ``[*pos, n]``, H_res ``[*pos, n, n]``) in
+        ``compute_dtype(x.dtype)``."""
+        positions = x.shape[1:-1]
+        dtype = compute_dtype(x.dtype)
+        b_pre, b_post, b_res = self.split(bias.to(dtype))
+        if phi is None:
+            l_pre, l_post, l_res = b_pre, b_post, b_res
+        else:
+            d_pre, d_post, d_res = self.split(self.project(x, phi))
+            a = alpha.to(dtype)
+            l_pre, l_post, l_res = a[0] * d_pre + b_pre, a[1] * d_post + b_post, a[2] * d_res + b_res
+        h_pre = torch.sigmoid(l_pre)
+        h_post = 2.0 * torch.sigmoid(l_post)
+        h_res = self.res_map(l_res)
+        n = self.streams
+        return (
+            h_pre.expand(*positions, n),
+            h_post.expand(*positions, n),
+            h_res.expand(*positions, n, n),
+        )
+
+    def init_alpha(self) -> Tensor:
+        return torch.full((3,), self.alpha)
+
+    def init_bias(self, site_index: int) -> Tensor:
+        """Bias logits ``[num_logits]`` at init.
+
+        identity: sum(H_pre) = 1, H_post = 1, H_res ~ I, so a model whose n streams start as
+        copies computes exactly what the original did. paper: the mHC-lite / KromHC / sHC
+        init (+1 on stream ``site_index mod n``, -1 elsewhere), meant for training from scratch.
+        """
+        n = self.streams
+        if self.init == "identity":
+            pre_logit = PRE_LOGIT_CAP if n == 1 else -math.log(n - 1)
+            b_pre = torch.full((n,), pre_logit)
+            b_post = torch.zeros(n)
+        else:
+            b_pre = torch.full((n,), -1.0)
+            b_pre[site_index % n] = 1.0
+            b_post = b_pre.clone()
+        return torch.cat([b_pre, b_post, self.res_identity_bias().float()])
+
+    # ---------------------------------------------------------------------- identity
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "streams": self.streams,
+            "dynamic": self.dynamic,
+            "init": self.init,
+            "alpha": self.alpha,
+            **self.options,
+        }
+
+    def spec(self) -> str:
+        """Canonical string naming this manifold and its options (an op argument and a
+        cache key); `hcpass.manifolds.resolve` turns it back into an instance."""
+        return f"{self.name}:{json.dumps(self.config, sort_keys=True, separators=(',', ':'))}"
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({opts})"
