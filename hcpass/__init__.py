@@ -1,0 +1,32 @@
+"""hcpass: hyper-connections as a compiler pass.
+
+    report = hcpass.explain(model, example_inputs)
+    model2 = hcpass.convert(model, example_inputs, streams=4, manifold="sinkhorn")
+    compiled = torch.compile(model2, backend="hcpass")
+"""
+
+from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
+from hcpass.api import compile, convert, explain
+from hcpass.manifolds import Manifold, available, register_manifold
+from hcpass.mixer import Mixer
+from hcpass.module import ConvertedModule
+from hcpass.plan import Report, SiteReport
+
+
+def manifolds() -> dict[str, str]:
+    """Registered manifold names (aliases in brackets) with a one-line description."""
+    return available()
+
+
+__all__ = [
+    "ConvertedModule",
+    "Manifold",
+    "Mixer",
+    "Report",
+    "SiteReport",
+    "compile",
+    "convert",
+    "explain",
+    "manifolds",
+    "register_manifold",
+]

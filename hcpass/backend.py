@@ -1,0 +1,75 @@
+"""``torch.compile(..., backend="hcpass")`` (registered through the torch_dynamo_backends
+entry point).
+
+- Under a `ConvertedModule`'s forward, each graph is rewritten with that module's mixers
+  and lowered: on CPU the mixer ops become their references and Inductor fuses them into
+  C++; on CUDA they stay ``hcpass::`` ops whose CUDA kernels are the generated Triton kernels.
+- Anywhere else (a model that was never converted) the graph is compiled unchanged by
+  Inductor; one log line says how many residual sites there are and that `hcpass.convert`
+  adds the mixers. The backend never creates parameters: an optimizer could not see them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import fx
+
+from hcpass.capture import annotate_parameters
+from hcpass.module import current_owner
+from hcpass.passes import PassManager
+from hcpass.passes.lower_reference import LowerToReference
+from hcpass.plan import analyse
+
+log = logging.getLogger("hcpass")
+
+
+def _compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs))
+
+
+def _on_cuda(example_inputs: Sequence[Any]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def lowering(cuda: bool) -> PassManager:
+    """The passes that lower a rewritten graph for the device its inputs are on."""
+    if cuda:
+        from hcpass.codegen import register_cuda_kernels
+
+        register_cuda_kernels()
+        return PassManager([])
+    return PassManager([LowerToReference()])
+
+
+def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+    owner = current_owner()
+    if owner is None:
+        _log_plain_model(gm)
+        return _compile_fx(gm, example_inputs)
+    rewritten, mixed = owner.rewrite(gm)
+    lowering(_on_cuda(example_inputs))(rewritten.graph)
+    rewritten.recompile()
+    mixer_params = [
+        p for index, inputs in mixed.mixers
+        for p in owner.mixer_parameters(example_inputs[index], inputs)
+    ]
+    compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params])
+    return replace(mixed, fn=compiled)
+
+
+def _log_plain_model(gm: fx.GraphModule) -> None:
+    annotate_parameters(gm, names=None)
+    _, analysis = analyse(gm)
+    if analysis.sites:
+        log.info(
+            "hcpass: found %d residual site(s); this model is compiled unchanged. "
+            "hcpass.convert(model, example_inputs) adds the mixers.",
+            len(analysis.sites),
+        )

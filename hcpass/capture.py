@@ -1,0 +1,105 @@
+"""Stage 1: capture a model's forward as Dynamo graphs, the way torch.compile sees it.
+
+Dynamo is the only capture that takes HF transformers models untouched (torch.export and
+fx.symbolic_trace fail on GPT-2/Llama). Each capture goes through a trampoline with a code
+object of its own, so it neither hits nor fills the cache of the model's own forward (Dynamo
+keeps at most `recompile_limit` entries per code object and silently runs eager past that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+_counter = itertools.count()
+
+
+def _call(self: nn.Module, args: tuple, kwargs: dict) -> Any:
+    # Named `self` so Dynamo's module paths read ``L['self'].h.0`` as for a compiled module.
+    return self(*args, **kwargs)
+
+
+def fresh_function(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
+    """`fn` with a code object of its own, hence a Dynamo cache of its own."""
+    name = f"hcpass_{tag}_{next(_counter)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name)
+
+
+def fresh_trampoline(tag: str) -> Callable[[nn.Module, tuple, dict], Any]:
+    """``lambda module, args, kwargs: module(*args, **kwargs)`` with a cache of its own."""
+    return fresh_function(_call, tag)
+
+
+@dataclass(frozen=True)
+class CapturedGraph:
+    gm: fx.GraphModule
+    index: int  # order in which the forward reached it
+    graph_break: str | None  # why Dynamo ended this graph early, if it did
+
+
+def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[CapturedGraph]:
+    """Run `model` once under Dynamo (no grad, RNG and buffers restored) and return its
+    graphs, parameter placeholders annotated with their names."""
+    graphs: list[CapturedGraph] = []
+    names = parameter_names(model)
+
+    def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        annotate_parameters(gm, names)
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        broke = reason.reason.strip().splitlines()[0] if reason and reason.graph_break else None
+        graphs.append(CapturedGraph(gm, len(graphs), broke))
+        return gm.forward
+
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    compiled = torch.compile(fresh_trampoline("capture"), backend=record)
+    with torch.random.fork_rng(), torch.no_grad(), _quiet_dynamo():
+        compiled(model, tuple(args), dict(kwargs))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return graphs
+
+
+@contextlib.contextmanager
+def _quiet_dynamo():
+    # Graph breaks are reported by hcpass itself (as skipped sites), not as Dynamo warnings.
+    with torch._dynamo.config.patch(verbose=False):
+        yield
+
+
+PARAMETER = "hcpass_parameter"  # node.meta key: the parameter a placeholder was lifted from
+
+
+def annotate_parameters(gm: fx.GraphModule, names: dict[int, str] | None) -> None:
+    """Record on each parameter placeholder the name of the parameter it was lifted from.
+
+    Called inside a backend: Dynamo drops the placeholders' `grapharg` (which holds the
+    real tensor) once the backend returns. Names come from the tensor's identity, which
+    stays right when Dynamo compiles an inner frame (after a graph break) whose source
+    paths are relative to a submodule; with `names=None` Dynamo's source expression is used.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg = node.meta.get("grapharg")
+        example = getattr(grapharg, "example", None) if grapharg is not None else None
+        if isinstance(example, nn.Parameter):
+            name = grapharg.source.name if names is None else names.get(id(example))
+            if name is not None:
+                node.meta[PARAMETER] = name
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def parameter_name(node: fx.Node) -> str | None:
+    return node.meta.get(PARAMETER)

@@ -1,0 +1,20 @@
+"""CPU lowering: replace the ``hcpass::`` ops by their plain-PyTorch references.
+
+Inductor then traces the references with the rest of the graph, differentiates them with
+AOTAutograd and fuses them into its C++ kernels, instead of calling the ops as opaque
+extern kernels with a recomputing backward.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from hcpass.ops import REFERENCE
+from hcpass.passes.manager import GraphPass
+
+
+class LowerToReference(GraphPass):
+    def __call__(self, graph: fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in REFERENCE:
+                node.target = REFERENCE[node.target]

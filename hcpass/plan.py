@@ -1,0 +1,194 @@
+"""Decide which sites get mixers, name them, and report on every candidate add.
+
+Shared by `convert`/`explain` (on the graphs captured with the example inputs) and by the
+runtime and backend (on every re-capture), so a site is recognised the same way each time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from hcpass.capture import CapturedGraph, parameter_name
+from hcpass.sites import (
+    Chain,
+    SiteAnalysis,
+    SiteFilter,
+    find_sites,
+    normalize_inplace,
+)
+
+REWRITTEN = "rewritten"
+SKIPPED = "skipped"
+WHAT_IS_A_SITE = (
+    "a residual site is an add `x + f(x)` (also `x += f(x)`, `torch.add(x, f(x), alpha=a)`) of "
+    "two tensors of the same shape and dtype, where the branch f reads the stream x through "
+    "at least one parameterised op"
+)
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    name: str  # mixer name (module path) for sites, node name otherwise
+    status: str  # "rewritten" or "skipped"
+    reason: str
+    graph: int  # which captured graph (> 0 after graph breaks)
+    node: str  # the add's node name in that graph
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `explain`/`convert` found: one row per same-shape tensor add."""
+
+    sites: list[SiteReport]
+    graphs: int
+    graph_breaks: list[str]
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == REWRITTEN]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == SKIPPED]
+
+    def to_dict(self) -> dict:
+        return {
+            "graphs": self.graphs,
+            "graph_breaks": self.graph_breaks,
+            "sites": [vars(s) for s in self.sites],
+        }
+
+    def __str__(self) -> str:
+        header = ("site", "status", "reason")
+        rows = [(s.name, s.status, s.reason or "-") for s in self.sites]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
+        lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]}"]
+        lines.append(f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * 6}")
+        lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+        lines.append(
+            f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
+            f"{self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)"
+        )
+        return "\n".join(lines)
+
+
+def analyse(
+    gm: fx.GraphModule, keep: SiteFilter | None = None
+) -> tuple[fx.Graph, SiteAnalysis]:
+    """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits).
+    Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
+    graph = copy.deepcopy(gm.graph)
+    normalize_inplace(graph)
+    return graph, find_sites(graph, parameter_name, keep)
+
+
+def site_name(model: nn.Module, anchor: str) -> str:
+    """The module a site belongs to: the owner of the branch's last parameter, or that
+    owner's parent when the owner is a leaf (``h.0.attn.c_proj.weight`` -> ``h.0.attn``)."""
+    owner = anchor.rpartition(".")[0]
+    if owner and not any(True for _ in model.get_submodule(owner).children()):
+        parent = owner.rpartition(".")[0]
+        owner = parent or owner
+    return owner or "root"
+
+
+def mixer_key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    key: str  # ModuleDict key of the mixer
+    name: str
+    anchor: str  # full name of the parameter the mixer is keyed on
+    channels: int
+    position: int  # index of the site in its chain (the paper init favours stream position % n)
+
+
+@dataclass(frozen=True)
+class Plan:
+    report: Report
+    sites: list[PlannedSite]  # one per distinct mixer
+    runs: int  # site executions per forward (a weight-shared block counts each call)
+
+
+def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
+    rows: list[SiteReport] = []
+    planned: dict[str, PlannedSite] = {}
+    keys: set[str] = set()
+    runs = 0
+    stream_left_at_break = False
+    for captured in graphs:
+        graph, analysis = analyse(captured.gm)
+        split, left = _split_chains(graph, analysis, captured, stream_left_at_break)
+        stream_left_at_break |= left
+        graph_rows: list[tuple[fx.Node, SiteReport]] = []
+        for chain in analysis.chains:
+            for position, site in enumerate(chain.sites):
+                name = site_name(model, site.anchor_name)
+                if chain in split:
+                    row = SiteReport(name, SKIPPED, split[chain], captured.index, site.node.name)
+                    graph_rows.append((site.node, row))
+                    continue
+                if site.anchor_name not in planned:
+                    key = mixer_key(name)
+                    suffix = 1
+                    while key in keys:
+                        suffix += 1
+                        key = f"{mixer_key(name)}_{suffix}"
+                    keys.add(key)
+                    planned[site.anchor_name] = PlannedSite(
+                        key, name, site.anchor_name, site.channels, position
+                    )
+                runs += 1
+                row = SiteReport(name, REWRITTEN, "", captured.index, site.node.name)
+                graph_rows.append((site.node, row))
+        for skipped in analysis.skipped:
+            label = _node_label(skipped.node)
+            row = SiteReport(label, SKIPPED, skipped.reason, captured.index, skipped.node.name)
+            graph_rows.append((skipped.node, row))
+        position_of = {node: i for i, node in enumerate(graph.nodes)}
+        rows += [row for _, row in sorted(graph_rows, key=lambda item: position_of[item[0]])]
+    breaks = [g.graph_break for g in graphs if g.graph_break]
+    return Plan(Report(rows, len(graphs), breaks), list(planned.values()), runs)
+
+
+def _node_label(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        return f"{_clean_path(path)}:{node.name}"
+    return node.name
+
+
+def _clean_path(path: str) -> str:
+    """``L['self'].h.0.attn`` / ``L['self']._modules['h']._modules['0']`` -> ``h.0.attn``."""
+    path = path.replace("L['self']", "").replace("._modules['", ".").replace("['", ".")
+    return path.replace("']", "").strip(".") or "root"
+
+
+def _split_chains(
+    graph: fx.Graph, analysis: SiteAnalysis, captured: CapturedGraph, stream_left_before: bool
+) -> tuple[dict[Chain, str], bool]:
+    """Chains a graph break cuts, with the reason, and whether a stream left this graph.
+
+    A chain is cut when its stream leaves a graph that ended at a break (Python code runs
+    on it before the next graph), or when, after such a break, a chain starts at an input
+    of a later graph (it may be the same stream coming back)."""
+    split: dict[Chain, str] = {}
+    left = False
+    returned = set(next(n for n in graph.nodes if n.op == "output").all_input_nodes)
+    for chain in analysis.chains:
+        if captured.graph_break and returned & set(chain.stream_values):
+            split[chain] = (
+                f"a graph break ({captured.graph_break}) splits this chain: "
+                "its stream leaves the graph"
+            )
+            left = True
+        elif stream_left_before and chain.input.op == "placeholder":
+            split[chain] = "a graph break splits this chain: its stream enters from an earlier graph"
+    return split, left

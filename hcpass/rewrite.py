@@ -1,0 +1,212 @@
+"""Stage 3: rewrite each residual chain of a graph into n-stream mixer ops.
+
+Input: a graph (normalised by `sites.normalize_inplace`), its `SiteAnalysis`, and a
+`MixerSlot` per site. Output: the same graph, rewritten in place, plus the placeholders it
+gained for mixer parameters (`RewriteResult`).
+
+Per chain (stream-major ``X[n, *x.shape]``, docs/math.md):
+- the chain input x becomes ``X = x.unsqueeze(0).expand(n, ...)`` (n copies);
+- per site ``s + alpha*y`` with branch read r:
+  ``h_pre, h_post, h_res = hcpass.coeffs(R, ...)``, the branch reads ``u = hcpass.pre(R, h_pre)``
+  instead of r, and the add becomes ``hcpass.post_res(S, alpha*y, h_post, h_res)``;
+- a lifted per-position op g becomes ``g(X.flatten(0, 1)).unflatten(0, (n, -1))``;
+- anything else that reads a stream value (the chain's consumers, a list of hidden states)
+  reads the collapsed stream ``X.mean(0)``.
+Branch nodes shared by two sites (the norm of a parallel block) are copied so each site's
+branch reads its own ``u``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
+from hcpass.sites import Chain, Site, SiteAnalysis
+
+
+@dataclass(frozen=True)
+class MixerSlot:
+    """What the rewrite needs to know of a site's mixer."""
+
+    key: str  # placeholder prefix, e.g. "h_0_attn"
+    streams: int
+    spec: str  # Manifold.spec()
+    dynamic: bool
+
+
+@dataclass(frozen=True)
+class MixerInputs:
+    """Placeholders one mixer gained, and the parameter placeholder that names it."""
+
+    slot: MixerSlot
+    anchor: fx.Node
+    channels: int
+    placeholders: tuple[fx.Node, ...]  # phi, alpha, bias (phi/alpha absent when static)
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    mixers: list[MixerInputs]
+    sites: int
+
+
+class _Cursor:
+    """Inserts nodes one after another, starting after `node`."""
+
+    def __init__(self, graph: fx.Graph, node: fx.Node) -> None:
+        self.graph = graph
+        self.last = node
+
+    def call(self, op: str, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        with self.graph.inserting_after(self.last):
+            self.last = self.graph.create_node(op, target, args, kwargs or {})
+        return self.last
+
+
+def rewrite_chains(
+    graph: fx.Graph, analysis: SiteAnalysis, slot_of: dict[Site, MixerSlot]
+) -> RewriteResult:
+    return _Rewriter(graph, analysis, slot_of).run()
+
+
+class _Rewriter:
+    def __init__(
+        self, graph: fx.Graph, analysis: SiteAnalysis, slot_of: dict[Site, MixerSlot]
+    ) -> None:
+        self.graph = graph
+        self.analysis = analysis
+        self.slot_of = slot_of
+        self.mixers: dict[str, MixerInputs] = {}
+        self.claimed: set[fx.Node] = set()  # branch nodes some site already rewired
+        self.coefficients: dict[Site, tuple[fx.Node, fx.Node]] = {}  # h_post, h_res
+        self.branch_out: dict[Site, fx.Node] = {}
+        self.order = {node: i for i, node in enumerate(graph.nodes)}
+
+    def run(self) -> RewriteResult:
+        # Placeholders must precede every other node: create them all first.
+        cursor = _Cursor(self.graph, self._last_placeholder())
+        for site in self.analysis.sites:
+            slot = self.slot_of[site]
+            if slot.key not in self.mixers:
+                names = ("phi", "alpha", "bias") if slot.dynamic else ("bias",)
+                nodes = tuple(cursor.call("placeholder", f"{slot.key}_{n}", ()) for n in names)
+                self.mixers[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
+        for chain in self.analysis.chains:
+            self._chain(chain)
+        self.graph.lint()
+        return RewriteResult(list(self.mixers.values()), len(self.analysis.sites))
+
+    def _last_placeholder(self) -> fx.Node:
+        return [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+
+    def _mixer(self, site: Site) -> MixerInputs:
+        return self.mixers[self.slot_of[site].key]
+
+    def _chain(self, chain: Chain) -> None:
+        counts = {self.slot_of[s].streams for s in chain.sites}
+        if len(counts) != 1:
+            raise ValueError(f"one chain mixes stream counts {sorted(counts)}")
+        streams = counts.pop()
+        site_of = {s.node: s for s in chain.sites}
+        lifted = set(chain.stream_ops)
+        multi: dict[fx.Node, fx.Node] = {}  # stream value -> its n-stream node
+
+        start = self._last_placeholder() if chain.input.op == "placeholder" else chain.input
+        cursor = _Cursor(self.graph, start)
+        copies = cursor.call("call_method", "unsqueeze", (chain.input, 0))
+        rank = _rank(chain.input)
+        multi[chain.input] = cursor.call("call_method", "expand", (copies, streams, *[-1] * rank))
+
+        readers: dict[fx.Node, list[Site]] = {}
+        for site in chain.sites:
+            readers.setdefault(site.read, []).append(site)
+        for value in chain.stream_values:
+            if value in lifted:
+                multi[value] = self._lift(value, multi[value.args[0]], streams)
+            elif value in site_of:
+                multi[value] = self._post_res(site_of[value], multi)
+            cursor = _Cursor(self.graph, multi[value])
+            for site in readers.get(value, []):
+                self._pre(cursor, site, multi[value])
+
+        self._collapse_side_readers(chain, multi, site_of, lifted)
+        for value in reversed(chain.stream_values):
+            if value is not chain.input:
+                self.graph.erase_node(value)
+
+    def _pre(self, cursor: _Cursor, site: Site, stream: fx.Node) -> None:
+        """coeffs + pre from the read state; the branch reads the result instead of r."""
+        mixer = self._mixer(site)
+        moved = site.channel_dim != _rank(site.read) - 1
+        x = cursor.call("call_method", "movedim", (stream, site.channel_dim + 1, -1)) if moved else stream
+        params = mixer.placeholders if mixer.slot.dynamic else (None, None, *mixer.placeholders)
+        coeffs = cursor.call(
+            "call_function", torch.ops.hcpass.coeffs.default, (x, *params, mixer.slot.spec)
+        )
+        h_pre, h_post, h_res = (
+            cursor.call("call_function", operator.getitem, (coeffs, i)) for i in range(3)
+        )
+        u = cursor.call("call_function", torch.ops.hcpass.pre.default, (x, h_pre))
+        if moved:
+            u = cursor.call("call_method", "movedim", (u, -1, site.channel_dim))
+        self.coefficients[site] = (h_post, h_res)
+
+        env = {site.read: u}
+        for node in sorted(site.branch_nodes, key=self.order.__getitem__):
+            if node in self.claimed:
+                with self.graph.inserting_before(node):
+                    env[node] = self.graph.node_copy(node, lambda a: env.get(a, a))
+            else:
+                for old in [p for p in node.all_input_nodes if p in env]:
+                    node.replace_input_with(old, env[old])
+        self.claimed.update(site.branch_nodes)
+        self.branch_out[site] = env.get(site.branch, site.branch)
+
+    def _post_res(self, site: Site, multi: dict[fx.Node, fx.Node]) -> fx.Node:
+        h_post, h_res = self.coefficients.pop(site)
+        y = self.branch_out.pop(site)
+        cursor = _Cursor(self.graph, site.node)
+        if site.alpha != 1.0:
+            y = cursor.call("call_function", operator.mul, (y, site.alpha))
+        x = multi[site.stream]
+        moved = site.channel_dim != _rank(site.node) - 1
+        if moved:
+            x = cursor.call("call_method", "movedim", (x, site.channel_dim + 1, -1))
+            y = cursor.call("call_method", "movedim", (y, site.channel_dim, -1))
+        out = cursor.call("call_function", torch.ops.hcpass.post_res.default, (x, y, h_post, h_res))
+        if moved:
+            out = cursor.call("call_method", "movedim", (out, -1, site.channel_dim + 1))
+        return out
+
+    def _lift(self, op: fx.Node, stream: fx.Node, streams: int) -> fx.Node:
+        cursor = _Cursor(self.graph, op)
+        folded = cursor.call("call_method", "flatten", (stream, 0, 1))
+        # In-place variants would write into a stream tensor other nodes still read.
+        kwargs = {**op.kwargs, "inplace": False} if "inplace" in op.kwargs else dict(op.kwargs)
+        target = op.target.rstrip("_") if op.op == "call_method" else op.target
+        applied = cursor.call(op.op, target, (folded, *op.args[1:]), kwargs)
+        return cursor.call("call_method", "unflatten", (applied, 0, (streams, -1)))
+
+    def _collapse_side_readers(self, chain: Chain, multi, site_of, lifted) -> None:
+        """Readers of a stream value other than the chain itself get the mean of the streams."""
+        for value in chain.stream_values:
+            if value is chain.input:
+                continue  # its other readers already read the single stream
+            collapsed = None
+            for user in list(value.users):
+                if user in site_of and site_of[user].stream is value:
+                    continue
+                if user in lifted and user.args[0] is value:
+                    continue
+                if collapsed is None:
+                    cursor = _Cursor(self.graph, multi[value])
+                    collapsed = cursor.call("call_method", "mean", (multi[value], 0))
+                user.replace_input_with(value, collapsed)
+
+
+def _rank(node: fx.Node) -> int:
+    return node.meta["example_value"].dim()

@@ -1,0 +1,336 @@
+"""Stage 2: find the residual sites of a graph and group them into chains.
+
+Input: an FX graph in torch IR (what Dynamo hands a backend) whose nodes carry
+``meta["example_value"]``, and a function naming the graph's parameter placeholders.
+Output: a `SiteAnalysis` -- the chains to rewrite and every same-shape add that was
+skipped, with the reason.
+
+Definitions (docs/how-it-works.md has pictures):
+- a *stream value* belongs to a chain: the chain's input, the output of one of its sites,
+  or a per-position op (post-norm, post-activation) applied to a stream value;
+- a *site* is ``s + alpha * y`` where ``s`` is a stream value and the branch ``y`` is
+  computed (through at least one parameterised op) from a stream value ``r`` of the same
+  chain -- usually ``r = s``; for parallel blocks ``x + attn(h) + mlp(h)`` the second add
+  reads ``r = x`` while adding to ``s = x + attn(h)``;
+- an add whose branch reads a value it is not added to starts a new chain.
+Sites are found in graph order, so each decision sees the chains formed before it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from hcpass.patterns import AddMatch, is_stream_op, match_residual_add
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+# Ops whose output may alias their input: an in-place add on such a value would mutate
+# another tensor as well, so its site is skipped.
+_VIEW_METHODS = frozenset(
+    {
+        "view", "reshape", "transpose", "permute", "t", "expand", "narrow", "select",
+        "unsqueeze", "squeeze", "flatten", "unflatten", "split", "chunk", "contiguous",
+        "detach", "to", "as_strided", "unbind", "view_as", "expand_as", "movedim", "__getitem__",
+    }
+)
+_VIEW_FUNCTIONS = frozenset(
+    {
+        operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.narrow,
+        torch.select, torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk,
+        torch.unbind, torch.movedim, torch.t, torch.detach,
+    }
+)
+_CONVOLUTIONS = frozenset(
+    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution}
+)
+
+ParamName = Callable[[fx.Node], "str | None"]
+SiteFilter = Callable[["Site"], "str | None"]
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One residual add to rewrite: ``node = stream + alpha * branch``."""
+
+    node: fx.Node
+    stream: fx.Node
+    branch: fx.Node
+    read: fx.Node  # the stream value the branch reads
+    alpha: float
+    anchor: fx.Node  # the parameter placeholder the site's mixer is keyed on
+    anchor_name: str
+    branch_nodes: frozenset[fx.Node]  # nodes on the paths read -> branch, branch included
+    channel_dim: int  # non-negative, in the stream tensor's own dims
+    channels: int
+
+
+@dataclass(eq=False)
+class Chain:
+    """Sites connected through their stream; `stream_ops` are lifted per-position ops."""
+
+    input: fx.Node
+    sites: list[Site] = field(default_factory=list)
+    stream_ops: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def stream_values(self) -> list[fx.Node]:
+        """The chain input, site outputs and lifted ops, in graph order."""
+        values = [self.input, *(s.node for s in self.sites), *self.stream_ops]
+        order = {n: i for i, n in enumerate(self.input.graph.nodes)}
+        return sorted(values, key=order.__getitem__)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    node: fx.Node
+    reason: str
+
+
+@dataclass
+class SiteAnalysis:
+    chains: list[Chain]
+    skipped: list[Skipped]
+
+    @property
+    def sites(self) -> list[Site]:
+        return [site for chain in self.chains for site in chain.sites]
+
+
+def _tensor(node: object) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(
+        statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)
+    )
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
+def _mutates_first_arg(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is operator.iadd:
+        return True
+    if node.op == "call_method" and isinstance(node.target, str):
+        return node.target.endswith("_") and not node.target.startswith("__")
+    return node.kwargs.get("inplace") is True
+
+
+class _Graph:
+    """Index and ancestor bitsets of a graph (bit i set: node i is an ancestor)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.ancestors: list[int] = []
+        for node in self.nodes:
+            bits = 0
+            for parent in node.all_input_nodes:
+                j = self.index[parent]
+                bits |= self.ancestors[j] | (1 << j)
+            self.ancestors.append(bits)
+
+    def depends(self, node: fx.Node, on: fx.Node) -> bool:
+        return bool(self.ancestors[self.index[node]] >> self.index[on] & 1)
+
+
+def normalize_inplace(graph: fx.Graph) -> None:
+    """Make readers that run after an in-place op read the op's result.
+
+    Dynamo records ``x += y`` as ``iadd = operator.iadd(x, y)`` but leaves earlier aliases of
+    ``x`` (a list of hidden states, say) pointing at ``x``; at run time they see the mutated
+    tensor. Pointing them at ``iadd`` states that dependence in the graph, so the rewrite can
+    replace the add without changing what they read. Skipped when ``x`` may alias another
+    tensor; sites on such adds are then skipped too.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    for node in nodes:
+        if not (_mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node)):
+            continue
+        target = node.args[0]
+        if target.op == "placeholder" or _is_view(target):
+            continue
+        for user in list(target.users):
+            if user is not node and position[user] > position[node]:
+                user.replace_input_with(target, node)
+
+
+def find_sites(
+    graph: fx.Graph, param_name: ParamName, keep: SiteFilter | None = None
+) -> SiteAnalysis:
+    """Find the residual chains of `graph` (run `normalize_inplace` on it first).
+
+    `param_name` names parameter placeholders (None for other nodes); `keep` may veto a
+    site by returning a reason (the runtime uses it to rewrite only sites that have a mixer).
+    """
+    g = _Graph(graph)
+    chain_of: dict[fx.Node, Chain] = {}  # stream value -> its chain
+    chains: list[Chain] = []
+    skipped: list[Skipped] = []
+
+    for node in g.nodes:
+        found = match_residual_add(node)
+        if found is None:
+            continue
+        a, b = _tensor(found.lhs), _tensor(found.rhs)
+        if a is None or b is None or a.dtype != b.dtype or not _same_shape(a, b):
+            continue  # broadcasting adds (biases, masks, epsilons) are not candidates
+        outcome = _classify(g, node, found, chain_of, param_name)
+        if isinstance(outcome, str):
+            skipped.append(Skipped(node, outcome))
+            continue
+        site, chain, lifted = outcome
+        veto = keep(site) if keep is not None else None
+        if veto is not None:
+            skipped.append(Skipped(node, veto))
+            continue
+        if chain is None:
+            chain = Chain(input=site.stream)
+            chains.append(chain)
+            chain_of[site.stream] = chain
+        for op in lifted:
+            chain.stream_ops.append(op)
+            chain_of[op] = chain
+        chain.sites.append(site)
+        chain_of[node] = chain
+    return SiteAnalysis(chains, skipped)
+
+
+def _stream_origin(
+    g: _Graph, value: fx.Node, chain_of: dict[fx.Node, Chain]
+) -> tuple[Chain, list[fx.Node]] | None:
+    """The chain `value` belongs to, possibly through per-position ops to lift."""
+    path: list[fx.Node] = []
+    current = value
+    while current not in chain_of:
+        if not (is_stream_op(current) and current.args and isinstance(current.args[0], fx.Node)):
+            return None
+        path.append(current)
+        current = current.args[0]
+    chain = chain_of[current]
+    for op in path:
+        if not _liftable(g, op, chain):
+            return None
+    return chain, path[::-1]
+
+
+def _liftable(g: _Graph, op: fx.Node, chain: Chain) -> bool:
+    """A per-position op on the stream can run on all streams folded into the batch when
+    its other tensor inputs don't read the chain and don't broadcast over the batch."""
+    stream = _tensor(op.args[0])
+    out = _tensor(op)
+    if stream is None or out is None or not _same_shape(stream, out):
+        return False
+    for other in op.all_input_nodes[1:]:
+        value = _tensor(other)
+        if value is None:
+            continue
+        if any(g.depends(other, v) or other is v for v in chain.stream_values):
+            return False
+        if value.dim() >= stream.dim() and not statically_known_true(value.shape[0] == 1):
+            return False
+    return True
+
+
+def _classify(
+    g: _Graph,
+    node: fx.Node,
+    found: AddMatch,
+    chain_of: dict[fx.Node, Chain],
+    param_name: ParamName,
+) -> tuple[Site, Chain | None, list[fx.Node]] | str:
+    """A site (with its chain, None for a new one, and stream ops to lift) or a skip reason."""
+    lhs, rhs = found.lhs, found.rhs
+    # 1. Continue a chain: one operand is a stream value, the other reads that chain.
+    for stream, branch in ((lhs, rhs), (rhs, lhs)):
+        origin = _stream_origin(g, stream, chain_of)
+        if origin is None:
+            continue
+        chain, lifted = origin
+        values = chain.stream_values + lifted
+        read = next((v for v in reversed(values) if v is branch or g.depends(branch, v)), None)
+        if read is None:
+            continue
+        return _build(g, node, found, stream, branch, read, param_name, chain, lifted)
+    # 2. Start a chain: the branch is computed from the other operand.
+    for stream, branch in ((lhs, rhs), (rhs, lhs)):
+        if g.depends(branch, stream):
+            return _build(g, node, found, stream, branch, stream, param_name, None, [])
+    shared = [v for v in chain_of if g.depends(lhs, v) and g.depends(rhs, v)]
+    if shared:
+        return (
+            "projection shortcut: both operands are computed from the stream "
+            f"{shared[-1].name!r}, so its chain ends before this add"
+        )
+    return "operands are independent (not a residual: e.g. an embedding sum)"
+
+
+def _build(
+    g: _Graph,
+    node: fx.Node,
+    found: AddMatch,
+    stream: fx.Node,
+    branch: fx.Node,
+    read: fx.Node,
+    param_name: ParamName,
+    chain: Chain | None,
+    lifted: list[fx.Node],
+) -> tuple[Site, Chain | None, list[fx.Node]] | str:
+    if stream is found.rhs and found.alpha != 1.0:
+        return f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch"
+    if found.inplace and stream is found.lhs:
+        target = found.lhs
+        if target.op == "placeholder" or _is_view(target):
+            return "in-place add mutates a graph input or a view"
+    value = _tensor(stream)
+    if value.dim() < 2:
+        return "stream has no batch dimension (rank < 2)"
+    if branch is read:
+        return "adds two values of one stream (no branch in between)"
+    branch_nodes = frozenset(
+        n
+        for i, n in enumerate(g.nodes[: g.index[branch] + 1])
+        if (n is branch or g.ancestors[g.index[branch]] >> i & 1) and g.depends(n, read)
+    )
+    anchor = _anchor(g, branch_nodes, param_name)
+    if anchor is None:
+        return "branch reads no parameters (an elementwise expression, not a block)"
+    convolutional = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in branch_nodes)
+    channel_dim = 1 if convolutional else value.dim() - 1
+    channels = value.shape[channel_dim]
+    if not isinstance(channels, int):
+        return f"channel dimension {channel_dim} is dynamic ({channels})"
+    site = Site(
+        node=node,
+        stream=stream,
+        branch=branch,
+        read=read,
+        alpha=found.alpha if stream is found.lhs else 1.0,
+        anchor=anchor,
+        anchor_name=param_name(anchor),
+        branch_nodes=branch_nodes,
+        channel_dim=channel_dim,
+        channels=channels,
+    )
+    return site, chain, lifted
+
+
+def _anchor(g: _Graph, branch_nodes: frozenset[fx.Node], param_name: ParamName) -> fx.Node | None:
+    """The parameter read closest to the branch output: the site is named after its module."""
+    for node in sorted(branch_nodes, key=g.index.__getitem__, reverse=True):
+        for parent in node.all_input_nodes:
+            if param_name(parent) is not None:
+                return parent
+    return None

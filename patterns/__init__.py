@@ -1,0 +1,16 @@
+"""Graph patterns hcpass matches in Dynamo (torch-IR) graphs, one kind per module.
+
+- `residual_add`: the residual-add spellings (``a + b``, ``x += f(x)``, ``torch.add(.., alpha=)``,
+  ``Tensor.add``);
+- `stream_op`: per-position ops a residual stream may pass through between two sites
+  (post-norm, post-activation, dropout, casts), which the rewrite applies to every stream;
+- `inplace`: in-place ops whose later readers see the mutated value.
+
+Each pattern is a small class registered in its kind's registry; `hcpass.sites` consults the
+registries, so adding a spelling is one class in one file.
+"""
+
+from hcpass.patterns.residual_add import AddMatch, match_residual_add
+from hcpass.patterns.stream_op import is_stream_op
+
+__all__ = ["AddMatch", "is_stream_op", "match_residual_add"]
