@@ -7,15 +7,11 @@
 
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
-from hcpass.manifolds import Manifold, available, register_manifold
+from hcpass import manifolds
+from hcpass.manifolds import Manifold, register_manifold
 from hcpass.mixer import Mixer
 from hcpass.module import ConvertedModule
 from hcpass.plan import Report, SiteReport
-
-
-def manifolds() -> dict[str, str]:
-    """Registered manifold names (aliases in brackets) with a one-line description."""
-    return available()
 
 
 __all__ = [

@@ -75,6 +75,16 @@ class ConvertedModule(nn.Module):
 
     def __init__(self, model: nn.Module, plan: Plan, mixers: dict[str, Mixer]) -> None:
         super().__init__()
+        clashes = sorted(
+            name
+            for name in [*model._modules, *model._parameters, *model._buffers, "mixers"]
+            if hasattr(ConvertedModule, name) or (name == "mixers" and hasattr(model, "mixers"))
+        )
+        if clashes:
+            raise ValueError(
+                f"hcpass cannot wrap {type(model).__name__}: its attribute(s) {clashes} clash "
+                "with names the converted module needs"
+            )
         # Not a child: the original parameters keep their state_dict names.
         object.__setattr__(self, "_model", model)
         for name, child in model.named_children():
@@ -84,8 +94,6 @@ class ConvertedModule(nn.Module):
         for name, buf in model.named_buffers(recurse=False):
             persistent = name not in model._non_persistent_buffers_set
             self.register_buffer(name, buf, persistent=persistent)
-        if hasattr(self, "mixers"):
-            raise ValueError("the model already has an attribute named 'mixers'")
         self.mixers = nn.ModuleDict(mixers)
         self.report: Report = plan.report
         self._runs_per_forward = plan.runs
@@ -98,7 +106,7 @@ class ConvertedModule(nn.Module):
         self.train(model.training)
 
     @property
-    def model(self) -> nn.Module:
+    def original(self) -> nn.Module:
         """The original module (sharing parameters with this one)."""
         return self._model
 

@@ -179,6 +179,7 @@ def find_sites(
     chain_of: dict[fx.Node, Chain] = {}  # stream value -> its chain
     chains: list[Chain] = []
     skipped: list[Skipped] = []
+    anchors = _Anchors(param_name, taken=set(), nested=set())
 
     for node in g.nodes:
         found = match_residual_add(node)
@@ -187,11 +188,13 @@ def find_sites(
         a, b = _tensor(found.lhs), _tensor(found.rhs)
         if a is None or b is None or a.dtype != b.dtype or not _same_shape(a, b):
             continue  # broadcasting adds (biases, masks, epsilons) are not candidates
-        outcome = _classify(g, node, found, chain_of, param_name)
+        outcome = _classify(g, node, found, chain_of, anchors)
         if isinstance(outcome, str):
             skipped.append(Skipped(node, outcome))
             continue
         site, chain, lifted = outcome
+        anchors.taken.add(site.anchor_name)
+        anchors.nested.update(site.branch_nodes)
         veto = keep(site) if keep is not None else None
         if veto is not None:
             skipped.append(Skipped(node, veto))
@@ -249,7 +252,7 @@ def _classify(
     node: fx.Node,
     found: AddMatch,
     chain_of: dict[fx.Node, Chain],
-    param_name: ParamName,
+    anchors: _Anchors,
 ) -> tuple[Site, Chain | None, list[fx.Node]] | str:
     """A site (with its chain, None for a new one, and stream ops to lift) or a skip reason."""
     lhs, rhs = found.lhs, found.rhs
@@ -263,16 +266,16 @@ def _classify(
         read = next((v for v in reversed(values) if v is branch or g.depends(branch, v)), None)
         if read is None:
             continue
-        return _build(g, node, found, stream, branch, read, param_name, chain, lifted)
+        return _build(g, node, found, stream, branch, read, anchors, chain, lifted)
     # 2. Start a chain: the branch is computed from the other operand.
     for stream, branch in ((lhs, rhs), (rhs, lhs)):
         if g.depends(branch, stream):
-            return _build(g, node, found, stream, branch, stream, param_name, None, [])
+            return _build(g, node, found, stream, branch, stream, anchors, None, [])
     shared = [v for v in chain_of if g.depends(lhs, v) and g.depends(rhs, v)]
     if shared:
         return (
-            "projection shortcut: both operands are computed from the stream "
-            f"{shared[-1].name!r}, so its chain ends before this add"
+            f"both operands are computed from stream {shared[-1].name!r} but neither is "
+            "the stream (a projection shortcut, which ends the chain, or an add inside a branch)"
         )
     return "operands are independent (not a residual: e.g. an embedding sum)"
 
@@ -284,16 +287,14 @@ def _build(
     stream: fx.Node,
     branch: fx.Node,
     read: fx.Node,
-    param_name: ParamName,
+    anchors: _Anchors,
     chain: Chain | None,
     lifted: list[fx.Node],
 ) -> tuple[Site, Chain | None, list[fx.Node]] | str:
     if stream is found.rhs and found.alpha != 1.0:
         return f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch"
-    if found.inplace and stream is found.lhs:
-        target = found.lhs
-        if target.op == "placeholder" or _is_view(target):
-            return "in-place add mutates a graph input or a view"
+    if found.inplace and (found.lhs.op == "placeholder" or _is_view(found.lhs)):
+        return "in-place add mutates a graph input or a view"
     value = _tensor(stream)
     if value.dim() < 2:
         return "stream has no batch dimension (rank < 2)"
@@ -304,9 +305,11 @@ def _build(
         for i, n in enumerate(g.nodes[: g.index[branch] + 1])
         if (n is branch or g.ancestors[g.index[branch]] >> i & 1) and g.depends(n, read)
     )
-    anchor = _anchor(g, branch_nodes, param_name)
+    anchor = anchors.choose(g, branch_nodes)
     if anchor is None:
         return "branch reads no parameters (an elementwise expression, not a block)"
+    if isinstance(anchor, str):
+        return anchor
     convolutional = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in branch_nodes)
     channel_dim = 1 if convolutional else value.dim() - 1
     channels = value.shape[channel_dim]
@@ -319,7 +322,7 @@ def _build(
         read=read,
         alpha=found.alpha if stream is found.lhs else 1.0,
         anchor=anchor,
-        anchor_name=param_name(anchor),
+        anchor_name=anchors.param_name(anchor),
         branch_nodes=branch_nodes,
         channel_dim=channel_dim,
         channels=channels,
@@ -327,10 +330,29 @@ def _build(
     return site, chain, lifted
 
 
-def _anchor(g: _Graph, branch_nodes: frozenset[fx.Node], param_name: ParamName) -> fx.Node | None:
-    """The parameter read closest to the branch output: the site is named after its module."""
-    for node in sorted(branch_nodes, key=g.index.__getitem__, reverse=True):
-        for parent in node.all_input_nodes:
-            if param_name(parent) is not None:
-                return parent
-    return None
+@dataclass(frozen=True)
+class _Anchors:
+    """Chooses the parameter a site's mixer is keyed on (and named after).
+
+    The parameter read closest to the branch output, outside the branches of sites found
+    earlier (a residual nested inside this branch names its own mixer) and not taken by an
+    earlier site (the second call of a weight-shared block gets a mixer of its own)."""
+
+    param_name: ParamName
+    taken: set[str]
+    nested: set[fx.Node]
+
+    def choose(self, g: _Graph, branch_nodes: frozenset[fx.Node]) -> fx.Node | None | str:
+        read_any = False
+        own = [n for n in branch_nodes if n not in self.nested] or list(branch_nodes)
+        for node in sorted(own, key=g.index.__getitem__, reverse=True):
+            for parent in node.all_input_nodes:
+                name = self.param_name(parent)
+                if name is None:
+                    continue
+                read_any = True
+                if name not in self.taken:
+                    return parent
+        if read_any:
+            return "every parameter of its branch already keys another site's mixer"
+        return None

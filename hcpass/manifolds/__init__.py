@@ -11,6 +11,8 @@ import functools
 import importlib
 import json
 import pkgutil
+import sys
+import types
 from typing import Any
 
 from hcpass.manifolds.base import Manifold
@@ -60,7 +62,7 @@ def create(name: str, streams: int, **options: Any) -> Manifold:
     return manifold_class(name)(streams, **options)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(spec: str) -> Manifold:
     """The manifold named by `Manifold.spec()` (used inside the mixer ops)."""
     name, _, config = spec.partition(":")
@@ -76,6 +78,17 @@ def _discover() -> None:
 
 
 _discover()
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``hcpass.manifolds()`` list the manifolds while ``hcpass.manifolds`` stays this
+    package (so ``import hcpass.manifolds as m`` and ``from hcpass.manifolds import ...`` work)."""
+
+    def __call__(self) -> dict[str, str]:
+        return available()
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
     "Manifold",

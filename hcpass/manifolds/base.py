@@ -27,8 +27,11 @@ INITS = ("identity", "paper")
 # RMSNorm epsilon of the flattened n*C state ("tiny" in the mHC paper).
 RMS_EPS = 1e-6
 
-# sigmoid(PRE_LOGIT_CAP) rounds to 1.0 in fp32; used for n = 1 where logit(1/n) is +inf.
+# sigmoid(PRE_LOGIT_CAP) rounds to 1.0 in fp32; used for n = 1 where logit(1) is +inf.
 PRE_LOGIT_CAP = 30.0
+
+# H_pre weight of the favoured stream in the identity init (the others share the rest).
+FAVOURED_PRE_WEIGHT = 0.75
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,6 +97,20 @@ class Manifold:
         """Logits (shape ``[res_logits]``) whose H_res is (close to) the identity."""
         raise NotImplementedError
 
+    def triton_res_map(self) -> str | None:
+        """Triton source of `res_map` fused into the coefficient kernels (hcpass.codegen),
+        or None: the kernels then return the raw H_res logits and `res_map` finishes in
+        PyTorch (its gradient by `torch.func.vjp`).
+
+        Only for ``res_logits == n * n``. The source defines two ``@triton.jit`` functions
+        (``triton`` and ``tl`` are in scope) working on ``[BLOCK, S, S]`` tiles, S >= n a
+        power of two, entry ``[b, i, j]`` = logit ``i * n + j``, fp32 (fp64 for fp64 streams):
+        ``res_map(logits, N: tl.constexpr)`` returns H_res (entries with i or j >= N are
+        padding: they read 0 and are not stored) and ``res_map_vjp(logits, grad, N:
+        tl.constexpr)`` the logits' gradient given H_res's (0 on the padding).
+        """
+        return None
+
     # ------------------------------------------------------------------ shared parts
     @property
     def num_logits(self) -> int:
@@ -131,7 +148,9 @@ class Manifold:
         else:
             d_pre, d_post, d_res = self.split(self.project(x, phi))
             a = alpha.to(dtype)
-            l_pre, l_post, l_res = a[0] * d_pre + b_pre, a[1] * d_post + b_post, a[2] * d_res + b_res
+            l_pre = a[0] * d_pre + b_pre
+            l_post = a[1] * d_post + b_post
+            l_res = a[2] * d_res + b_res
         h_pre = torch.sigmoid(l_pre)
         h_post = 2.0 * torch.sigmoid(l_post)
         h_res = self.res_map(l_res)
@@ -149,13 +168,20 @@ class Manifold:
         """Bias logits ``[num_logits]`` at init.
 
         identity: sum(H_pre) = 1, H_post = 1, H_res ~ I, so a model whose n streams start as
-        copies computes exactly what the original did. paper: the mHC-lite / KromHC / sHC
-        init (+1 on stream ``site_index mod n``, -1 elsewhere), meant for training from scratch.
+        copies computes exactly what the original did. H_pre favours stream ``site_index mod
+        n`` (weight 3/4, the rest share 1/4): uniform weights would make the n streams a
+        symmetric fixed point of training (identical gradients), and they would never diverge.
+        paper: the mHC-lite / KromHC / sHC init (+1 on stream ``site_index mod n``, -1
+        elsewhere), meant for training from scratch.
         """
         n = self.streams
         if self.init == "identity":
-            pre_logit = PRE_LOGIT_CAP if n == 1 else -math.log(n - 1)
-            b_pre = torch.full((n,), pre_logit)
+            if n == 1:
+                b_pre = torch.full((1,), PRE_LOGIT_CAP)
+            else:
+                weights = torch.full((n,), (1 - FAVOURED_PRE_WEIGHT) / (n - 1))
+                weights[site_index % n] = FAVOURED_PRE_WEIGHT
+                b_pre = torch.logit(weights.double()).float()
             b_post = torch.zeros(n)
         else:
             b_pre = torch.full((n,), -1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,17 +29,124 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return m
 
 
+# `sinkhorn` and its backward as the Triton epilogue of the fused coefficient kernels (see
+# Manifold.triton_res_map). The backward recomputes instead of storing the 2 * iters
+# intermediate matrices: before stepping back through iteration t it rebuilds t's input from
+# exp(logits), O(iters^2) normalisations of an n x n tile in registers per position -- cheap
+# next to the kernel's pass over the n*C state, and nothing but the inputs is saved.
+TRITON_SINKHORN = """
+@triton.jit
+def _sinkhorn_valid(logits, N: tl.constexpr):
+    idx = tl.arange(0, logits.shape[1])
+    return ((idx[:, None] < N) & (idx[None, :] < N))[None, :, :]
+
+
+@triton.jit
+def _sinkhorn_exp(logits, N: tl.constexpr):
+    # exp(logits - max) on the n x n entries, exactly 0 on the padding
+    logits = tl.where(_sinkhorn_valid(logits, N), logits, float("-inf"))
+    top = tl.max(tl.max(logits, axis=2), axis=1)
+    return tl.exp(logits - top[:, None, None])
+
+
+@triton.jit
+def res_map(logits, N: tl.constexpr):
+    m = _sinkhorn_exp(logits, N)
+    for _ in range({iters}):
+        m = m / tl.maximum(tl.sum(m, axis=1, keep_dims=True), 1e-30)
+        m = m / tl.maximum(tl.sum(m, axis=2, keep_dims=True), 1e-30)
+    return m
+
+
+@triton.jit
+def res_map_vjp(logits, grad, N: tl.constexpr):
+    valid = _sinkhorn_valid(logits, N)
+    m0 = _sinkhorn_exp(logits, N)
+    g = grad
+    for back in range({iters}):
+        m = m0
+        for _ in range({iters} - 1 - back):
+            m = m / tl.maximum(tl.sum(m, axis=1, keep_dims=True), 1e-30)
+            m = m / tl.maximum(tl.sum(m, axis=2, keep_dims=True), 1e-30)
+        col = tl.sum(m, axis=1, keep_dims=True)
+        m = m / tl.maximum(col, 1e-30)
+        row = tl.sum(m, axis=2, keep_dims=True)
+        out = m / tl.maximum(row, 1e-30)
+        # d(m / max(s, eps)): the sum's share flows only where the clamp is inactive (as in
+        # torch's clamp_min); the padding is re-zeroed, its 1/eps would overflow to inf * 0.
+        g_row = tl.where(row >= 1e-30, tl.sum(g * out, axis=2, keep_dims=True), 0.0)
+        g = (g - g_row) / tl.maximum(row, 1e-30)
+        g_col = tl.where(col >= 1e-30, tl.sum(g * m, axis=1, keep_dims=True), 0.0)
+        g = tl.where(valid, (g - g_col) / tl.maximum(col, 1e-30), 0.0)
+    # the max subtracted in _sinkhorn_exp gets no gradient: the map is shift-invariant
+    return g * m0
+"""
+
+
+SINKHORN_BACKWARDS = ("unrolled", "implicit")
+
+
+def sinkhorn_fixed_point_vjp(p: Tensor, grad: Tensor) -> Tensor:
+    """Gradient w.r.t. the logits of the Sinkhorn fixed point P = diag(e^f) exp(logits) diag(e^g)
+    (rows and columns sum to 1), given ``grad = dL/dP``, by the implicit function theorem.
+
+    Differentiating the two marginal constraints gives, with ``G^ = P * grad``,
+    ``[[I, P], [P^T, I]] [a; b] = [G^ 1; G^T 1]`` and ``dL/dlogits = P * (grad - a 1^T - 1 b^T)``.
+    Eliminating a leaves ``(I - P^T P) b = G^T 1 - P^T G^ 1``, singular along b -> b + t 1 (a
+    gauge the result does not see); adding ``11^T/n`` removes that null direction. The pinv
+    also copes with the extra null directions of a P whose support splits into blocks
+    (saturated logits), where every solution gives the same gradient.
+    """
+    n = p.shape[-1]
+    weighted = p * grad
+    row, col = weighted.sum(-1), weighted.sum(-2)
+    rhs = col - (p.transpose(-2, -1) @ row.unsqueeze(-1)).squeeze(-1)
+    eye = torch.eye(n, dtype=p.dtype, device=p.device)
+    system = eye + 1.0 / n - p.transpose(-2, -1) @ p
+    b = (torch.linalg.pinv(system, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1)
+    a = row - (p @ b.unsqueeze(-1)).squeeze(-1)
+    return p * (grad - a.unsqueeze(-1) - b.unsqueeze(-2))
+
+
+class ImplicitSinkhorn(torch.autograd.Function):
+    """`sinkhorn` whose backward differentiates the fixed point (JPmHC) instead of the
+    iterations: it saves only the output P, O(n^2) per position whatever `iters` is. Exact
+    for a converged P; with few iterations it is the gradient of the limit, not of the
+    truncated forward. Forward and setup_context are split (and the vmap rule generated)
+    so it also works under torch.func transforms, which `coeffs_backward` uses."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, iters: int) -> Tensor:
+        return sinkhorn(logits, iters)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        return sinkhorn_fixed_point_vjp(p, grad), None
+
+
 @register_manifold
 class Sinkhorn(Manifold):
     name = "sinkhorn"
     aliases = ("mhc",)
     description = "mHC: doubly stochastic H_res by Sinkhorn-Knopp (approximate, t_max iterations)"
-    option_defaults = {"sinkhorn_iters": 20}
+    option_defaults = {"sinkhorn_iters": 20, "sinkhorn_backward": "unrolled"}
 
     def validate(self) -> None:
         iters = self.options["sinkhorn_iters"]
         if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
             raise ValueError(f"sinkhorn_iters must be an integer >= 1, got {iters!r}")
+        backward = self.options["sinkhorn_backward"]
+        if backward not in SINKHORN_BACKWARDS:
+            raise ValueError(
+                f"sinkhorn_backward must be one of {SINKHORN_BACKWARDS}, got {backward!r}"
+            )
 
     @property
     def res_logits(self) -> int:
@@ -45,9 +154,20 @@ class Sinkhorn(Manifold):
 
     def res_map(self, logits: Tensor) -> Tensor:
         n = self.streams
-        return sinkhorn(logits.unflatten(-1, (n, n)), self.options["sinkhorn_iters"])
+        matrix = logits.unflatten(-1, (n, n))
+        if self.options["sinkhorn_backward"] == "implicit":
+            # Cast outside the Function: autograd's cast node hands back the logits' dtype.
+            matrix = matrix.to(compute_dtype(matrix.dtype))
+            return ImplicitSinkhorn.apply(matrix, self.options["sinkhorn_iters"])
+        return sinkhorn(matrix, self.options["sinkhorn_iters"])
 
     def res_identity_bias(self) -> Tensor:
         n = self.streams
         eye = torch.eye(n)
         return (eye * 0.0 + (1 - eye) * OFF_DIAGONAL_LOGIT).flatten()
+
+    def triton_res_map(self) -> str | None:
+        # The implicit (fixed-point) backward has no Triton version: it runs in PyTorch.
+        if self.options["sinkhorn_backward"] != "unrolled":
+            return None
+        return TRITON_SINKHORN.format(iters=self.options["sinkhorn_iters"])

@@ -1,0 +1,76 @@
+"""sHC (arXiv 2603.20896): H_res on the spectral sphere, negative entries allowed.
+
+``H_res = J + U_z U diag(s) V^T U_z^T`` with ``J = 11^T / n`` and U_z a Helmert basis of the
+complement of 1. J keeps the all-ones direction (``H 1 = 1``, ``1^T H = 1^T``); on its complement
+H acts as ``U diag(s) V^T`` with U, V in SO(n - 1) (Cayley) and ``|s| < 1`` (tanh), so the largest
+singular value is exactly 1.
+
+The paper's ``z_U <- gamma * tanh(c * z_U + b_U)`` (likewise V) and ``s = tanh(c * z_S + b_S)``
+map onto our slots as: c = alpha[2] (one scale shared by U, V, S), b = the bias logits,
+``z = x' phi_res`` the dynamic projection; gamma is the fixed option `gamma` (our parameters
+are phi, alpha and bias only). Logit layout, m = n - 1: z_U (m(m-1)/2), z_V (m(m-1)/2), z_S (m).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from hcpass.manifolds import register_manifold
+from hcpass.manifolds._orthogonal import cayley, skew, upper_pairs
+from hcpass.manifolds.base import Manifold, compute_dtype
+
+# b_S at init: s = tanh(4) ~ 0.99933, so H_res ~ I (exact row sums 1 keep it function preserving).
+SINGULAR_VALUE_BIAS = 4.0
+
+
+@functools.cache
+def helmert_basis(n: int) -> Tensor:
+    """``[n, n - 1]`` fp64 orthonormal basis of the complement of 1: column k - 1 is
+    ``(1, ..., 1, -k, 0, ..., 0) / sqrt(k (k + 1))`` with k ones."""
+    basis = torch.zeros(n, n - 1, dtype=torch.float64)
+    for k in range(1, n):
+        basis[:k, k - 1] = 1.0
+        basis[k, k - 1] = -float(k)
+        basis[:, k - 1] /= math.sqrt(k * (k + 1))
+    return basis
+
+
+@register_manifold
+class Spectral(Manifold):
+    name = "spectral"
+    aliases = ("shc",)
+    description = "sHC: H_res = J + U diag(s) V^T on the complement of 1; spectral norm exactly 1"
+    option_defaults = {"gamma": 1.0}
+
+    def validate(self) -> None:
+        gamma = self.options["gamma"]
+        is_number = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+        if not (is_number and 0 < gamma < math.inf):
+            raise ValueError(
+                f"spectral gamma must be a finite number > 0 (it bounds the skew entries of the "
+                f"rotations), got {gamma!r}"
+            )
+
+    @property
+    def res_logits(self) -> int:
+        return (self.streams - 1) ** 2
+
+    def res_map(self, logits: Tensor) -> Tensor:
+        n, m = self.streams, self.streams - 1
+        logits = logits.to(compute_dtype(logits.dtype))
+        k = m * (m - 1) // 2
+        z_u, z_v, z_s = logits.split([k, k, m], dim=-1)
+        gamma = self.options["gamma"]
+        u = cayley(skew(gamma * torch.tanh(z_u), m, upper_pairs(m)))
+        v = cayley(skew(gamma * torch.tanh(z_v), m, upper_pairs(m)))
+        core = (u * torch.tanh(z_s).unsqueeze(-2)) @ v.transpose(-2, -1)  # U diag(s) V^T
+        basis = helmert_basis(n).to(dtype=logits.dtype, device=logits.device)
+        return 1.0 / n + basis @ core @ basis.T
+
+    def res_identity_bias(self) -> Tensor:
+        m = self.streams - 1
+        return torch.cat([torch.zeros(m * (m - 1)), torch.full((m,), SINGULAR_VALUE_BIAS)])

@@ -1,0 +1,168 @@
+"""Small models the suite converts: each factory returns (model, example_inputs, vocab or None).
+
+HF configs are tiny and random-initialised (no downloads); dropout is 0 so train-mode
+outputs are deterministic and compiled == eager can be compared in training.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 96
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def attn(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, d: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.blocks = nn.ModuleList(PreNormBlock(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class ParallelBlocks(nn.Module):
+    """GPT-J style ``x + attn(ln(x)) + mlp(ln(x))``, one layer written branches-first."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(2))
+        self.attn = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(2))
+        self.head = nn.Linear(d, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        h = self.ln[0](x)
+        x = x + self.attn[0](h) + self.mlp[0](h)
+        h = self.ln[1](x)
+        x = self.mlp[1](h) + self.attn[1](h) + x
+        return self.head(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """torchvision-style BasicBlocks (``out += identity; relu(out)``) with a projection shortcut."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, stride=2), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _quiet_hf():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def gpt2():
+    _quiet_hf()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def llama():
+    _quiet_hf()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def bert():
+    _quiet_hf()
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                     vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return BertForMaskedLM(cfg)
+
+
+def token_inputs(batch: int = 2, length: int = 8) -> tuple[torch.Tensor]:
+    return (torch.randint(1, VOCAB, (batch, length)),)
+
+
+def image_inputs(batch: int = 2, size: int = 8) -> tuple[torch.Tensor]:
+    return (torch.randn(batch, 3, size, size),)
+
+
+# name -> (factory, inputs(batch, size), the shapes to try besides the example)
+ZOO = {
+    "tiny_gpt": (TinyGPT, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+    "gpt2": (gpt2, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+    "llama": (llama, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+    "bert": (bert, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+    "resnet": (ResNet, image_inputs, [(1, 6), (3, 10), (2, 12)]),
+    "parallel": (ParallelBlocks, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+}
+
+
+def logits(output) -> torch.Tensor:
+    """The main tensor of a model output (HF ModelOutput or a plain tensor)."""
+    return output.logits if hasattr(output, "logits") else output

@@ -1,0 +1,303 @@
+"""The generated Triton kernels (hcpass.codegen) against the reference ops.
+
+Without a GPU the kernels run in Triton's interpreter, in a worker process: triton 3.x
+decides between compiled and interpreted functions when ``@triton.jit`` runs, including
+for its own library (tl.sum, tl.sigmoid, ...) at ``import triton``, so TRITON_INTERPRET=1
+must be set before triton is imported -- which other test modules (anything touching
+Inductor) may already have done in this process. The worker is spawned with the variable
+set; the tests send it cases and get its assertion errors back. The interpreter has no
+bf16 arithmetic: 16-bit streams are covered by `test_kernels_compile_for_sm90` (every
+kernel, as its launcher calls it, compiled to an H100 binary without a GPU) and by the
+GPU tests at the end.
+
+Tolerance: every output within ``tol * max(1, max|reference|)`` elementwise (plus
+``tol`` relative), tol = 1e-5 for fp32 and 1e-11 for fp64.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+import triton
+
+from hcpass.codegen import generate, kernels, register_cuda_kernels
+from hcpass.manifolds import create, manifold_names
+from hcpass.ops import reference
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+DTYPES = [torch.float32, torch.float64]
+
+
+def assert_matches(got: object, want: object, dtype: torch.dtype) -> None:
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (index, g.shape, w.shape, g.dtype)
+        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        tol = TOL[dtype]
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale, msg=f"output {index}")
+
+
+# ------------------------------------------------------------------- inputs and cases
+def stream_inputs(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> tuple:
+    torch.manual_seed(0)
+    x = torch.randn(n, *pos, C, dtype=dtype)
+    y = torch.randn(*pos, C, dtype=dtype)
+    coeff = torch.float64 if dtype == torch.float64 else torch.float32
+    h_pre = torch.rand(*pos, n, dtype=coeff)
+    h_post = 2 * torch.rand(*pos, n, dtype=coeff)
+    h_res = torch.rand(*pos, n, n, dtype=coeff)
+    return {
+        "pre": (x, h_pre),
+        "pre_backward": (y, x, h_pre),
+        "post_res": (x, y, h_post, h_res),
+        "post_res_backward": (torch.randn_like(x), x, y, h_post, h_res),
+    }[op]
+
+
+def coeffs_inputs(
+    name: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
+) -> tuple:
+    """(x, phi, alpha, bias, spec) with a projection large enough to move every logit."""
+    torch.manual_seed(0)
+    m = create(name, n, **options)
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, *pos, C, dtype=dtype)
+    bias = (m.init_bias(1) + 0.5 * torch.randn(m.num_logits)).to(params)
+    if not m.dynamic:
+        return x, None, None, bias, m.spec()
+    shape = m.phi_shape(C)
+    phi = (torch.randn(shape) / math.sqrt(shape[0])).to(params)
+    alpha = (0.5 + torch.rand(m.init_alpha().shape)).to(params)
+    return x, phi, alpha, bias, m.spec()
+
+
+def run_stream_case(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> None:
+    args = stream_inputs(op, n, pos, C, dtype)
+    assert_matches(getattr(kernels, op)(*args), getattr(reference, op)(*args), dtype)
+
+
+def run_coeffs_case(
+    name: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict,
+    backward: bool,
+) -> None:
+    args = coeffs_inputs(name, n, pos, C, dtype, options)
+    want = reference.coeffs(*args)
+    if backward:
+        torch.manual_seed(1)
+        grads = tuple(torch.randn_like(w) for w in want)
+        got = kernels.coeffs_backward(*grads, *args)
+        want = reference.coeffs_backward(*grads, *args)
+    else:
+        got = kernels.coeffs(*args)
+    assert_matches(got, want, dtype)
+
+
+# --------------------------------------------------------------------------- worker
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[ProcessPoolExecutor]:
+    """A worker process whose triton was imported with TRITON_INTERPRET=1."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(int).result()  # start it now, while the variable is set
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    yield pool
+    pool.shutdown()
+
+
+# (n, positions, C): non-power-of-two n and C, ragged position counts, 2-d positions.
+STREAM_SHAPES = [(2, (7,), 96), (3, (13,), 96), (4, (2, 5), 40), (8, (13,), 96)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", STREAM_SHAPES, ids=str)
+@pytest.mark.parametrize("op", ["pre", "pre_backward", "post_res", "post_res_backward"])
+def test_stream_kernels(interpreter, op, shape, dtype):
+    interpreter.submit(run_stream_case, op, *shape, dtype).result()
+
+
+# (n, positions, C, sinkhorn options). 37 positions: several blocks of 16 positions, and
+# coeffs_backward's dphi reduction split in two.
+COEFFS_CASES = [
+    (2, (37,), 96, {}),
+    (3, (2, 5), 40, {}),
+    (4, (13,), 96, {}),
+    (8, (7,), 96, {}),
+    (4, (7,), 32, {"sinkhorn_iters": 3}),
+    (4, (13,), 96, {"dynamic": False}),
+    (4, (13,), 40, {"sinkhorn_backward": "implicit"}),  # no Triton epilogue: PyTorch res_map
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", COEFFS_CASES, ids=str)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_coeffs_kernels(interpreter, backward, case, dtype):
+    n, pos, C, options = case
+    interpreter.submit(run_coeffs_case, "sinkhorn", n, pos, C, dtype, options, backward).result()
+
+
+@pytest.mark.parametrize("name", manifold_names())
+def test_coeffs_every_manifold(interpreter, name):
+    """Manifolds without a Triton epilogue run their res_map in PyTorch; one that does not
+    use the shared projection (HC) falls back to the reference."""
+    for backward in (False, True):
+        interpreter.submit(
+            run_coeffs_case, name, 4, (13,), 32, torch.float32, {}, backward
+        ).result()
+
+
+# ------------------------------------------------------------------ generation, no GPU
+def test_splice_replaces_the_placeholder_epilogue():
+    epilogue = create("sinkhorn", 4, sinkhorn_iters=7).triton_res_map()
+    source = generate.splice((generate.TEMPLATE_DIR / "coeffs_template.py").read_text(), epilogue)
+    assert "static_assert(False" not in source
+    assert source.count("def res_map(") == 1 and "range(7)" in source
+    with pytest.raises(ValueError, match="EPILOGUE"):
+        generate.splice("def f(): pass\n", epilogue)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.pre(x, torch.rand(3, 2))
+
+
+def test_register_cuda_kernels_is_idempotent():
+    register_cuda_kernels()
+    register_cuda_kernels()
+    for name in kernels.LAUNCHERS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hcpass::{name}", "CUDA"), name
+    # CPU calls keep the reference implementation
+    x, h = torch.randn(2, 3, 8), torch.rand(3, 2)
+    torch.testing.assert_close(torch.ops.hcpass.pre(x, h), reference.pre(x, h))
+
+
+TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+                torch.float16: "fp16"}
+
+
+class _Recorder:
+    """Stands in for an autotuned kernel: records each launch's arguments."""
+
+    launches: list[tuple[str, str | None, tuple, dict]] = []
+
+    def __init__(self, name: str, epilogue: str | None) -> None:
+        self.name, self.epilogue = name, epilogue
+
+    def __getitem__(self, grid: object):
+        return lambda *args, **kwargs: self.launches.append(
+            (self.name, self.epilogue, args, kwargs)
+        )
+
+
+def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
+    """Every kernel launch of the six launchers on bf16 streams (sinkhorn fused and
+    unfused, dynamic and static), recorded instead of run."""
+    monkeypatch.setattr(_Recorder, "launches", [])
+    monkeypatch.setattr(generate, "kernel", lambda name, epilogue, interpret: _Recorder(name, epilogue))
+    monkeypatch.setattr(kernels, "_interpret", lambda *tensors: False)
+    n, pos, C = 4, (16,), 256
+    for options in ({}, {"dynamic": False}, {"sinkhorn_backward": "implicit"}):
+        x, phi, alpha, bias, spec = coeffs_inputs("sinkhorn", n, pos, C, torch.float32, options)
+        x = x.to(dtype)
+        outs = reference.coeffs(x, phi, alpha, bias, spec)
+        kernels.coeffs(x, phi, alpha, bias, spec)
+        kernels.coeffs_backward(*(torch.ones_like(o) for o in outs), x, phi, alpha, bias, spec)
+    for op in ("pre", "pre_backward", "post_res", "post_res_backward"):
+        args = stream_inputs(op, n, pos, C, torch.float32)
+        getattr(kernels, op)(*(a.to(dtype) if a.shape[-1] == C else a for a in args))
+    return _Recorder.launches
+
+
+@pytest.mark.skipif(bool(triton.knobs.runtime.interpret), reason="triton imported interpreted")
+def test_kernels_compile_for_sm90(monkeypatch):
+    """Each kernel, with the arguments its launcher passes for bf16 streams and the first
+    autotune config, compiles to an sm_90 (H100) binary -- no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launches = _record_launches(monkeypatch, torch.bfloat16)
+    monkeypatch.undo()
+    assert {name for name, *_ in launches} == set(generate.TEMPLATES)
+    seen = set()
+    for name, epilogue, args, kwargs in launches:
+        fn = getattr(generate.load_module(generate.TEMPLATES[name], epilogue, False), name)
+        config = generate.configs(name, interpret=False)[0]
+        values = {**dict(zip(fn.arg_names, args)), **kwargs, **config.kwargs}
+        signature, constants = {}, {}
+        for arg in fn.arg_names:
+            value = values[arg]
+            if isinstance(value, torch.Tensor):
+                signature[arg] = "*" + TRITON_TYPES[value.dtype]
+            elif arg in kwargs or arg in config.kwargs:
+                signature[arg], constants[arg] = "constexpr", value
+            else:
+                signature[arg] = "i32"
+        key = (name, epilogue, tuple(signature.items()), tuple(map(str, constants.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = triton.compile(
+            ASTSource(fn, signature, constants),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": config.num_warps},
+        )
+        assert compiled.asm["cubin"], name
+
+
+# ---------------------------------------------------------------------------------- GPU
+gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _cuda(args: tuple) -> tuple:
+    return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize(
+    "op", ["coeffs", "coeffs_backward", "pre", "pre_backward", "post_res", "post_res_backward"]
+)
+@pytest.mark.usefixtures()
+def test_cuda_kernels_match_reference(op, n, dtype, request):
+    for mark in gpu:
+        request.applymarker(mark)
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pos, C = (3, 345), 1000
+    if op.startswith("coeffs"):
+        x, phi, alpha, bias, spec = _cuda(coeffs_inputs("sinkhorn", n, pos, C, torch.float32, {}))
+        args = (x.to(dtype), phi, alpha, bias, spec)
+        if op == "coeffs_backward":
+            grads = tuple(torch.randn_like(o) for o in reference.coeffs(*args))
+            args = (*grads, *args)
+    else:
+        args = _cuda(stream_inputs(op, n, pos, C, torch.float32))
+        args = tuple(a.to(dtype) if a.shape[-1] == C else a for a in args)
+    got, want = getattr(kernels, op)(*args), getattr(reference, op)(*args)
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    # bf16: the outputs round to bf16 (2^-8) after a differently ordered fp32 sum, and the
+    # coefficient projection runs in tf32 (2^-11) as in the paper.
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for g, w in zip(got, want):
+        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * scale)

@@ -1,0 +1,412 @@
+"""Properties of every built-in manifold, the Sinkhorn implicit backward, option validation
+and the extension example of docs/extending.md.
+
+Tolerances. Every manifold casts its logits to fp32 before computing (fp64 stays fp64), so
+a bf16 input only changes *which* logits are tested, not the arithmetic: bf16 and fp32
+inputs share the fp32 tolerance ``FP32_TOL``. The Cayley-based maps (stiefel, grassmann)
+lose orthogonality like ``cond(I + W) * eps``, which grows with the logits, hence
+``cayley_tol``. Gradient checks run in fp64 with gradcheck's default tolerances; implicit
+vs unrolled Sinkhorn gradients agree to 1e-10 in fp64 and 1e-5 in fp32 at 200 iterations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
+from hcpass.manifolds import Manifold, available, create, resolve
+from hcpass.mixer import Mixer
+
+# `hcpass.manifolds` the attribute may be shadowed by `hcpass.manifolds()` the function.
+registry = importlib.import_module("hcpass.manifolds")
+
+FP32_TOL = 1e-5
+EPS32 = torch.finfo(torch.float32).eps
+LOGIT_SCALES = (1.0, 30.0, 1e4)
+DTYPES = (torch.float32, torch.bfloat16)
+
+# (name, streams, options): every built-in manifold, with the sinkhorn backward variants.
+CASES = [
+    ("hc", 4, {}),
+    ("sinkhorn", 4, {}),
+    ("sinkhorn", 4, {"sinkhorn_backward": "implicit", "sinkhorn_iters": 200}),
+    ("permutation", 3, {}),
+    ("permutation", 4, {}),
+    ("kronecker", 4, {}),
+    ("kronecker", 8, {}),
+    ("spectral", 3, {}),
+    ("spectral", 4, {}),
+    ("stiefel", 3, {}),
+    ("stiefel", 4, {}),
+    ("grassmann", 4, {}),
+    ("grassmann", 5, {"rank": 3}),
+]
+# n = 1 and 2 are legal for every manifold and degenerate for most: cover them too.
+SMALL_CASES = [(name, n, {}) for name in ("hc", "sinkhorn", "permutation", "kronecker",
+                                          "spectral", "stiefel", "grassmann") for n in (1, 2)]
+
+
+def cases(*groups: list[tuple[str, int, dict[str, Any]]]) -> list[Any]:
+    """pytest params (name, n, opts) with readable ids, e.g. ``sinkhorn-n4-implicit-200``."""
+    return [
+        pytest.param(name, n, opts, id=f"{name}-n{n}" + "".join(f"-{v}" for v in opts.values()))
+        for group in groups
+        for name, n, opts in group
+    ]
+
+
+def random_logits(m: Manifold, scale: float, dtype: torch.dtype, batch: int = 64) -> Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, m.res_logits, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def cayley_tol(logits: Tensor) -> float:
+    return 16 * EPS32 * max(1.0, logits.float().abs().max().item())
+
+
+def max_err(a: Tensor, b: Tensor | float) -> float:
+    return (a - b).abs().max().item()
+
+
+def eye(n: int) -> Tensor:
+    return torch.eye(n, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------ registry
+def test_every_builtin_listed_with_one_line_description() -> None:
+    listing = available()
+    expected = {"hc", "sinkhorn (mhc)", "permutation (mhc-lite)", "kronecker (kromhc)",
+                "spectral (shc)", "stiefel (jpmhc)", "grassmann"}
+    assert expected <= set(listing)
+    for label, description in listing.items():
+        assert description.strip() and "\n" not in description, label
+
+
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_spec_round_trip(name: str, n: int, opts: dict[str, Any]) -> None:
+    m = create(name, n, **opts)
+    assert resolve(m.spec()).config == m.config
+    h = m.res_map(m.res_identity_bias())
+    assert h.shape == (n, n) and h.dtype == torch.float32
+
+
+# ------------------------------------------------------------------- H_res properties
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", LOGIT_SCALES)
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_res_map_finite_fp32_output(
+    name: str, n: int, opts: dict[str, Any], scale: float, dtype: torch.dtype
+) -> None:
+    m = create(name, n, **opts)
+    h = m.res_map(random_logits(m, scale, dtype))
+    assert h.shape == (64, n, n) and h.dtype == torch.float32
+    assert h.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_converges_as_iterations_grow(dtype: torch.dtype) -> None:
+    # Ending on the row step makes rows exact at every iteration count; the column error
+    # shrinks with iterations. Moderate logits: saturated ones may never balance (zeros).
+    errors = []
+    for iters in (1, 3, 10, 30, 100):
+        m = create("sinkhorn", 4, sinkhorn_iters=iters)
+        h = m.res_map(random_logits(m, 1.0, dtype))
+        assert max_err(h.sum(-1), 1.0) < FP32_TOL
+        assert (h >= 0).all()
+        errors.append(max_err(h.sum(-2), 1.0))
+    assert all(b <= a + EPS32 for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[0] > 1e-3 and errors[-1] < FP32_TOL, errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", LOGIT_SCALES)
+@pytest.mark.parametrize(("name", "n"), [("permutation", 1), ("permutation", 2),
+                                         ("permutation", 4), ("kronecker", 1),
+                                         ("kronecker", 2), ("kronecker", 8)])
+def test_exactly_doubly_stochastic(name: str, n: int, scale: float, dtype: torch.dtype) -> None:
+    m = create(name, n)
+    h = m.res_map(random_logits(m, scale, dtype))
+    assert (h >= 0).all()
+    assert max_err(h.sum(-1), 1.0) < FP32_TOL
+    assert max_err(h.sum(-2), 1.0) < FP32_TOL
+
+
+def test_kronecker_matches_torch_kron() -> None:
+    m = create("kronecker", 8)
+    logits = random_logits(m, 1.0, torch.float32, batch=1)[0]
+    factors = [torch.softmax(pair, -1) for pair in logits.view(3, 2)]
+    mats = [torch.stack([torch.stack([p, q]), torch.stack([q, p])]) for p, q in factors]
+    expected = torch.kron(torch.kron(mats[0], mats[1]), mats[2])
+    assert max_err(m.res_map(logits), expected) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", LOGIT_SCALES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_spectral_norm_one_and_fixes_ones(n: int, scale: float, dtype: torch.dtype) -> None:
+    m = create("spectral", n)
+    h = m.res_map(random_logits(m, scale, dtype))
+    assert max_err(torch.linalg.matrix_norm(h, ord=2), 1.0) < FP32_TOL
+    assert max_err(h.sum(-1), 1.0) < FP32_TOL  # H 1 = 1
+    assert max_err(h.sum(-2), 1.0) < FP32_TOL  # 1^T H = 1^T
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", LOGIT_SCALES)
+@pytest.mark.parametrize(("name", "n", "opts"), cases([
+    ("stiefel", 2, {}), ("stiefel", 4, {}), ("stiefel", 5, {}),
+    ("grassmann", 4, {"rank": 1}), ("grassmann", 4, {"rank": 2}), ("grassmann", 5, {"rank": 3}),
+    ("grassmann", 8, {"rank": 2}),
+]))
+def test_orthogonal(
+    name: str, n: int, opts: dict[str, Any], scale: float, dtype: torch.dtype
+) -> None:
+    m = create(name, n, **opts)
+    logits = random_logits(m, scale, dtype)
+    h = m.res_map(logits)
+    assert max_err(h.transpose(-2, -1) @ h, eye(n)) < cayley_tol(logits)
+    assert max_err(torch.linalg.det(h), 1.0) < n * cayley_tol(logits)  # SO(n), not O(n)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+@pytest.mark.parametrize(("n", "rank"), [(4, 1), (4, 2), (5, 3), (8, 2)])
+def test_grassmann_is_identity_off_its_subspace(n: int, rank: int, scale: float) -> None:
+    # H = I + U (R - I) U^T fixes every v orthogonal to span(U): at most `rank` singular
+    # values of H - I are non-zero.
+    m = create("grassmann", n, rank=rank)
+    logits = random_logits(m, scale, torch.float32)
+    singular = torch.linalg.svdvals(m.res_map(logits) - eye(n))
+    assert singular[..., rank:].abs().max().item() < cayley_tol(logits)
+    if rank > 1:  # rank 1 is SO(1) = {1}: always the identity
+        assert singular[..., 0].min().item() > 1e-3
+
+
+def test_grassmann_full_rank_is_stiefel() -> None:
+    g, s = create("grassmann", 4, rank=4), create("stiefel", 4)
+    logits = random_logits(s, 1.0, torch.float32)
+    assert max_err(g.res_map(logits), s.res_map(logits)) < FP32_TOL
+
+
+def test_hc_res_is_transposed_a_r_and_column_i_comes_from_stream_i() -> None:
+    n, channels = 3, 8
+    m = create("hc", n)
+    gen = torch.Generator().manual_seed(1)
+    a_r = torch.randn(n, n, generator=gen)
+    assert torch.equal(m.res_map(a_r.flatten()), a_r.T)
+    phi = torch.randn(m.phi_shape(channels), generator=gen)
+    alpha, bias = torch.ones(3), m.init_bias(0)
+    x = torch.randn(n, 5, channels, generator=gen)
+    before = m.coefficients(x, phi, alpha, bias)
+    x[0] += 1.0
+    after = m.coefficients(x, phi, alpha, bias)
+    changed = [(b - a).abs() > 0 for a, b in zip(before, after, strict=True)]
+    assert changed[0][:, 0].all() and not changed[0][:, 1:].any()  # H_pre[0] only
+    assert changed[1][:, 0].all() and not changed[1][:, 1:].any()  # H_post[0] only
+    assert changed[2][:, :, 0].all() and not changed[2][:, :, 1:].any()  # column 0 of H_res
+
+
+# ------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_res_map_gradcheck(name: str, n: int, opts: dict[str, Any]) -> None:
+    m = create(name, n, **opts)
+    logits = random_logits(m, 1.0, torch.float64, batch=3).requires_grad_()
+    assert torch.autograd.gradcheck(m.res_map, (logits,))
+
+
+def coeffs_inputs(m: Manifold, channels: int = 3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    x = rand(m.streams, 2, channels)
+    phi = 0.3 * rand(*m.phi_shape(channels))
+    alpha = rand(3)
+    # Not the init bias: Sinkhorn needs thousands of iterations to converge from the
+    # near-identity logits, and the implicit gradient is only exact at convergence.
+    bias = rand(m.num_logits)
+    return x, phi, alpha, bias
+
+
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES))
+def test_coeffs_op_gradcheck(name: str, n: int, opts: dict[str, Any]) -> None:
+    m = create(name, n, **opts)
+    inputs = tuple(t.requires_grad_() for t in coeffs_inputs(m))
+
+    def op(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor) -> tuple[Tensor, ...]:
+        return torch.ops.hcpass.coeffs(x, phi, alpha, bias, m.spec())
+
+    # fast_mode checks random projections of the Jacobian: the full one is res_map's job.
+    assert torch.autograd.gradcheck(op, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ["hc", "stiefel"])
+def test_coeffs_op_gradcheck_static(name: str) -> None:
+    m = create(name, 4, dynamic=False)
+    x, _, _, bias = coeffs_inputs(m)
+    op = lambda bias: torch.ops.hcpass.coeffs(x, None, None, bias, m.spec())
+    assert torch.autograd.gradcheck(op, (bias.requires_grad_(),))
+
+
+# ------------------------------------------------------------ function preservation
+@pytest.mark.parametrize("init", ["identity", "paper"])
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_init_bias_and_phi_shapes(name: str, n: int, opts: dict[str, Any], init: str) -> None:
+    m = create(name, n, init=init, **opts)
+    bias = m.init_bias(site_index=7)
+    assert bias.shape == (m.num_logits,) and bias.isfinite().all()
+    x = torch.randn(n, 3, 8)
+    outs = m.coefficients(x, torch.zeros(m.phi_shape(8)), m.init_alpha(), bias)
+    assert [t.shape for t in outs] == [(3, n), (3, n), (3, n, n)]
+    if name == "hc":  # the paper's init already preserves the function: both are the same
+        assert torch.equal(bias, create(name, n, **opts).init_bias(site_index=7))
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_identity_init_preserves_function(
+    name: str, n: int, opts: dict[str, Any], dynamic: bool
+) -> None:
+    channels = 16
+    mixer = Mixer(create(name, n, dynamic=dynamic, **opts), channels, site_index=5)
+    gen = torch.Generator().manual_seed(3)
+    copy = torch.randn(2, 3, channels, generator=gen)
+    y = torch.randn(2, 3, channels, generator=gen)
+    x = copy.expand(n, *copy.shape).clone()
+    with torch.no_grad():
+        h_pre, h_post, h_res = torch.ops.hcpass.coeffs(x, mixer.phi, mixer.alpha, mixer.bias,
+                                                       mixer.spec)
+        u = torch.ops.hcpass.pre(x, h_pre)
+        out = torch.ops.hcpass.post_res(x, y, h_post, h_res)
+    assert max_err(u, copy) < FP32_TOL * copy.abs().max().item()
+    expected = (copy + y).expand(n, *copy.shape)
+    assert max_err(out, expected) < FP32_TOL * expected.abs().max().item()
+
+
+def test_bf16_streams_give_finite_fp32_coefficients() -> None:
+    for name, n, opts in CASES:
+        mixer = Mixer(create(name, n, **opts), 8, site_index=0)
+        x = (torch.randn(n, 4, 8) * 1e3).bfloat16()
+        with torch.no_grad():
+            outs = torch.ops.hcpass.coeffs(x, mixer.phi + 1.0, mixer.alpha, mixer.bias, mixer.spec)
+        assert all(t.dtype == torch.float32 and t.isfinite().all() for t in outs), name
+
+
+# ------------------------------------------------------------ Sinkhorn implicit backward
+def sinkhorn_pair(iters: int) -> tuple[Manifold, Manifold]:
+    return (create("sinkhorn", 4, sinkhorn_iters=iters),
+            create("sinkhorn", 4, sinkhorn_iters=iters, sinkhorn_backward="implicit"))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_sinkhorn_implicit_matches_unrolled_at_convergence(dtype: torch.dtype, tol: float) -> None:
+    unrolled, implicit = sinkhorn_pair(200)
+    logits = random_logits(unrolled, 1.0, dtype, batch=32).requires_grad_()
+    weight = torch.randn(32, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    grads = [torch.autograd.grad((m.res_map(logits) * weight).sum(), logits)[0]
+             for m in (unrolled, implicit)]
+    assert max_err(grads[0], grads[1]) < tol
+    # The same through torch.func (what the op's backward uses), plain and vmapped.
+    _, vjp = torch.func.vjp(implicit.res_map, logits.detach())
+    assert max_err(vjp(weight)[0], grads[1]) < tol
+    per_row = torch.func.vmap(lambda lg, w: torch.func.vjp(implicit.res_map, lg)[1](w)[0])
+    assert max_err(per_row(logits.detach(), weight), grads[1]) < tol
+
+
+def test_sinkhorn_implicit_gradient_finite_for_saturated_logits() -> None:
+    _, implicit = sinkhorn_pair(20)
+    for dtype in DTYPES:
+        logits = random_logits(implicit, 1e4, dtype).requires_grad_()
+        (grad,) = torch.autograd.grad((implicit.res_map(logits) ** 2).sum(), logits)
+        assert grad.dtype == dtype and grad.isfinite().all()
+
+
+def saved_bytes(fn: Callable[[Tensor], Tensor], logits: Tensor) -> int:
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(logits.detach().requires_grad_())
+    return total
+
+
+def test_sinkhorn_implicit_saves_constant_memory() -> None:
+    logits = random_logits(create("sinkhorn", 4), 1.0, torch.float32, batch=128)
+    few, many = sinkhorn_pair(5), sinkhorn_pair(50)
+    unrolled = [saved_bytes(pair[0].res_map, logits) for pair in (few, many)]
+    implicit = [saved_bytes(pair[1].res_map, logits) for pair in (few, many)]
+    assert implicit[0] == implicit[1] == 128 * 16 * 4  # the output P only: n^2 fp32 per position
+    assert unrolled[1] > 5 * unrolled[0]
+
+
+# ----------------------------------------------------------------------- validation
+@pytest.mark.parametrize(("name", "n", "opts", "message"), [
+    ("kronecker", 3, {}, r"power of 2"),
+    ("kromhc", 6, {}, r"power of 2"),
+    ("permutation", 9, {}, r"streams <= 8.*n! = 362880"),
+    ("grassmann", 4, {"rank": 0}, r"1 <= rank <= streams \(4\)"),
+    ("grassmann", 4, {"rank": 5}, r"1 <= rank <= streams \(4\)"),
+    ("grassmann", 4, {"rank": 2.0}, r"integer with 1 <= rank"),
+    ("grassmann", 1, {"rank": 2}, r"1 <= rank <= streams \(1\)"),
+    ("spectral", 4, {"gamma": 0.0}, r"gamma must be a finite number > 0"),
+    ("spectral", 4, {"gamma": math.inf}, r"gamma must be a finite number > 0"),
+    ("sinkhorn", 4, {"sinkhorn_backward": "adjoint"}, r"one of \('unrolled', 'implicit'\)"),
+    ("sinkhorn", 4, {"sinkhorn_iters": 0}, r"sinkhorn_iters must be an integer >= 1"),
+    ("stiefel", 4, {"rank": 2}, r"unknown option\(s\) \['rank'\]"),
+    ("hc", 0, {}, r"streams must be an integer >= 1"),
+])
+def test_bad_options_raise(name: str, n: int, opts: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create(name, n, **opts)
+
+
+def test_unknown_manifold_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="unknown manifold 'birkhoff'") as info:
+        create("birkhoff", 4)
+    for name in ("hc", "sinkhorn", "permutation", "kronecker", "spectral", "stiefel",
+                 "grassmann", "mhc-lite"):
+        assert name in str(info.value)
+
+
+# ------------------------------------------------------------------ extension example
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Register into copies of the registry so the example does not outlive the test."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+    yield
+    resolve.cache_clear()
+
+
+def test_extending_example(scratch_registry: None) -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "extending.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/extending.md", "exec"), namespace)
+
+    assert "lazy-mean (lazy)" in available()
+    with pytest.raises(ValueError, match="max_mix must be in"):
+        create("lazy", 4, max_mix=2.0)
+    m = create("lazy", 4, max_mix=0.5)
+    assert isinstance(m, namespace["LazyMean"])
+    assert max_err(m.res_map(m.res_identity_bias()).sum(-1), 1.0) < FP32_TOL
+    mixer = Mixer(m, 8, site_index=0)
+    with torch.no_grad():
+        mixer.phi.normal_()
+    x = torch.randn(4, 2, 8)
+    _, _, h_res = torch.ops.hcpass.coeffs(x, mixer.phi, mixer.alpha, mixer.bias, mixer.spec)
+    assert h_res.shape == (2, 4, 4)
+    assert max_err(h_res.sum(-1), 1.0) < FP32_TOL and max_err(h_res.sum(-2), 1.0) < FP32_TOL
+    (h_res * torch.randn(2, 4, 4)).sum().backward()
+    for param in (mixer.phi, mixer.alpha, mixer.bias):
+        assert param.grad is not None and param.grad.isfinite().all() and param.grad.any()

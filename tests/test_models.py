@@ -1,0 +1,113 @@
+"""Every model in the zoo converts untouched, keeps its function at init, runs on other
+shapes, trains, and compiles through backend="hcpass" to what eager computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import ZOO, logits
+
+import hcpass
+
+# fp32, relative to the output's max magnitude (the issue's bound).
+PRESERVE_RTOL = 1e-5
+# compiled vs eager of the converted model, fp32 (Inductor reorders reductions).
+COMPILE_ATOL = 1e-4
+
+
+def _build(name: str, streams: int = 4, **options):
+    factory, inputs, shapes = ZOO[name]
+    model = factory()
+    example = inputs()
+    return model, example, hcpass.convert(model, example, streams=streams, **options), inputs, shapes
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _loss(output, example) -> torch.Tensor:
+    out = logits(output)
+    target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=torch.Generator().manual_seed(1))
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_function_preserved_at_init_in_eval_and_train(name):
+    model, example, converted, _, _ = _build(name)
+    for train in (False, True):
+        model.train(train)
+        converted.train(train)
+        torch.manual_seed(3)
+        expected = logits(model(*example))
+        torch.manual_seed(3)
+        actual = logits(converted(*example))
+        assert _rel_err(actual, expected) <= PRESERVE_RTOL, f"train={train}"
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_other_shapes_run_without_reconverting(name):
+    model, _, converted, inputs, shapes = _build(name)
+    model.eval()
+    converted.eval()
+    for batch, size in shapes:
+        x = inputs(batch, size)
+        assert _rel_err(logits(converted(*x)), logits(model(*x))) <= PRESERVE_RTOL, (batch, size)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_state_dict_keeps_original_names_and_adds_mixers(name):
+    model, _, converted, _, _ = _build(name)
+    original = set(model.state_dict())
+    new = set(converted.state_dict())
+    assert original <= new
+    assert new - original and all(k.startswith("mixers.") for k in new - original)
+    mixer_params = {id(p) for p in converted.mixers.parameters()}
+    assert mixer_params <= {id(p) for p in converted.parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_trains_loss_falls_and_mixers_move(name):
+    _, example, converted, _, _ = _build(name)
+    converted.train()
+    before = {k: v.detach().clone() for k, v in converted.mixers.state_dict().items()}
+    opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = _loss(converted(*example), example)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    moved = [k for k, v in converted.mixers.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("phi") for k in moved) and any(k.endswith("bias") for k in moved)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_compiled_matches_eager_after_training(name):
+    # Few Sinkhorn iterations: the unrolled loop is most of the graph Inductor compiles,
+    # and compiled == eager does not depend on how many there are.
+    _, example, converted, _, _ = _build(name, sinkhorn_iters=4)
+    converted.train()
+    opt = torch.optim.AdamW(converted.parameters(), lr=1e-2)
+    for _ in range(3):  # move the mixers off their init
+        loss = _loss(converted(*example), example)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    compiled = torch.compile(converted, backend="hcpass")
+    params = [p for p in converted.parameters() if p.requires_grad]
+
+    eager_out = converted(*example)
+    eager_grads = torch.autograd.grad(_loss(eager_out, example), params, allow_unused=True)
+    compiled_out = compiled(*example)
+    compiled_grads = torch.autograd.grad(_loss(compiled_out, example), params, allow_unused=True)
+
+    torch.testing.assert_close(logits(compiled_out), logits(eager_out), atol=COMPILE_ATOL, rtol=0)
+    for e, c in zip(eager_grads, compiled_grads, strict=True):
+        if e is None:
+            assert c is None
+            continue
+        torch.testing.assert_close(c, e, atol=COMPILE_ATOL, rtol=0)
