@@ -7,6 +7,7 @@
 
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
+from hcpass.inspection import gain, mixers
 from hcpass import manifolds
 from hcpass.manifolds import Manifold, register_manifold
 from hcpass.mixer import Mixer
@@ -23,6 +24,8 @@ __all__ = [
     "compile",
     "convert",
     "explain",
+    "gain",
     "manifolds",
+    "mixers",
     "register_manifold",
 ]

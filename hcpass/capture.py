@@ -58,21 +58,24 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> li
         graphs.append(CapturedGraph(gm, len(graphs), broke))
         return gm.forward
 
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     compiled = torch.compile(fresh_trampoline("capture"), backend=record)
-    with torch.random.fork_rng(), torch.no_grad(), _quiet_dynamo():
+    with side_effect_free(model):
         compiled(model, tuple(args), dict(kwargs))
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
     return graphs
 
 
 @contextlib.contextmanager
-def _quiet_dynamo():
-    # Graph breaks are reported by hcpass itself (as skipped sites), not as Dynamo warnings.
-    with torch._dynamo.config.patch(verbose=False):
-        yield
+def side_effect_free(model: nn.Module):
+    """Run `model` for inspection: no grad, and its buffers (BatchNorm statistics) and the
+    RNG state are as before afterwards."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
 
 PARAMETER = "hcpass_parameter"  # node.meta key: the parameter a placeholder was lifted from

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcpass.capture import annotate_parameters, fresh_function, fresh_trampoline, parameter_names
 from hcpass.mixer import Mixer
@@ -36,6 +37,7 @@ class _Run:
 
     owner: ConvertedModule
     mixers_ran: int = 0
+    observer: TorchDispatchMode | None = None  # sees the mixer ops (hcpass.mixers)
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("hcpass_run", default=None)
@@ -67,6 +69,9 @@ class MixedGraph:
         for index, inputs in self.mixers:
             params += run.owner.mixer_parameters(args[index], inputs)
         run.mixers_ran += self.sites
+        if run.observer is not None:
+            with run.observer:
+                return self.fn(*args, *params)
         return self.fn(*args, *params)
 
 
@@ -121,9 +126,15 @@ class ConvertedModule(nn.Module):
         self._model.training = mode  # the children are shared; the root flag is not
         return self
 
-    @torch._dynamo.disable(recursive=False)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        run = _Run(self)
+        return self.observed_forward(None, *args, **kwargs)
+
+    @torch._dynamo.disable(recursive=False)
+    def observed_forward(
+        self, observer: TorchDispatchMode | None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """forward, with `observer` active while the rewritten graphs run (eager only)."""
+        run = _Run(self, observer=observer)
         token = _RUN.set(run)
         try:
             if self._probe(self.mixers_anchor):

@@ -81,7 +81,8 @@ class _Rewriter:
         self.analysis = analysis
         self.slot_of = slot_of
         self.mixers: dict[str, MixerInputs] = {}
-        self.claimed: set[fx.Node] = set()  # branch nodes some site already rewired
+        # branch nodes some site already rewired -> their inputs before that
+        self.claimed: dict[fx.Node, tuple[tuple, dict]] = {}
         self.coefficients: dict[Site, tuple[fx.Node, fx.Node]] = {}  # h_post, h_res
         self.branch_out: dict[Site, fx.Node] = {}
         self.order = {node: i for i, node in enumerate(graph.nodes)}
@@ -158,12 +159,18 @@ class _Rewriter:
         env = {site.read: u}
         for node in sorted(site.branch_nodes, key=self.order.__getitem__):
             if node in self.claimed:
+                # Copy from the inputs the node had before the first site rewired it.
+                args, kwargs = self.claimed[node]
                 with self.graph.inserting_before(node):
-                    env[node] = self.graph.node_copy(node, lambda a: env.get(a, a))
+                    env[node] = self.graph.create_node(
+                        node.op, node.target, fx.map_arg(args, lambda a: env.get(a, a)),
+                        fx.map_arg(kwargs, lambda a: env.get(a, a)), name=node.name,
+                    )
+                env[node].meta = dict(node.meta)
             else:
+                self.claimed[node] = (node.args, node.kwargs)
                 for old in [p for p in node.all_input_nodes if p in env]:
                     node.replace_input_with(old, env[old])
-        self.claimed.update(site.branch_nodes)
         self.branch_out[site] = env.get(site.branch, site.branch)
 
     def _post_res(self, site: Site, multi: dict[fx.Node, fx.Node]) -> fx.Node:

@@ -1,0 +1,79 @@
+"""Look inside a converted model: the coefficients its mixers use, and the composite gain
+of H_res over depth (mHC's "Amax Gain Magnitude")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hcpass.capture import side_effect_free
+from hcpass.module import ConvertedModule
+
+
+class _CoefficientRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, tuple[Tensor, Tensor, Tensor]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.hcpass.coeffs.default:
+            bias = args[3]
+            self.calls.append((bias.data_ptr(), tuple(t.detach().clone() for t in out)))
+        return out
+
+
+def mixers(
+    model: ConvertedModule,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """Per site, in forward order: the ``h_pre [*pos, n]``, ``h_post [*pos, n]`` and
+    ``h_res [*pos, n, n]`` used in one forward pass on the example inputs. A site that
+    runs twice (a weight-shared block) appears as ``name``, ``name#2``."""
+    if not isinstance(model, ConvertedModule):
+        raise TypeError("hcpass.mixers needs a model returned by hcpass.convert")
+    key_of = {mixer.bias.data_ptr(): key for key, mixer in model.mixers.items()}
+    recorder = _CoefficientRecorder()
+    with side_effect_free(model):
+        model.observed_forward(recorder, *tuple(example_inputs), **(example_kwargs or {}))
+    result: dict[str, dict[str, Tensor]] = {}
+    for pointer, (h_pre, h_post, h_res) in recorder.calls:
+        key = key_of[pointer]
+        name, count = key, 1
+        while name in result:
+            count += 1
+            name = f"{key}#{count}"
+        result[name] = {"h_pre": h_pre, "h_post": h_post, "h_res": h_res}
+    return result
+
+
+def gain(
+    model: ConvertedModule,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """Amax gain of the composite ``P = H_res[d] @ ... @ H_res[1]`` after each depth d.
+
+    forward gain = max_i sum_j |P_ij| (max absolute row sum), backward gain = max_j
+    sum_i |P_ij| (max absolute column sum), each averaged over positions. The product
+    restarts where the positions change (a new chain: after a projection shortcut)."""
+    rows = []
+    product: Tensor | None = None
+    for depth, coefficients in enumerate(mixers(model, example_inputs, example_kwargs).values(), 1):
+        h_res = coefficients["h_res"].double()
+        if product is None or product.shape != h_res.shape:
+            product = torch.eye(h_res.shape[-1], dtype=h_res.dtype).expand_as(h_res)
+        product = h_res @ product
+        rows.append(
+            {
+                "depth": depth,
+                "forward": product.abs().sum(-1).amax(-1).mean().item(),
+                "backward": product.abs().sum(-2).amax(-1).mean().item(),
+            }
+        )
+    return rows

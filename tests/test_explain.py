@@ -1,0 +1,213 @@
+"""`hcpass.explain` reports every same-shape add with a status and a reason, and bad
+input fails with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import logging
+
+import models
+import pytest
+import torch
+from torch import nn
+
+import hcpass
+
+
+class Spellings(nn.Module):
+    """``+``, ``+=``, ``torch.add(alpha=)``, ``Tensor.add``, post-activation, a mask add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        x = torch.relu(x)
+        x = x + self.a(x)
+        x += self.b(x)
+        x = torch.add(x, self.c(x), alpha=0.5)
+        x = torch.relu(x.add(self.d(x)))
+        return x + torch.ones(8)  # a broadcasting add: not a candidate at all
+
+
+class Elementwise(nn.Module):
+    def forward(self, x):
+        return x + 0.5 * x * x
+
+
+class GraphBreak(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.a(x)
+        torch._dynamo.graph_break()
+        return x + self.b(x)
+
+
+class BreakBetweenChains(nn.Module):
+    """The break falls between two chains: neither is cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.a(x)
+        y = self.proj(x)
+        torch._dynamo.graph_break()
+        return y + self.b(y)
+
+
+def _table(report: hcpass.Report) -> list[tuple[str, str]]:
+    return [(s.name, s.status) for s in report.sites]
+
+
+def test_every_spelling_of_the_residual_add_is_found():
+    report = hcpass.explain(Spellings(), (torch.randn(2, 8),))
+    assert _table(report) == [("a", "rewritten"), ("b", "rewritten"), ("c", "rewritten"), ("d", "rewritten")]
+
+
+def test_the_table_has_name_status_and_reason_columns():
+    text = str(hcpass.explain(models.TinyGPT(), models.token_inputs()))
+    assert text.splitlines()[0].split() == ["site", "status", "reason"]
+    assert "blocks.0" in text and "blocks.1.mlp" in text
+    assert "4 rewritten, 0 skipped, 1 graph(s), 0 graph break(s)" in text
+
+
+def test_hf_skips_are_explained():
+    report = hcpass.explain(models.llama(), models.token_inputs())
+    assert [s.name for s in report.rewritten] == [
+        "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp",
+    ]
+    rotary = [s for s in report.skipped if "embed" in s.node]
+    assert rotary and all(s.reason for s in rotary)
+
+
+def test_projection_shortcut_ends_the_chain():
+    report = hcpass.explain(models.ResNet(), models.image_inputs())
+    assert _table(report) == [
+        ("layer1.0", "rewritten"), ("layer1.1", "rewritten"), ("layer2.0:out_8", "skipped"),
+        ("layer2.1", "rewritten"),
+    ]
+    assert "projection shortcut" in report.skipped[0].reason
+
+
+def test_elementwise_expression_is_not_a_block():
+    report = hcpass.explain(Elementwise(), (torch.randn(2, 8),))
+    assert report.sites[0].status == "skipped"
+    assert "reads no parameters" in report.sites[0].reason
+
+
+def test_graph_break_splitting_a_chain_skips_its_sites():
+    report = hcpass.explain(GraphBreak(), (torch.randn(2, 8),))
+    assert report.graphs == 2 and len(report.graph_breaks) == 1
+    assert [s.status for s in report.sites] == ["skipped", "skipped"]
+    assert all("graph break" in s.reason for s in report.sites)
+    with pytest.raises(ValueError, match="no residual sites"):
+        hcpass.convert(GraphBreak(), (torch.randn(2, 8),))
+
+
+def test_graph_break_between_chains_keeps_both():
+    model = BreakBetweenChains()
+    x = torch.randn(2, 8)
+    report = hcpass.explain(model, (x,))
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"] or [
+        s.status for s in report.sites
+    ] == ["rewritten", "rewritten"]
+    converted = hcpass.convert(model, (x,))
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_explain_leaves_model_state_alone():
+    model = models.ResNet().train()
+    x = models.image_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    hcpass.explain(model, x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_report_to_dict_is_json_ready():
+    import json
+
+    report = hcpass.explain(models.TinyGPT(), models.token_inputs())
+    data = json.loads(json.dumps(report.to_dict()))
+    assert {"name", "status", "reason", "graph", "node"} <= set(data["sites"][0])
+
+
+# ----------------------------------------------------------------------------- bad input
+class NoResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.f(x))
+
+
+def test_no_residual_sites_says_what_was_looked_for():
+    with pytest.raises(ValueError, match="no residual sites.*x \\+ f\\(x\\)"):
+        hcpass.convert(NoResidual(), (torch.randn(2, 8),))
+
+
+def test_unknown_manifold_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown manifold 'sinkhorm'.*sinkhorn"):
+        hcpass.convert(models.TinyGPT(), models.token_inputs(), manifold="sinkhorm")
+
+
+@pytest.mark.parametrize("streams", [0, -1, 2.5, True])
+def test_bad_stream_count(streams):
+    with pytest.raises(ValueError, match="streams must be an integer >= 1"):
+        hcpass.convert(models.TinyGPT(), models.token_inputs(), streams=streams)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="unknown option.*sinkhorn_iter"):
+        hcpass.convert(models.TinyGPT(), models.token_inputs(), sinkhorn_iter=5)
+
+
+def test_not_a_module_and_double_conversion():
+    with pytest.raises(TypeError, match="nn.Module"):
+        hcpass.convert(lambda x: x, (torch.randn(2),))
+    converted = hcpass.convert(models.TinyGPT(), models.token_inputs())
+    with pytest.raises(ValueError, match="already converted"):
+        hcpass.convert(converted, models.token_inputs())
+
+
+def test_nan_input_propagates_instead_of_failing_silently():
+    model = models.TinyGPT()
+    converted = hcpass.convert(model, models.token_inputs())
+    emb = converted.emb.weight
+    with torch.no_grad():
+        emb[3] = float("nan")
+    out = converted(torch.full((1, 4), 3))
+    assert torch.isnan(out).all()
+
+
+def test_streams_one_is_the_plain_residual():
+    model = models.TinyGPT()
+    x = models.token_inputs()
+    converted = hcpass.convert(model, x, streams=1)
+    torch.testing.assert_close(converted(*x), model(*x), rtol=1e-5, atol=1e-6)
+
+
+def test_manifolds_lists_names_and_descriptions():
+    names = hcpass.manifolds()
+    assert "sinkhorn (mhc)" in names and all(isinstance(d, str) and d for d in names.values())
+    import hcpass.manifolds as registry
+
+    assert registry.create("mhc", 2).name == "sinkhorn"
+
+
+def test_plain_model_under_hcpass_backend_logs_and_matches_inductor(caplog):
+    model = models.TinyGPT().eval()
+    x = models.token_inputs()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="hcpass"):
+        out = torch.compile(model, backend="hcpass")(*x)
+    lines = [r.getMessage() for r in caplog.records if "residual site" in r.getMessage()]
+    assert len(lines) == 1 and "found 4 residual site(s)" in lines[0] and "hcpass.convert" in lines[0]
+    torch.testing.assert_close(out, model(*x), rtol=1e-5, atol=1e-5)
+    assert not any("mixers" in n for n, _ in model.named_parameters())

@@ -1,0 +1,186 @@
+"""The rewritten graph, as users see it in `converted.graph_module.code`."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from expecttest import TestCase
+from torch import nn
+
+import hcpass
+
+
+class OneBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.mlp(self.ln(x))
+
+
+class PostNorm(nn.Module):
+    """BERT-style: the stream passes through a norm between sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.g = nn.Linear(4, 4)
+        self.ln1 = nn.LayerNorm(4)
+        self.ln2 = nn.LayerNorm(4)
+
+    def forward(self, x):
+        x = self.ln1(x + self.f(x))
+        return self.ln2(x + self.g(x))
+
+
+class SideReader(nn.Module):
+    """Collects hidden states mid-chain, like HF's output_hidden_states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.g = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x + self.f(x)
+        hidden = x
+        x = x + self.g(x)
+        return x, hidden
+
+
+def _body(gm: torch.fx.GraphModule) -> str:
+    """The rewritten code below the signature, with the manifold spec shortened."""
+    body = gm.code.split("):\n", 1)[1]
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.hcpass.coeffs.default:
+            body = body.replace(repr(node.args[-1]), "SPEC")
+    lines = [line.split(";")[0].strip() for line in body.strip().splitlines()]
+    return "\n".join(line for line in lines if " = L_" not in line)
+
+
+def _ops(gm: torch.fx.GraphModule) -> dict[str, int]:
+    names = {
+        torch.ops.hcpass.coeffs.default: "coeffs",
+        torch.ops.hcpass.pre.default: "pre",
+        torch.ops.hcpass.post_res.default: "post_res",
+        operator.add: "add",
+    }
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        name = names.get(node.target) or (node.target if node.op == "call_method" else None)
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class TestRewrittenGraph(TestCase):
+    def test_one_block(self):
+        x = torch.randn(2, 3, 4)
+        converted = hcpass.convert(OneBlock(), (x,), streams=2)
+        self.assertExpectedInline(
+            _body(converted.graph_module),
+            """\
+unsqueeze = l_args_0_.unsqueeze(0)
+expand = unsqueeze.expand(2, -1, -1, -1)
+coeffs_default = torch.ops.hcpass.coeffs.default(expand, mlp_phi, mlp_alpha, mlp_bias, SPEC)
+getitem = coeffs_default[0]
+getitem_1 = coeffs_default[1]
+getitem_2 = coeffs_default[2]
+pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), l_self_modules_ln_parameters_weight_, l_self_modules_ln_parameters_bias_, 1e-05)
+linear = torch._C._nn.linear(layer_norm, l_self_modules_mlp_parameters_weight_, l_self_modules_mlp_parameters_bias_)
+post_res_default = torch.ops.hcpass.post_res.default(expand, linear, getitem_1, getitem_2)
+mean = post_res_default.mean(0)
+return (mean,)""",
+        )
+
+    def test_post_norm_is_applied_per_stream(self):
+        x = torch.randn(2, 3, 4)
+        converted = hcpass.convert(PostNorm(), (x,), streams=2)
+        self.assertExpectedInline(
+            _body(converted.graph_module),
+            """\
+unsqueeze = l_args_0_.unsqueeze(0)
+expand = unsqueeze.expand(2, -1, -1, -1)
+coeffs_default = torch.ops.hcpass.coeffs.default(expand, f_phi, f_alpha, f_bias, SPEC)
+getitem = coeffs_default[0]
+getitem_1 = coeffs_default[1]
+getitem_2 = coeffs_default[2]
+pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+linear = torch._C._nn.linear(pre_default, l_self_modules_f_parameters_weight_, l_self_modules_f_parameters_bias_)
+post_res_default = torch.ops.hcpass.post_res.default(expand, linear, getitem_1, getitem_2)
+flatten = post_res_default.flatten(0, 1)
+layer_norm = torch.nn.functional.layer_norm(flatten, (4,), l_self_modules_ln1_parameters_weight_, l_self_modules_ln1_parameters_bias_, 1e-05)
+unflatten = layer_norm.unflatten(0, (2, -1))
+coeffs_default_1 = torch.ops.hcpass.coeffs.default(unflatten, g_phi, g_alpha, g_bias, SPEC)
+getitem_3 = coeffs_default_1[0]
+getitem_4 = coeffs_default_1[1]
+getitem_5 = coeffs_default_1[2]
+pre_default_1 = torch.ops.hcpass.pre.default(unflatten, getitem_3)
+linear_1 = torch._C._nn.linear(pre_default_1, l_self_modules_g_parameters_weight_, l_self_modules_g_parameters_bias_)
+post_res_default_1 = torch.ops.hcpass.post_res.default(unflatten, linear_1, getitem_4, getitem_5)
+mean = post_res_default_1.mean(0)
+layer_norm_1 = torch.nn.functional.layer_norm(mean, (4,), l_self_modules_ln2_parameters_weight_, l_self_modules_ln2_parameters_bias_, 1e-05)
+return (layer_norm_1,)""",
+        )
+
+    def test_side_reader_gets_the_collapsed_stream(self):
+        x = torch.randn(2, 3, 4)
+        converted = hcpass.convert(SideReader(), (x,), streams=2)
+        self.assertExpectedInline(
+            _body(converted.graph_module),
+            """\
+unsqueeze = l_args_0_.unsqueeze(0)
+expand = unsqueeze.expand(2, -1, -1, -1)
+coeffs_default = torch.ops.hcpass.coeffs.default(expand, f_phi, f_alpha, f_bias, SPEC)
+getitem = coeffs_default[0]
+getitem_1 = coeffs_default[1]
+getitem_2 = coeffs_default[2]
+pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+linear = torch._C._nn.linear(pre_default, l_self_modules_f_parameters_weight_, l_self_modules_f_parameters_bias_)
+post_res_default = torch.ops.hcpass.post_res.default(expand, linear, getitem_1, getitem_2)
+mean = post_res_default.mean(0)
+coeffs_default_1 = torch.ops.hcpass.coeffs.default(post_res_default, g_phi, g_alpha, g_bias, SPEC)
+getitem_3 = coeffs_default_1[0]
+getitem_4 = coeffs_default_1[1]
+getitem_5 = coeffs_default_1[2]
+pre_default_1 = torch.ops.hcpass.pre.default(post_res_default, getitem_3)
+linear_1 = torch._C._nn.linear(pre_default_1, l_self_modules_g_parameters_weight_, l_self_modules_g_parameters_bias_)
+post_res_default_1 = torch.ops.hcpass.post_res.default(post_res_default, linear_1, getitem_4, getitem_5)
+mean_1 = post_res_default_1.mean(0)
+return (mean_1, mean)""",
+        )
+        out, hidden = converted(x)
+        ref_out, ref_hidden = converted.original(x)
+        torch.testing.assert_close(hidden, ref_hidden)
+        torch.testing.assert_close(out, ref_out)
+
+    def test_op_counts_gpt_like_model(self):
+        import models
+
+        model = models.TinyGPT(layers=3)
+        converted = hcpass.convert(model, models.token_inputs(), streams=4)
+        counts = _ops(converted.graph_module)
+        # 2 sites per block: one coeffs/pre/post_res each, no residual add left.
+        self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (6, 6, 6))
+        self.assertNotIn("add", counts)
+        self.assertEqual(counts["expand"], 1)  # one chain
+        self.assertEqual(counts["mean"], 1)  # collapsed once, before ln_f
+
+    def test_parallel_block_branches_each_get_their_own_read(self):
+        import models
+
+        converted = hcpass.convert(models.ParallelBlocks(), models.token_inputs(), streams=4)
+        counts = _ops(converted.graph_module)
+        # layer 0 `x + attn(h) + mlp(h)`: two sites; layer 1 `mlp(h) + attn(h) + x`: one
+        # site whose branch is the sum.
+        self.assertEqual(counts["coeffs"], 3)
+        # layer 0's shared norm is copied so each branch reads its own mix of the streams
+        norms = [n for n in converted.graph_module.graph.nodes if n.target is F.layer_norm]
+        self.assertEqual(len(norms), 3)
+        reads = {n.args[0] for n in norms}
+        self.assertEqual(len(reads), 3)
