@@ -144,22 +144,84 @@ def bert():
     return BertForMaskedLM(cfg)
 
 
-def token_inputs(batch: int = 2, length: int = 8) -> tuple[torch.Tensor]:
-    return (torch.randint(1, VOCAB, (batch, length)),)
+def vit():
+    _quiet_hf()
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, num_labels=10,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ViTForImageClassification(cfg)
 
 
-def image_inputs(batch: int = 2, size: int = 8) -> tuple[torch.Tensor]:
-    return (torch.randn(batch, 3, size, size),)
+def t5():
+    """Encoder-decoder: two chains (the decoder's reads the encoder's collapsed output)."""
+    _quiet_hf()
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg)
 
 
-# name -> (factory, inputs(batch, size), the shapes to try besides the example)
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, d: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.tokens = nn.Sequential(nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens))
+        self.ln2 = nn.LayerNorm(d)
+        self.channels = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.tokens(self.ln1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.ln2(x))
+
+
+class MLPMixer(nn.Module):
+    """Token mixing across the sequence dimension, channel mixing across features."""
+
+    def __init__(self, image: int = 16, patch: int = 4, d: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, patch)
+        tokens = (image // patch) ** 2
+        self.blocks = nn.Sequential(MixerBlock(tokens, d), MixerBlock(tokens, d))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        return self.head(self.ln(self.blocks(x)).mean(1))
+
+
+Inputs = tuple[tuple, dict]
+
+
+def token_inputs(batch: int = 2, length: int = 8) -> Inputs:
+    return (torch.randint(1, VOCAB, (batch, length)),), {}
+
+
+def seq2seq_inputs(batch: int = 2, length: int = 8) -> Inputs:
+    ids = torch.randint(2, VOCAB, (batch, length))
+    return (ids,), {"decoder_input_ids": torch.randint(2, VOCAB, (batch, max(1, length // 2)))}
+
+
+def image_inputs(batch: int = 2, size: int = 8) -> Inputs:
+    return (torch.randn(batch, 3, size, size),), {}
+
+
+_TOKEN_SHAPES = [(3, 5), (1, 12), (4, 3)]
+
+# name -> (factory, inputs(batch, size), the (batch, size) shapes to try besides the example)
 ZOO = {
-    "tiny_gpt": (TinyGPT, token_inputs, [(3, 5), (1, 12), (4, 3)]),
-    "gpt2": (gpt2, token_inputs, [(3, 5), (1, 12), (4, 3)]),
-    "llama": (llama, token_inputs, [(3, 5), (1, 12), (4, 3)]),
-    "bert": (bert, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+    "tiny_gpt": (TinyGPT, token_inputs, _TOKEN_SHAPES),
+    "gpt2": (gpt2, token_inputs, _TOKEN_SHAPES),
+    "llama": (llama, token_inputs, _TOKEN_SHAPES),
+    "bert": (bert, token_inputs, _TOKEN_SHAPES),
+    "t5": (t5, seq2seq_inputs, _TOKEN_SHAPES),
     "resnet": (ResNet, image_inputs, [(1, 6), (3, 10), (2, 12)]),
-    "parallel": (ParallelBlocks, token_inputs, [(3, 5), (1, 12), (4, 3)]),
+    "vit": (vit, lambda b=2, s=16: image_inputs(b, s), [(1, 16), (3, 16), (5, 16)]),
+    "mlp_mixer": (MLPMixer, lambda b=2, s=16: image_inputs(b, s), [(1, 16), (3, 16), (5, 16)]),
+    "parallel": (ParallelBlocks, token_inputs, _TOKEN_SHAPES),
 }
 
 

@@ -39,14 +39,14 @@ def test_backend_works_without_importing_hcpass():
 
 def test_other_backends_cannot_drop_the_mixers():
     model = models.TinyGPT()
-    x = models.token_inputs()
+    x = models.token_inputs()[0]
     converted = hcpass.convert(model, x)
     with pytest.raises(RuntimeError, match="backend='hcpass'"):
         torch.compile(converted, backend="aot_eager")(*x)
 
 
 def test_cpu_lowering_replaces_the_ops_by_their_references():
-    converted = hcpass.convert(models.TinyGPT(), models.token_inputs())
+    converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
     graph = converted.graph_module.graph
     assert HCPASS_OPS <= {n.target for n in graph.nodes}
     lowering(cuda=False)(graph)

@@ -16,6 +16,7 @@ Tolerance: every output within ``tol * max(1, max|reference|)`` elementwise (plu
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -25,8 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 import triton
-
 from hcpass.codegen import generate, kernels, register_cuda_kernels
+
 from hcpass.manifolds import create, manifold_names
 from hcpass.ops import reference
 
@@ -34,15 +35,15 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 DTYPES = [torch.float32, torch.float64]
 
 
-def assert_matches(got: object, want: object, dtype: torch.dtype) -> None:
+def assert_matches(got: object, want: object, tol: float) -> None:
+    """Same shapes and dtypes, values within ``tol * max(1, max|want|)`` (+ tol relative)."""
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
-    assert len(got) == len(want)
-    for index, (g, w) in enumerate(zip(got, want)):
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == w.shape and g.dtype == w.dtype, (index, g.shape, w.shape, g.dtype)
         scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
-        tol = TOL[dtype]
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale, msg=f"output {index}")
+        message = lambda m, i=index: f"output {i}: {m}"
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * scale, msg=message)
 
 
 # ------------------------------------------------------------------- inputs and cases
@@ -81,7 +82,7 @@ def coeffs_inputs(
 
 def run_stream_case(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> None:
     args = stream_inputs(op, n, pos, C, dtype)
-    assert_matches(getattr(kernels, op)(*args), getattr(reference, op)(*args), dtype)
+    assert_matches(getattr(kernels, op)(*args), getattr(reference, op)(*args), TOL[dtype])
 
 
 def run_coeffs_case(
@@ -97,7 +98,7 @@ def run_coeffs_case(
         want = reference.coeffs_backward(*grads, *args)
     else:
         got = kernels.coeffs(*args)
-    assert_matches(got, want, dtype)
+    assert_matches(got, want, TOL[dtype])
 
 
 # --------------------------------------------------------------------------- worker
@@ -163,7 +164,8 @@ def test_coeffs_every_manifold(interpreter, name):
 # ------------------------------------------------------------------ generation, no GPU
 def test_splice_replaces_the_placeholder_epilogue():
     epilogue = create("sinkhorn", 4, sinkhorn_iters=7).triton_res_map()
-    source = generate.splice((generate.TEMPLATE_DIR / "coeffs_template.py").read_text(), epilogue)
+    template = (generate.TEMPLATE_DIR / "coeffs_template.py").read_text()
+    source = generate.splice(template, epilogue)
     assert "static_assert(False" not in source
     assert source.count("def res_map(") == 1 and "range(7)" in source
     with pytest.raises(ValueError, match="EPILOGUE"):
@@ -209,7 +211,7 @@ def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
     """Every kernel launch of the six launchers on bf16 streams (sinkhorn fused and
     unfused, dynamic and static), recorded instead of run."""
     monkeypatch.setattr(_Recorder, "launches", [])
-    monkeypatch.setattr(generate, "kernel", lambda name, epilogue, interpret: _Recorder(name, epilogue))
+    monkeypatch.setattr(generate, "kernel", lambda name, epilogue, _: _Recorder(name, epilogue))
     monkeypatch.setattr(kernels, "_interpret", lambda *tensors: False)
     n, pos, C = 4, (16,), 256
     for options in ({}, {"dynamic": False}, {"sinkhorn_backward": "implicit"}):
@@ -238,7 +240,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
     for name, epilogue, args, kwargs in launches:
         fn = getattr(generate.load_module(generate.TEMPLATES[name], epilogue, False), name)
         config = generate.configs(name, interpret=False)[0]
-        values = {**dict(zip(fn.arg_names, args)), **kwargs, **config.kwargs}
+        values = {**dict(zip(fn.arg_names, args, strict=False)), **kwargs, **config.kwargs}
         signature, constants = {}, {}
         for arg in fn.arg_names:
             value = values[arg]
@@ -261,43 +263,74 @@ def test_kernels_compile_for_sm90(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- GPU
-gpu = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+OPS = ["coeffs", "coeffs_backward", "pre", "pre_backward", "post_res", "post_res_backward"]
 
 
-def _cuda(args: tuple) -> tuple:
-    return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+def _on_cuda(args: tuple, dtype: torch.dtype, C: int) -> tuple:
+    """`args` on the GPU, with the stream tensors (last dim C) in `dtype`."""
+    moved = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = a.cuda()
+            a = a.to(dtype) if a.shape[-1] == C and a.dim() > 1 else a
+        moved.append(a)
+    return tuple(moved)
 
 
+# bf16: outputs round to bf16 (2^-8) after a differently ordered fp32 sum, and the coefficient
+# projection runs in tf32 (2^-11), as in the paper. fp32 on the GPU: the same ieee products.
+GPU_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("n", [2, 4, 8])
-@pytest.mark.parametrize(
-    "op", ["coeffs", "coeffs_backward", "pre", "pre_backward", "post_res", "post_res_backward"]
-)
-@pytest.mark.usefixtures()
-def test_cuda_kernels_match_reference(op, n, dtype, request):
-    for mark in gpu:
-        request.applymarker(mark)
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernels_match_reference(op, n, dtype):
     pos, C = (3, 345), 1000
     if op.startswith("coeffs"):
-        x, phi, alpha, bias, spec = _cuda(coeffs_inputs("sinkhorn", n, pos, C, torch.float32, {}))
-        args = (x.to(dtype), phi, alpha, bias, spec)
+        args = _on_cuda(coeffs_inputs("sinkhorn", n, pos, C, torch.float32, {}), dtype, C)
         if op == "coeffs_backward":
-            grads = tuple(torch.randn_like(o) for o in reference.coeffs(*args))
-            args = (*grads, *args)
+            args = (*(torch.randn_like(o) for o in reference.coeffs(*args)), *args)
     else:
-        args = _cuda(stream_inputs(op, n, pos, C, torch.float32))
-        args = tuple(a.to(dtype) if a.shape[-1] == C else a for a in args)
-    got, want = getattr(kernels, op)(*args), getattr(reference, op)(*args)
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
-    # bf16: the outputs round to bf16 (2^-8) after a differently ordered fp32 sum, and the
-    # coefficient projection runs in tf32 (2^-11) as in the paper.
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for g, w in zip(got, want):
-        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
-        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * scale)
+        args = _on_cuda(stream_inputs(op, n, pos, C, torch.float32), dtype, C)
+    assert_matches(getattr(kernels, op)(*args), getattr(reference, op)(*args), GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_inductor_output_calls_the_generated_kernels():
+    from torch._inductor.utils import run_and_get_code
+    from torch.profiler import ProfilerActivity, profile
+
+    register_cuda_kernels()
+    n, pos, C = 4, (2, 64), 256
+    x, phi, alpha, bias, spec = _on_cuda(
+        coeffs_inputs("sinkhorn", n, pos, C, torch.float32, {}), torch.bfloat16, C
+    )
+
+    def mixer(ops, x, phi, alpha, bias):
+        h_pre, h_post, h_res = ops.coeffs(x, phi, alpha, bias, spec)
+        y = torch.tanh(ops.pre(x, h_pre))  # stands in for the branch
+        return ops.post_res(x, y, h_post, h_res)
+
+    def step(fn):
+        leaves = [t.detach().requires_grad_() for t in (x, phi, alpha, bias)]
+        out = fn(*leaves)
+        out.float().square().sum().backward()
+        return (out, *(t.grad for t in leaves))
+
+    compiled = torch.compile(functools.partial(mixer, torch.ops.hcpass))
+    got, codes = run_and_get_code(step, compiled)
+    code = "\n".join(codes)
+    for op in OPS:
+        assert f"torch.ops.hcpass.{op}.default" in code, op
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(compiled)
+        torch.cuda.synchronize()
+    launched = {event.name for event in prof.events()}
+    for name in generate.TEMPLATES:
+        assert any(name in kernel for kernel in launched), name
+    assert_matches(got, step(functools.partial(mixer, reference)), GPU_TOL[torch.bfloat16])

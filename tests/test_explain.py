@@ -69,14 +69,14 @@ def test_every_spelling_of_the_residual_add_is_found():
 
 
 def test_the_table_has_name_status_and_reason_columns():
-    text = str(hcpass.explain(models.TinyGPT(), models.token_inputs()))
+    text = str(hcpass.explain(models.TinyGPT(), models.token_inputs()[0]))
     assert text.splitlines()[0].split() == ["site", "status", "reason"]
     assert "blocks.0" in text and "blocks.1.mlp" in text
     assert "4 rewritten, 0 skipped, 1 graph(s), 0 graph break(s)" in text
 
 
 def test_hf_skips_are_explained():
-    report = hcpass.explain(models.llama(), models.token_inputs())
+    report = hcpass.explain(models.llama(), models.token_inputs()[0])
     assert [s.name for s in report.rewritten] == [
         "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp",
     ]
@@ -85,7 +85,7 @@ def test_hf_skips_are_explained():
 
 
 def test_projection_shortcut_ends_the_chain():
-    report = hcpass.explain(models.ResNet(), models.image_inputs())
+    report = hcpass.explain(models.ResNet(), models.image_inputs()[0])
     assert _table(report) == [
         ("layer1.0", "rewritten"), ("layer1.1", "rewritten"), ("layer2.0:out_8", "skipped"),
         ("layer2.1", "rewritten"),
@@ -121,7 +121,7 @@ def test_graph_break_between_chains_keeps_both():
 
 def test_explain_leaves_model_state_alone():
     model = models.ResNet().train()
-    x = models.image_inputs()
+    x = models.image_inputs()[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     hcpass.explain(model, x)
@@ -132,7 +132,7 @@ def test_explain_leaves_model_state_alone():
 def test_report_to_dict_is_json_ready():
     import json
 
-    report = hcpass.explain(models.TinyGPT(), models.token_inputs())
+    report = hcpass.explain(models.TinyGPT(), models.token_inputs()[0])
     data = json.loads(json.dumps(report.to_dict()))
     assert {"name", "status", "reason", "graph", "node"} <= set(data["sites"][0])
 
@@ -154,31 +154,31 @@ def test_no_residual_sites_says_what_was_looked_for():
 
 def test_unknown_manifold_lists_valid_names():
     with pytest.raises(ValueError, match="unknown manifold 'sinkhorm'.*sinkhorn"):
-        hcpass.convert(models.TinyGPT(), models.token_inputs(), manifold="sinkhorm")
+        hcpass.convert(models.TinyGPT(), models.token_inputs()[0], manifold="sinkhorm")
 
 
 @pytest.mark.parametrize("streams", [0, -1, 2.5, True])
 def test_bad_stream_count(streams):
     with pytest.raises(ValueError, match="streams must be an integer >= 1"):
-        hcpass.convert(models.TinyGPT(), models.token_inputs(), streams=streams)
+        hcpass.convert(models.TinyGPT(), models.token_inputs()[0], streams=streams)
 
 
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="unknown option.*sinkhorn_iter"):
-        hcpass.convert(models.TinyGPT(), models.token_inputs(), sinkhorn_iter=5)
+        hcpass.convert(models.TinyGPT(), models.token_inputs()[0], sinkhorn_iter=5)
 
 
 def test_not_a_module_and_double_conversion():
     with pytest.raises(TypeError, match="nn.Module"):
         hcpass.convert(lambda x: x, (torch.randn(2),))
-    converted = hcpass.convert(models.TinyGPT(), models.token_inputs())
+    converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
     with pytest.raises(ValueError, match="already converted"):
-        hcpass.convert(converted, models.token_inputs())
+        hcpass.convert(converted, models.token_inputs()[0])
 
 
 def test_nan_input_propagates_instead_of_failing_silently():
     model = models.TinyGPT()
-    converted = hcpass.convert(model, models.token_inputs())
+    converted = hcpass.convert(model, models.token_inputs()[0])
     emb = converted.emb.weight
     with torch.no_grad():
         emb[3] = float("nan")
@@ -188,7 +188,7 @@ def test_nan_input_propagates_instead_of_failing_silently():
 
 def test_streams_one_is_the_plain_residual():
     model = models.TinyGPT()
-    x = models.token_inputs()
+    x = models.token_inputs()[0]
     converted = hcpass.convert(model, x, streams=1)
     torch.testing.assert_close(converted(*x), model(*x), rtol=1e-5, atol=1e-6)
 
@@ -203,7 +203,7 @@ def test_manifolds_lists_names_and_descriptions():
 
 def test_plain_model_under_hcpass_backend_logs_and_matches_inductor(caplog):
     model = models.TinyGPT().eval()
-    x = models.token_inputs()
+    x = models.token_inputs()[0]
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="hcpass"):
         out = torch.compile(model, backend="hcpass")(*x)

@@ -20,7 +20,8 @@ def _build(name: str, streams: int = 4, **options):
     factory, inputs, shapes = ZOO[name]
     model = factory()
     example = inputs()
-    return model, example, hcpass.convert(model, example, streams=streams, **options), inputs, shapes
+    converted = hcpass.convert(model, *example, streams=streams, **options)
+    return model, example, converted, inputs, shapes
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,9 +41,9 @@ def test_function_preserved_at_init_in_eval_and_train(name):
         model.train(train)
         converted.train(train)
         torch.manual_seed(3)
-        expected = logits(model(*example))
+        expected = logits(model(*example[0], **example[1]))
         torch.manual_seed(3)
-        actual = logits(converted(*example))
+        actual = logits(converted(*example[0], **example[1]))
         assert _rel_err(actual, expected) <= PRESERVE_RTOL, f"train={train}"
 
 
@@ -52,8 +53,9 @@ def test_other_shapes_run_without_reconverting(name):
     model.eval()
     converted.eval()
     for batch, size in shapes:
-        x = inputs(batch, size)
-        assert _rel_err(logits(converted(*x)), logits(model(*x))) <= PRESERVE_RTOL, (batch, size)
+        args, kwargs = inputs(batch, size)
+        actual, expected = logits(converted(*args, **kwargs)), logits(model(*args, **kwargs))
+        assert _rel_err(actual, expected) <= PRESERVE_RTOL, (batch, size)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -75,7 +77,7 @@ def test_trains_loss_falls_and_mixers_move(name):
     opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
-        loss = _loss(converted(*example), example)
+        loss = _loss(converted(*example[0], **example[1]), example)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,16 +95,16 @@ def test_compiled_matches_eager_after_training(name):
     converted.train()
     opt = torch.optim.AdamW(converted.parameters(), lr=1e-2)
     for _ in range(3):  # move the mixers off their init
-        loss = _loss(converted(*example), example)
+        loss = _loss(converted(*example[0], **example[1]), example)
         opt.zero_grad()
         loss.backward()
         opt.step()
     compiled = torch.compile(converted, backend="hcpass")
     params = [p for p in converted.parameters() if p.requires_grad]
 
-    eager_out = converted(*example)
+    eager_out = converted(*example[0], **example[1])
     eager_grads = torch.autograd.grad(_loss(eager_out, example), params, allow_unused=True)
-    compiled_out = compiled(*example)
+    compiled_out = compiled(*example[0], **example[1])
     compiled_grads = torch.autograd.grad(_loss(compiled_out, example), params, allow_unused=True)
 
     torch.testing.assert_close(logits(compiled_out), logits(eager_out), atol=COMPILE_ATOL, rtol=0)

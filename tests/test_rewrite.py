@@ -163,7 +163,7 @@ return (mean_1, mean)""",
         import models
 
         model = models.TinyGPT(layers=3)
-        converted = hcpass.convert(model, models.token_inputs(), streams=4)
+        converted = hcpass.convert(model, models.token_inputs()[0], streams=4)
         counts = _ops(converted.graph_module)
         # 2 sites per block: one coeffs/pre/post_res each, no residual add left.
         self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (6, 6, 6))
@@ -174,7 +174,7 @@ return (mean_1, mean)""",
     def test_parallel_block_branches_each_get_their_own_read(self):
         import models
 
-        converted = hcpass.convert(models.ParallelBlocks(), models.token_inputs(), streams=4)
+        converted = hcpass.convert(models.ParallelBlocks(), models.token_inputs()[0], streams=4)
         counts = _ops(converted.graph_module)
         # layer 0 `x + attn(h) + mlp(h)`: two sites; layer 1 `mlp(h) + attn(h) + x`: one
         # site whose branch is the sum.
