@@ -1,19 +1,18 @@
 """hcpass: hyper-connections as a compiler pass.
 
-    report = hcpass.explain(model, example_inputs)
-    model2 = hcpass.convert(model, example_inputs, streams=4, manifold="sinkhorn")
-    compiled = torch.compile(model2, backend="hcpass")
+report = hcpass.explain(model, example_inputs)
+model2 = hcpass.convert(model, example_inputs, streams=4, manifold="sinkhorn")
+compiled = torch.compile(model2, backend="hcpass")
 """
 
+from hcpass import manifolds
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
 from hcpass.inspection import gain, mixers
-from hcpass import manifolds
 from hcpass.manifolds import Manifold, register_manifold
 from hcpass.mixer import Mixer
 from hcpass.module import ConvertedModule
 from hcpass.plan import Report, SiteReport
-
 
 __all__ = [
     "ConvertedModule",

@@ -68,9 +68,7 @@ def convert(
             f"hcpass found no residual sites in {type(model).__name__}; {WHAT_IS_A_SITE}."
             + (f"\nCandidate adds that were skipped:\n{detail}" if detail else "")
         )
-    mixers = {
-        site.key: Mixer(mixer_manifold, site.channels, site.position) for site in found.sites
-    }
+    mixers = {site.key: Mixer(mixer_manifold, site.channels, site.position) for site in found.sites}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     converted = ConvertedModule(model, found, mixers).to(device)
     converted.graph_modules.extend(converted.rewrite(g.gm)[0] for g in graphs)
@@ -89,7 +87,11 @@ def compile(
 ) -> Callable[..., Any]:
     """`convert`, then ``torch.compile(..., backend="hcpass")``."""
     converted = convert(
-        model, example_inputs, example_kwargs, streams=streams, manifold=manifold,
+        model,
+        example_inputs,
+        example_kwargs,
+        streams=streams,
+        manifold=manifold,
         **manifold_options,
     )
     return torch.compile(converted, backend="hcpass", **(compile_options or {}))

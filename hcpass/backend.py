@@ -57,7 +57,8 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) 
     lowering(_on_cuda(example_inputs))(rewritten.graph)
     rewritten.recompile()
     mixer_params = [
-        p for index, inputs in mixed.mixers
+        p
+        for index, inputs in mixed.mixers
         for p in owner.mixer_parameters(example_inputs[index], inputs)
     ]
     compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params])

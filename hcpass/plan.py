@@ -76,9 +76,7 @@ class Report:
         return "\n".join(lines)
 
 
-def analyse(
-    gm: fx.GraphModule, keep: SiteFilter | None = None
-) -> tuple[fx.Graph, SiteAnalysis]:
+def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Graph, SiteAnalysis]:
     """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits).
     Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
@@ -93,7 +91,9 @@ def site_name(model: nn.Module, anchor: str) -> str:
     owner = anchor.rpartition(".")[0]
     if owner and not any(True for _ in model.get_submodule(owner).children()):
         parent = owner.rpartition(".")[0]
-        container = parent and isinstance(model.get_submodule(parent), (nn.ModuleList, nn.ModuleDict))
+        container = parent and isinstance(
+            model.get_submodule(parent), (nn.ModuleList, nn.ModuleDict)
+        )
         if parent and not container:
             owner = parent
     return owner or "root"
@@ -193,5 +193,7 @@ def _split_chains(
             )
             left = True
         elif stream_left_before and chain.input.op == "placeholder":
-            split[chain] = "a graph break splits this chain: its stream enters from an earlier graph"
+            split[chain] = (
+                "a graph break splits this chain: its stream enters from an earlier graph"
+            )
     return split, left

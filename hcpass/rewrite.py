@@ -143,7 +143,11 @@ class _Rewriter:
         """coeffs + pre from the read state; the branch reads the result instead of r."""
         mixer = self._mixer(site)
         moved = site.channel_dim != _rank(site.read) - 1
-        x = cursor.call("call_method", "movedim", (stream, site.channel_dim + 1, -1)) if moved else stream
+        x = (
+            cursor.call("call_method", "movedim", (stream, site.channel_dim + 1, -1))
+            if moved
+            else stream
+        )
         params = mixer.placeholders if mixer.slot.dynamic else (None, None, *mixer.placeholders)
         coeffs = cursor.call(
             "call_function", torch.ops.hcpass.coeffs.default, (x, *params, mixer.slot.spec)
@@ -163,8 +167,11 @@ class _Rewriter:
                 args, kwargs = self.claimed[node]
                 with self.graph.inserting_before(node):
                     env[node] = self.graph.create_node(
-                        node.op, node.target, fx.map_arg(args, lambda a: env.get(a, a)),
-                        fx.map_arg(kwargs, lambda a: env.get(a, a)), name=node.name,
+                        node.op,
+                        node.target,
+                        fx.map_arg(args, lambda a: env.get(a, a)),
+                        fx.map_arg(kwargs, lambda a: env.get(a, a)),
+                        name=node.name,
                     )
                 env[node].meta = dict(node.meta)
             else:

@@ -24,24 +24,57 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from hcpass.patterns import AddMatch, is_stream_op, match_residual_add
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from hcpass.patterns import AddMatch, is_stream_op, match_residual_add
 
 # Ops whose output may alias their input: an in-place add on such a value would mutate
 # another tensor as well, so its site is skipped.
 _VIEW_METHODS = frozenset(
     {
-        "view", "reshape", "transpose", "permute", "t", "expand", "narrow", "select",
-        "unsqueeze", "squeeze", "flatten", "unflatten", "split", "chunk", "contiguous",
-        "detach", "to", "as_strided", "unbind", "view_as", "expand_as", "movedim", "__getitem__",
+        "view",
+        "reshape",
+        "transpose",
+        "permute",
+        "t",
+        "expand",
+        "narrow",
+        "select",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "unflatten",
+        "split",
+        "chunk",
+        "contiguous",
+        "detach",
+        "to",
+        "as_strided",
+        "unbind",
+        "view_as",
+        "expand_as",
+        "movedim",
+        "__getitem__",
     }
 )
 _VIEW_FUNCTIONS = frozenset(
     {
-        operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.narrow,
-        torch.select, torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk,
-        torch.unbind, torch.movedim, torch.t, torch.detach,
+        operator.getitem,
+        torch.reshape,
+        torch.transpose,
+        torch.permute,
+        torch.narrow,
+        torch.select,
+        torch.unsqueeze,
+        torch.squeeze,
+        torch.flatten,
+        torch.split,
+        torch.chunk,
+        torch.unbind,
+        torch.movedim,
+        torch.t,
+        torch.detach,
     }
 )
 _CONVOLUTIONS = frozenset(

@@ -3,8 +3,7 @@
 - `residual_add`: the residual-add spellings (``a + b``, ``x += f(x)``, ``torch.add(.., alpha=)``,
   ``Tensor.add``);
 - `stream_op`: per-position ops a residual stream may pass through between two sites
-  (post-norm, post-activation, dropout, casts), which the rewrite applies to every stream;
-- `inplace`: in-place ops whose later readers see the mutated value.
+  (post-norm, post-activation, dropout, casts), which the rewrite applies to every stream.
 
 Each pattern is a small class registered in its kind's registry; `hcpass.sites` consults the
 registries, so adding a spelling is one class in one file.

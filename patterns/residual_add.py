@@ -12,7 +12,7 @@ from torch import fx
 
 @dataclass(frozen=True)
 class AddMatch:
-    """``out = lhs + alpha * rhs``; ``inplace`` when ``lhs`` is mutated (``x += y``, ``x.add_(y)``)."""
+    """``out = lhs + alpha * rhs``; ``inplace`` when ``lhs`` is mutated (``x += y``)."""
 
     lhs: fx.Node
     rhs: fx.Node

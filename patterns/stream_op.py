@@ -35,9 +35,25 @@ class Normalization(StreamOpPattern):
 class Activation(StreamOpPattern):
     targets = frozenset(
         {
-            F.relu, torch.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.mish, F.hardswish,
-            F.relu6, F.selu, F.celu, F.softplus, torch.tanh, torch.sigmoid, F.tanh, F.sigmoid,
-            F.dropout, torch.dropout, F.alpha_dropout,
+            F.relu,
+            torch.relu,
+            F.gelu,
+            F.silu,
+            F.elu,
+            F.leaky_relu,
+            F.mish,
+            F.hardswish,
+            F.relu6,
+            F.selu,
+            F.celu,
+            F.softplus,
+            torch.tanh,
+            torch.sigmoid,
+            F.tanh,
+            F.sigmoid,
+            F.dropout,
+            torch.dropout,
+            F.alpha_dropout,
         }
     )
 
@@ -45,8 +61,18 @@ class Activation(StreamOpPattern):
 class ActivationMethod(StreamOpPattern):
     op = "call_method"
     targets = frozenset(
-        {"relu", "relu_", "tanh", "sigmoid", "float", "half", "bfloat16", "to", "contiguous",
-         "type_as"}
+        {
+            "relu",
+            "relu_",
+            "tanh",
+            "sigmoid",
+            "float",
+            "half",
+            "bfloat16",
+            "to",
+            "contiguous",
+            "type_as",
+        }
     )
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 # One Inductor/Triton cache for the whole session: cold compiles dominate the suite's time.
-_CACHE = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hcpass-inductor-"))
+_CACHE = os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hcpass-inductor-")
+)
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
 
 

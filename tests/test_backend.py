@@ -16,7 +16,11 @@ import hcpass
 from hcpass.backend import lowering
 from hcpass.ops import REFERENCE
 
-HCPASS_OPS = {torch.ops.hcpass.coeffs.default, torch.ops.hcpass.pre.default, torch.ops.hcpass.post_res.default}
+HCPASS_OPS = {
+    torch.ops.hcpass.coeffs.default,
+    torch.ops.hcpass.pre.default,
+    torch.ops.hcpass.post_res.default,
+}
 
 
 def test_registered_as_a_dynamo_backend_entry_point():

@@ -65,7 +65,12 @@ def _table(report: hcpass.Report) -> list[tuple[str, str]]:
 
 def test_every_spelling_of_the_residual_add_is_found():
     report = hcpass.explain(Spellings(), (torch.randn(2, 8),))
-    assert _table(report) == [("a", "rewritten"), ("b", "rewritten"), ("c", "rewritten"), ("d", "rewritten")]
+    assert _table(report) == [
+        ("a", "rewritten"),
+        ("b", "rewritten"),
+        ("c", "rewritten"),
+        ("d", "rewritten"),
+    ]
 
 
 def test_the_table_has_name_status_and_reason_columns():
@@ -78,7 +83,10 @@ def test_the_table_has_name_status_and_reason_columns():
 def test_hf_skips_are_explained():
     report = hcpass.explain(models.llama(), models.token_inputs()[0])
     assert [s.name for s in report.rewritten] == [
-        "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp",
+        "model.layers.0.self_attn",
+        "model.layers.0.mlp",
+        "model.layers.1.self_attn",
+        "model.layers.1.mlp",
     ]
     rotary = [s for s in report.skipped if "embed" in s.node]
     assert rotary and all(s.reason for s in rotary)
@@ -87,7 +95,9 @@ def test_hf_skips_are_explained():
 def test_projection_shortcut_ends_the_chain():
     report = hcpass.explain(models.ResNet(), models.image_inputs()[0])
     assert _table(report) == [
-        ("layer1.0", "rewritten"), ("layer1.1", "rewritten"), ("layer2.0:out_8", "skipped"),
+        ("layer1.0", "rewritten"),
+        ("layer1.1", "rewritten"),
+        ("layer2.0:out_8", "skipped"),
         ("layer2.1", "rewritten"),
     ]
     assert "projection shortcut" in report.skipped[0].reason
@@ -208,6 +218,8 @@ def test_plain_model_under_hcpass_backend_logs_and_matches_inductor(caplog):
     with caplog.at_level(logging.INFO, logger="hcpass"):
         out = torch.compile(model, backend="hcpass")(*x)
     lines = [r.getMessage() for r in caplog.records if "residual site" in r.getMessage()]
-    assert len(lines) == 1 and "found 4 residual site(s)" in lines[0] and "hcpass.convert" in lines[0]
+    assert (
+        len(lines) == 1 and "found 4 residual site(s)" in lines[0] and "hcpass.convert" in lines[0]
+    )
     torch.testing.assert_close(out, model(*x), rtol=1e-5, atol=1e-5)
     assert not any("mixers" in n for n, _ in model.named_parameters())

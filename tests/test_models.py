@@ -30,7 +30,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _loss(output, example) -> torch.Tensor:
     out = logits(output)
-    target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=torch.Generator().manual_seed(1))
+    target = torch.randint(
+        0, out.shape[-1], out.shape[:-1], generator=torch.Generator().manual_seed(1)
+    )
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
 
 

@@ -91,7 +91,12 @@ def _(x, y, h_post, h_res):
 
 @post_res_backward.register_fake
 def _(grad_out, x, y, h_post, h_res):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post), torch.empty_like(h_res)
+    return (
+        torch.empty_like(x),
+        torch.empty_like(y),
+        torch.empty_like(h_post),
+        torch.empty_like(h_res),
+    )
 
 
 # ---------------------------------------------------------------------------- autograd

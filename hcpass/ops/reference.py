@@ -91,6 +91,4 @@ def coeffs_backward(
     # the Autograd dispatch key, where the autograd engine is switched off.
     _, vjp = torch.func.vjp(forward, *present)
     grads = iter(vjp((grad_pre, grad_post, grad_res)))
-    return tuple(
-        next(grads) if t is not None else x.new_empty(0) for t in (x, phi, alpha, bias)
-    )
+    return tuple(next(grads) if t is not None else x.new_empty(0) for t in (x, phi, alpha, bias))
