@@ -115,3 +115,33 @@ def test_compiled_matches_eager_after_training(name):
             assert c is None
             continue
         torch.testing.assert_close(c, e, atol=COMPILE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("manifold", sorted(hcpass.manifolds.manifold_names()))
+@pytest.mark.parametrize("name", ["tiny_gpt", "resnet"])
+def test_every_manifold_preserves_function_at_init(name, manifold):
+    model, example, converted, _, _ = _build(name, manifold=manifold)
+    model.eval()
+    converted.eval()
+    expected = logits(model(*example[0], **example[1]))
+    actual = logits(converted(*example[0], **example[1]))
+    assert _rel_err(actual, expected) <= PRESERVE_RTOL
+
+
+@pytest.mark.parametrize("manifold", sorted(hcpass.manifolds.manifold_names()))
+def test_every_manifold_trains(manifold):
+    _, example, converted, _, _ = _build("tiny_gpt", manifold=manifold)
+    opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        loss = _loss(converted(*example[0], **example[1]), example)
+        opt.zero_grad()
+        loss.backward()
+        assert all(
+            torch.isfinite(p.grad).all()
+            for p in converted.mixers.parameters()
+            if p.grad is not None
+        )
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
