@@ -65,12 +65,24 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> li
 
 
 @contextlib.contextmanager
+def visible_residuals():
+    """Keep residual adds in the graph: under no_grad in eval mode nn.TransformerEncoderLayer
+    and nn.MultiheadAttention take a fused fast path (one op with the residuals inside)."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@contextlib.contextmanager
 def side_effect_free(model: nn.Module):
-    """Run `model` for inspection: no grad, and its buffers (BatchNorm statistics) and the
-    RNG state are as before afterwards."""
+    """Run `model` for inspection: its buffers (BatchNorm statistics) and the RNG state are
+    as before afterwards. Grad stays enabled: models may take other paths without it."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        with torch.random.fork_rng(), torch.no_grad():
+        with torch.random.fork_rng(), visible_residuals():
             yield
     finally:
         with torch.no_grad():

@@ -23,7 +23,13 @@ import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hcpass.capture import annotate_parameters, fresh_function, fresh_trampoline, parameter_names
+from hcpass.capture import (
+    annotate_parameters,
+    fresh_function,
+    fresh_trampoline,
+    parameter_names,
+    visible_residuals,
+)
 from hcpass.mixer import Mixer
 from hcpass.plan import Plan, Report, analyse
 from hcpass.rewrite import MixerInputs, MixerSlot, rewrite_chains
@@ -137,13 +143,14 @@ class ConvertedModule(nn.Module):
         run = _Run(self, observer=observer)
         token = _RUN.set(run)
         try:
-            if self._probe(self.mixers_anchor):
-                # An outer torch.compile is tracing: let it trace the original forward; the
-                # hcpass backend finds this module through the context variable.
-                out = self._entry(self._model, args, kwargs)
-            else:
-                with torch._dynamo.config.patch(recompile_limit=64):
-                    out = self._eager(self._model, args, kwargs)
+            with visible_residuals():
+                if self._probe(self.mixers_anchor):
+                    # An outer torch.compile is tracing: let it trace the original forward;
+                    # the hcpass backend finds this module through the context variable.
+                    out = self._entry(self._model, args, kwargs)
+                else:
+                    with torch._dynamo.config.patch(recompile_limit=64):
+                        out = self._eager(self._model, args, kwargs)
         finally:
             _RUN.reset(token)
         self._check_ran(run)

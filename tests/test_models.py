@@ -145,3 +145,18 @@ def test_every_manifold_trains(manifold):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_in_eval_under_no_grad(norm_first):
+    # In eval under no_grad, nn.TransformerEncoderLayer takes a fused fast path with the
+    # residuals inside one op; hcpass keeps them visible.
+    layer = torch.nn.TransformerEncoderLayer(
+        32, 2, 64, dropout=0.0, batch_first=True, norm_first=norm_first
+    )
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 6, 32)
+    converted = hcpass.convert(model, (x,))
+    assert len(converted.report.rewritten) == 4
+    with torch.no_grad():
+        assert _rel_err(converted(x), model(x)) <= PRESERVE_RTOL
