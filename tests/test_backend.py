@@ -64,3 +64,23 @@ def test_pass_manager_uuid_is_stable_and_depends_on_the_passes():
     from hcpass.passes import PassManager
 
     assert PassManager([]).uuid() != lowering(cuda=False).uuid()
+
+
+def test_cuda_lowering_keeps_the_ops_and_registers_the_generated_kernels():
+    converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
+    graph = converted.graph_module.graph
+    lowering(cuda=True)(graph)
+    assert HCPASS_OPS <= {n.target for n in graph.nodes}  # Inductor calls them as extern kernels
+    for name in (
+        "coeffs",
+        "coeffs_backward",
+        "pre",
+        "pre_backward",
+        "post_res",
+        "post_res_backward",
+    ):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hcpass::{name}", "CUDA"), name
+    # CPU tensors still run the reference
+    x = torch.randn(2, 3, 8)
+    h = torch.full((3, 2), 0.5)
+    torch.testing.assert_close(torch.ops.hcpass.pre(x, h), x.mean(0))

@@ -1,11 +1,11 @@
 """The generated Triton kernels (hcpass.codegen) against the reference ops.
 
 Without a GPU the kernels run in Triton's interpreter, in a worker process: triton 3.x
-decides between compiled and interpreted functions when ``@triton.jit`` runs, including
-for its own library (tl.sum, tl.sigmoid, ...) at ``import triton``, so TRITON_INTERPRET=1
-must be set before triton is imported -- which other test modules (anything touching
-Inductor) may already have done in this process. The worker is spawned with the variable
-set; the tests send it cases and get its assertion errors back. The interpreter has no
+decides between compiled and interpreted functions when ``@triton.jit`` runs, for its own
+library (tl.sum, tl.sigmoid, ...) at ``import triton``, so TRITON_INTERPRET=1 must be set
+before triton is imported, and other test modules (anything touching Inductor) may have
+imported it in this process already. The worker is spawned with the variable set; the
+tests send it cases and get its assertion errors back. The interpreter has no
 bf16 arithmetic: 16-bit streams are covered by `test_kernels_compile_for_sm90` (every
 kernel, as its launcher calls it, compiled to an H100 binary without a GPU) and by the
 GPU tests at the end.
@@ -86,7 +86,12 @@ def run_stream_case(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.
 
 
 def run_coeffs_case(
-    name: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict,
+    name: str,
+    n: int,
+    pos: tuple[int, ...],
+    C: int,
+    dtype: torch.dtype,
+    options: dict,
     backward: bool,
 ) -> None:
     args = coeffs_inputs(name, n, pos, C, dtype, options)
@@ -172,8 +177,8 @@ def test_splice_replaces_the_placeholder_epilogue():
         generate.splice("def f(): pass\n", epilogue)
 
 
-def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.mark.skipif(generate.interpreted(), reason="triton imported interpreted")
+def test_cpu_tensors_need_the_interpreter():
     x = torch.randn(2, 3, 8)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.pre(x, torch.rand(3, 2))
@@ -189,8 +194,12 @@ def test_register_cuda_kernels_is_idempotent():
     torch.testing.assert_close(torch.ops.hcpass.pre(x, h), reference.pre(x, h))
 
 
-TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
-                torch.float16: "fp16"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
 
 
 class _Recorder:
@@ -211,8 +220,8 @@ def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
     """Every kernel launch of the six launchers on bf16 streams (sinkhorn fused and
     unfused, dynamic and static), recorded instead of run."""
     monkeypatch.setattr(_Recorder, "launches", [])
-    monkeypatch.setattr(generate, "kernel", lambda name, epilogue, _: _Recorder(name, epilogue))
-    monkeypatch.setattr(kernels, "_interpret", lambda *tensors: False)
+    monkeypatch.setattr(generate, "kernel", _Recorder)
+    monkeypatch.setattr(kernels, "_check_device", lambda *tensors: None)
     n, pos, C = 4, (16,), 256
     for options in ({}, {"dynamic": False}, {"sinkhorn_backward": "implicit"}):
         x, phi, alpha, bias, spec = coeffs_inputs("sinkhorn", n, pos, C, torch.float32, options)
@@ -226,7 +235,7 @@ def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
     return _Recorder.launches
 
 
-@pytest.mark.skipif(bool(triton.knobs.runtime.interpret), reason="triton imported interpreted")
+@pytest.mark.skipif(generate.interpreted(), reason="triton imported interpreted")
 def test_kernels_compile_for_sm90(monkeypatch):
     """Each kernel, with the arguments its launcher passes for bf16 streams and the first
     autotune config, compiles to an sm_90 (H100) binary -- no GPU needed."""
@@ -238,8 +247,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
     assert {name for name, *_ in launches} == set(generate.TEMPLATES)
     seen = set()
     for name, epilogue, args, kwargs in launches:
-        fn = getattr(generate.load_module(generate.TEMPLATES[name], epilogue, False), name)
-        config = generate.configs(name, interpret=False)[0]
+        fn = getattr(generate.load_module(generate.TEMPLATES[name], epilogue), name)
+        config = generate.configs(name)[0]
         values = {**dict(zip(fn.arg_names, args, strict=False)), **kwargs, **config.kwargs}
         signature, constants = {}, {}
         for arg in fn.arg_names:

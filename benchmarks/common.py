@@ -1,0 +1,85 @@
+"""What the benchmark scripts share: the CUDA check, timing, the results file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def require_cuda(script: str) -> None:
+    """Exit with a clear message when there is no GPU to measure."""
+    if not torch.cuda.is_available():
+        sys.exit(
+            f"{script} measures GPU kernels and needs a CUDA device; none is available "
+            "(torch.cuda.is_available() is False)."
+        )
+
+
+def median_ms(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time of `fn` in ms (triton.testing.do_bench: warmup, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "git_revision": git_revision(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def write_results(section: str, payload: dict[str, Any]) -> Path:
+    """Store `payload` under `section` of benchmarks/results/<device>-<date>.json (both
+    scripts write the same file, each its own section)."""
+    env = environment()
+    device = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    path = RESULTS_DIR / f"{device}-{env['date']}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[section] = {**env, **payload}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for line in (header, ["-" * w for w in widths], *rows):
+        print("  ".join(str(cell).rjust(w) for cell, w in zip(line, widths, strict=True)))

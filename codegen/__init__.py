@@ -1,0 +1,48 @@
+"""Generated Triton kernels for the ``hcpass::`` mixer ops (installed as ``hcpass.codegen``).
+
+- `coeffs_template.py`, `streams_template.py`: the kernels, as templates (see their docs);
+- `generate.py`: builds a kernel module per (template, manifold epilogue), caches and
+  autotunes the kernels;
+- `kernels.py`: launchers with exactly the signatures of `hcpass.ops.reference`.
+
+`register_cuda_kernels()` makes the launchers the CUDA implementation of the six ops, so
+eager CUDA calls and Inductor's output code (which calls the ops as extern kernels) run
+the generated kernels. docs/kernels.md has the fusion plan and how to test and benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import kernels
+from .kernels import (
+    coeffs,
+    coeffs_backward,
+    post_res,
+    post_res_backward,
+    pre,
+    pre_backward,
+)
+
+
+@functools.cache
+def register_cuda_kernels() -> None:
+    """Register the generated kernels as the ``cuda`` kernels of the ``hcpass::`` ops.
+    Idempotent (cached); CPU calls keep the reference implementation."""
+    import hcpass.ops.library  # noqa: F401  (defines the ops)
+
+    for name, launcher in kernels.LAUNCHERS.items():
+        torch.library.register_kernel(f"hcpass::{name}", "cuda", launcher)
+
+
+__all__ = [
+    "coeffs",
+    "coeffs_backward",
+    "post_res",
+    "post_res_backward",
+    "pre",
+    "pre_backward",
+    "register_cuda_kernels",
+]
