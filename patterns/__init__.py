@@ -5,8 +5,8 @@
 - `stream_op`: per-position ops a residual stream may pass through between two sites
   (post-norm, post-activation, dropout, casts), which the rewrite applies to every stream.
 
-Each pattern is a small class registered in its kind's registry; `hcpass.sites` consults the
-registries, so adding a spelling is one class in one file.
+Each pattern is a small class listed in its module's ``PATTERNS``; `hcpass.sites` consults
+those lists, so adding a spelling is one class in one file.
 """
 
 from hcpass.patterns.residual_add import AddMatch, match_residual_add

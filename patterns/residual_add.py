@@ -56,16 +56,8 @@ class TensorAddMethod(AddPattern):
     inplace_targets = ("add_", "__iadd__")
 
 
-PATTERNS: list[AddPattern] = []
-
-
-def register(pattern: AddPattern) -> AddPattern:
-    PATTERNS.append(pattern)
-    return pattern
-
-
-for _pattern in (OperatorAdd(), TorchAdd(), TensorAddMethod()):
-    register(_pattern)
+# Add a spelling: append an instance (the order is the matching order).
+PATTERNS: list[AddPattern] = [OperatorAdd(), TorchAdd(), TensorAddMethod()]
 
 
 def match_residual_add(node: fx.Node) -> AddMatch | None:

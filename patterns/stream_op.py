@@ -76,16 +76,8 @@ class ActivationMethod(StreamOpPattern):
     )
 
 
-PATTERNS: list[StreamOpPattern] = []
-
-
-def register(pattern: StreamOpPattern) -> StreamOpPattern:
-    PATTERNS.append(pattern)
-    return pattern
-
-
-for _pattern in (Normalization(), Activation(), ActivationMethod()):
-    register(_pattern)
+# Add a kind of per-position op: append an instance.
+PATTERNS: list[StreamOpPattern] = [Normalization(), Activation(), ActivationMethod()]
 
 
 def is_stream_op(node: fx.Node) -> bool:
