@@ -5,6 +5,7 @@ model2 = hcpass.convert(model, example_inputs, streams=4, manifold="sinkhorn")
 compiled = torch.compile(model2, backend="hcpass")
 """
 
+from hcpass import logs as _logs
 from hcpass import manifolds
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
@@ -13,6 +14,8 @@ from hcpass.manifolds import Manifold, register_manifold
 from hcpass.mixer import Mixer
 from hcpass.module import ConvertedModule
 from hcpass.plan import Report, SiteReport
+
+_logs.register()
 
 __all__ = [
     "ConvertedModule",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from hcpass import logs
 from hcpass.capture import annotate_parameters
 from hcpass.module import current_owner
 from hcpass.passes import PassManager
@@ -54,6 +55,7 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) 
         _log_plain_model(gm)
         return _compile_fx(gm, example_inputs)
     rewritten, mixed = owner.rewrite(gm)
+    logs.rewritten_graph(rewritten, mixed, "hcpass backend")
     lowering(_on_cuda(example_inputs))(rewritten.graph)
     rewritten.recompile()
     mixer_params = [

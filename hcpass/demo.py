@@ -11,15 +11,17 @@ the plain model, and writes ``results.json`` and pictures to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,12 +130,13 @@ def stdlib_files() -> list[Path]:
     root = Path(paths["stdlib"])
     installed = {Path(paths[k]) for k in ("purelib", "platlib")}
     files = []
-    for f in sorted(root.rglob("*.py")):
-        if not any(f.is_relative_to(p) for p in installed):
-            files.append(f)
+    for folder, subfolders, names in os.walk(root):
+        # site-packages usually lies inside the stdlib folder: don't descend into it.
+        subfolders[:] = [d for d in subfolders if Path(folder, d) not in installed]
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
     if not files:
         raise RuntimeError(f"no .py files found under {root}")
-    return files
+    return sorted(files)
 
 
 def load_corpus(max_bytes: int, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
@@ -175,14 +178,16 @@ def batch_at(data: Tensor, starts: Tensor, context: int) -> tuple[Tensor, Tensor
 # ------------------------------------------------------------------------------ train
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 250
+    steps: int = 300
     batch: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.1
     eval_batches: int = 16
     streams: int = 4
+    init: str | None = None  # None: hcpass.convert's default
     seed: int = 0
     device: str = "cpu"
+    threads: int = 1
     compile: bool = False
     corpus_bytes: int = 2_000_000
 
@@ -224,10 +229,10 @@ class Progress:
     """One status line per variant, redrawn with ``\\r`` on a terminal; on a pipe or log
     file (no ``\\r`` redraw) a line every tenth of the run instead."""
 
-    def __init__(self, name: str, total: int, stream: Any = None) -> None:
+    def __init__(self, name: str, total: int) -> None:
         self.name = name
         self.total = total
-        self.stream = stream or sys.stderr
+        self.stream = sys.stderr  # stdout is for the results table
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = max(1, total // 10)
 
@@ -267,7 +272,9 @@ def train(
     times: list[float] = []
     model.train()
     for step in range(cfg.steps):
-        starts = torch.randint(0, len(train_data) - gpt.context - 1, (cfg.batch,), generator=generator)
+        starts = torch.randint(
+            0, len(train_data) - gpt.context - 1, (cfg.batch,), generator=generator
+        )
         x, y = (t.to(cfg.device) for t in batch_at(train_data, starts, gpt.context))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -284,7 +291,9 @@ def train(
     return curve, times
 
 
-def validation_batches(val: Tensor, gpt: GPTConfig, cfg: TrainConfig) -> list[tuple[Tensor, Tensor]]:
+def validation_batches(
+    val: Tensor, gpt: GPTConfig, cfg: TrainConfig
+) -> list[tuple[Tensor, Tensor]]:
     """Fixed, evenly spaced held-out batches (the same for every variant)."""
     count = cfg.eval_batches * cfg.batch
     starts = torch.linspace(0, len(val) - gpt.context - 2, count).long()
@@ -321,7 +330,8 @@ def run_variant(
     model: nn.Module = copy.deepcopy(base)
     example = held_out[0][0]
     if manifold is not None:
-        model = hcpass.convert(model, (example,), streams=cfg.streams, manifold=manifold)
+        options = {} if cfg.init is None else {"init": cfg.init}
+        model = hcpass.convert(model, (example,), streams=cfg.streams, manifold=manifold, **options)
     # A fresh Dynamo cache per variant: cached graphs of the previous variant (same GPT
     # class) must not be reused for this one.
     torch._dynamo.reset()
@@ -346,16 +356,46 @@ def run_variant(
     return result, model
 
 
+def compare(
+    gpt: GPTConfig, cfg: TrainConfig, manifolds: Sequence[str], data: tuple[Tensor, Tensor]
+) -> tuple[list[Result], dict[str, nn.Module], Tensor]:
+    """Train the plain model and one converted copy per manifold from the same initial
+    weights. Returns the results (plain first), the converted models and the held-out
+    batch their mixers are inspected on."""
+    held_out = validation_batches(data[1], gpt, cfg)
+    torch.manual_seed(cfg.seed)
+    base = GPT(gpt).to(cfg.device)
+    results: list[Result] = []
+    models: dict[str, nn.Module] = {}
+    for manifold in [None, *manifolds]:
+        name = manifold or BASELINE
+        result, model = run_variant(name, manifold, base, data, held_out, cfg)
+        if manifold is not None:
+            result.gain = hcpass.gain(model, (held_out[0][0],))
+            models[name] = model
+        results.append(result)
+    return results, models, held_out[0][0]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)  # run() may be called in a longer-lived process
+
+
 # ---------------------------------------------------------------------------- report
-def registered_manifolds() -> dict[str, str]:
-    """Every registered manifold name and alias -> its canonical name (from the labels of
-    `hcpass.manifolds()`, ``"kronecker (kromhc)"``)."""
-    names: dict[str, str] = {}
+def registered_manifolds() -> set[str]:
+    """Every registered manifold name and alias, from the labels of `hcpass.manifolds()`
+    (``"kronecker (kromhc)"``)."""
+    names: set[str] = set()
     for label in hcpass.manifolds():
         name, _, aliases = label.partition(" (")
-        names[name] = name
-        for alias in aliases.rstrip(")").split(", ") if aliases else ():
-            names[alias] = name
+        names.add(name)
+        names.update(aliases.rstrip(")").split(", ") if aliases else ())
     return names
 
 
@@ -370,7 +410,11 @@ def choose_manifolds(requested: str | None) -> tuple[list[str], list[str]]:
             raise ValueError(f"unknown manifold(s) {', '.join(unknown)}; registered: {valid}")
         return list(dict.fromkeys(names)), []
     chosen = [m for m in DEFAULT_MANIFOLDS if m in registered]
-    notes = [f"manifold {m!r} is not registered in this hcpass; skipped" for m in DEFAULT_MANIFOLDS if m not in registered]
+    notes = [
+        f"manifold {m!r} is not registered in this hcpass; skipped"
+        for m in DEFAULT_MANIFOLDS
+        if m not in registered
+    ]
     exact = next((m for m in EXACT if m in registered), None)
     if exact is None:
         notes.append(f"none of the exact manifolds {', '.join(EXACT)} is registered; skipped")
@@ -386,13 +430,22 @@ def table(results: Sequence[Result]) -> str:
     for r in results:
         delta = "-" if r is base else f"{r.val_loss - base.val_loss:+.4f}"
         rows.append(
-            (r.name, f"{r.train_loss:.4f}", f"{r.val_loss:.4f}", delta, f"{r.ms_per_step:.1f}", f"{r.params:,}")
+            (
+                r.name,
+                f"{r.train_loss:.4f}",
+                f"{r.val_loss:.4f}",
+                delta,
+                f"{r.ms_per_step:.1f}",
+                f"{r.params:,}",
+            )
         )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
         first = f"{cells[0]:<{widths[0]}}"
-        return "  ".join([first, *(f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:]))])
+        return "  ".join(
+            [first, *(f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:], strict=True))]
+        )
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
@@ -402,15 +455,16 @@ def verdicts(results: Sequence[Result]) -> list[str]:
     base = results[0]
     lines = []
     for r in results[1:]:
-        delta = r.val_loss - base.val_loss
-        slower = r.ms_per_step / base.ms_per_step if base.ms_per_step > 0 else float("nan")
+        delta = round(r.val_loss - base.val_loss, 4)  # as printed in the table
+        losses = f"{r.val_loss:.4f} vs {base.val_loss:.4f}"
         if delta > 0:
-            verdict = f"WORSE than {BASELINE} on held-out loss ({r.val_loss:.4f} vs {base.val_loss:.4f}, {delta:+.4f})"
+            verdict = f"WORSE than {BASELINE} on held-out loss ({losses}, {delta:+.4f})"
         elif delta < 0:
-            verdict = f"better than {BASELINE} on held-out loss ({r.val_loss:.4f} vs {base.val_loss:.4f}, {delta:+.4f})"
+            verdict = f"better than {BASELINE} on held-out loss ({losses}, {delta:+.4f})"
         else:
-            verdict = f"equal to {BASELINE} on held-out loss ({r.val_loss:.4f})"
-        lines.append(f"{r.name}: {verdict}; {slower:.1f}x the step time.")
+            verdict = f"the same held-out loss as {BASELINE} to 4 decimals ({losses})"
+        speed = r.ms_per_step / base.ms_per_step
+        lines.append(f"{r.name}: {verdict}; {speed:.1f}x the step time of {BASELINE}.")
     return lines
 
 
@@ -420,7 +474,7 @@ def pictures(
     models: dict[str, nn.Module],
     example: Tensor,
 ) -> list[Path]:
-    """losses.png, mixers_<variant>.png and gain.png; [] (with a note) without matplotlib."""
+    """Write losses.png, mixers_<variant>.png and gain.png to `out`."""
     written = [plot.losses({r.name: r.curve for r in results}, out / "losses.png")]
     for name, model in models.items():
         title = f"{name}: H_res per site (mean over positions, held-out batch)"
@@ -442,79 +496,156 @@ def have_matplotlib() -> bool:
 # ------------------------------------------------------------------------------ main
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults, model = TrainConfig(), GPTConfig()
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per variant (default: %(default)s)")
-    parser.add_argument("--manifolds", help="comma-separated manifolds to compare with the plain model (default: sinkhorn,hc and kronecker or permutation)")
-    parser.add_argument("--streams", type=int, default=defaults.streams, help="hyper-connection streams n (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the initial weights and the batch order (default: %(default)s)")
-    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true", help="train under torch.compile (backend='hcpass' for converted variants)")
-    parser.add_argument("--out", type=Path, default=Path("hcpass-demo"), help="directory for results.json and pictures (default: ./%(default)s)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.steps,
+        help="training steps per variant (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--manifolds",
+        help="comma-separated manifolds to compare with the plain model "
+        "(default: sinkhorn, hc and the first registered of kronecker, permutation)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=defaults.streams,
+        help="hyper-connection streams n (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("identity", "paper"),
+        help="mixer init (default: hcpass.convert's, identity). identity: every variant "
+        "starts out computing exactly what the plain model does; paper: the papers' init "
+        "for training from scratch",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the initial weights and the batch order (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default=defaults.device, help="cpu or cuda (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="CPU threads for torch (default: %(default)s: the demo's matrices are too small "
+        "for intra-op parallelism to pay, and on a busy machine idle-spinning threads make "
+        "steps several times slower)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train under torch.compile (backend='hcpass' for converted variants)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("hcpass-demo"),
+        help="directory for results.json and pictures (default: ./%(default)s)",
+    )
     size = parser.add_argument_group("model and batch size")
-    size.add_argument("--layers", type=int, default=model.layers, help="transformer blocks (default: %(default)s)")
-    size.add_argument("--width", type=int, default=model.width, help="model width (default: %(default)s)")
-    size.add_argument("--heads", type=int, default=model.heads, help="attention heads (default: %(default)s)")
-    size.add_argument("--context", type=int, default=model.context, help="sequence length in bytes (default: %(default)s)")
-    size.add_argument("--batch", type=int, default=defaults.batch, help="sequences per step (default: %(default)s)")
-    size.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    size.add_argument(
+        "--layers", type=int, default=model.layers, help="transformer blocks (default: %(default)s)"
+    )
+    size.add_argument(
+        "--width", type=int, default=model.width, help="model width (default: %(default)s)"
+    )
+    size.add_argument(
+        "--heads", type=int, default=model.heads, help="attention heads (default: %(default)s)"
+    )
+    size.add_argument(
+        "--context",
+        type=int,
+        default=model.context,
+        help="sequence length in bytes (default: %(default)s)",
+    )
+    size.add_argument(
+        "--batch",
+        type=int,
+        default=defaults.batch,
+        help="sequences per step (default: %(default)s)",
+    )
+    size.add_argument(
+        "--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)"
+    )
+
+
+def configs(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
+    for flag in ("steps", "threads", "layers", "width", "heads", "context", "batch", "streams"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch finds no CUDA device")
+    gpt = GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        streams=args.streams,
+        init=args.init,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        compile=args.compile,
+    )
+    return gpt, cfg
+
+
+def describe(gpt: GPTConfig, cfg: TrainConfig, data: tuple[Tensor, Tensor]) -> str:
+    return (
+        f"byte-level GPT: {gpt.layers} blocks, width {gpt.width}, context {gpt.context}; "
+        f"stdlib source: {len(data[0]) / 1e6:.1f} MB to train on, "
+        f"{len(data[1]) / 1e6:.1f} MB of other files held out; "
+        f"{cfg.steps} steps of {cfg.batch} sequences; "
+        f"streams={cfg.streams}, init={cfg.init or 'default'}; "
+        f"{'torch.compile' if cfg.compile else 'eager'} on {cfg.device}"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The demo; returns what it writes to results.json."""
     begin = time.perf_counter()
-    if args.steps < 1:
-        raise ValueError("--steps must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch finds no CUDA device")
+    gpt, cfg = configs(args)
     manifolds, notes = choose_manifolds(args.manifolds)
-    gpt = GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)
-    cfg = TrainConfig(
-        steps=args.steps, batch=args.batch, lr=args.lr, streams=args.streams, seed=args.seed,
-        device=args.device, compile=args.compile,
-    )
-    out: Path = args.out
     plots = have_matplotlib()
     if not plots:
         notes.append(f"pictures skipped: {plot.INSTALL_HINT}")
     for note in notes:
         print(f"note: {note}")
 
-    data = load_corpus(cfg.corpus_bytes)
-    held_out = validation_batches(data[1], gpt, cfg)
-    torch.manual_seed(cfg.seed)
-    base = GPT(gpt).to(cfg.device)
-    print(
-        f"byte-level GPT: {gpt.layers} blocks, width {gpt.width}, context {gpt.context}; "
-        f"{len(data[0]) / 1e6:.1f} MB of stdlib source ({len(data[1]) / 1e6:.1f} MB held out); "
-        f"{cfg.steps} steps of {cfg.batch} sequences; streams={cfg.streams}; "
-        f"{'torch.compile' if cfg.compile else 'eager'} on {cfg.device}"
-    )
+    out: Path = args.out
+    # Everything that runs the models, pictures included: Dynamo guards on the thread
+    # count, so changing it in between would also cost a recompile.
+    with torch_threads(cfg.threads):
+        data = load_corpus(cfg.corpus_bytes)
+        print(describe(gpt, cfg, data))
+        results, models, example = compare(gpt, cfg, manifolds, data)
+        print()
+        print(table(results))
+        print()
+        for line in verdicts(results):
+            print(line)
+        print(
+            f"(one seed, {cfg.steps} steps: rerun with other --seed values before reading much "
+            "into small differences)"
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        written = pictures(out, results, models, example) if plots else []
 
-    results: list[Result] = []
-    models: dict[str, nn.Module] = {}
-    for manifold in [None, *manifolds]:
-        name = manifold or BASELINE
-        result, model = run_variant(name, manifold, base, data, held_out, cfg)
-        if manifold is not None:
-            result.gain = hcpass.gain(model, (held_out[0][0],))
-            models[name] = model
-        results.append(result)
-
-    print()
-    print(table(results))
-    print()
-    for line in verdicts(results):
-        print(line)
-    print(f"(one seed, {cfg.steps} steps: rerun with other --seed values before reading much into small differences)")
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = pictures(out, results, models, held_out[0][0]) if plots else []
     summary = {
         "model": asdict(gpt),
         "train": asdict(cfg),
         "train_loss_is": f"mean of the last {TRAIN_LOSS_WINDOW} steps' batch losses",
         "baseline": BASELINE,
         "variants": [asdict(r) for r in results],
-        "worse_than_baseline": [r.name for r in results[1:] if r.val_loss > results[0].val_loss],
+        "worse_than_baseline": [
+            r.name for r in results[1:] if round(r.val_loss - results[0].val_loss, 4) > 0
+        ],
         "notes": notes,
         "seconds": time.perf_counter() - begin,
     }

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hcpass import logs
 from hcpass.capture import (
     annotate_parameters,
     fresh_function,
@@ -237,7 +238,9 @@ def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callabl
     owner = current_owner()
     if owner is None:
         raise RuntimeError("hcpass: the runtime backend ran outside a converted forward")
-    return owner.rewrite(gm)[1]
+    rewritten, mixed = owner.rewrite(gm)
+    logs.rewritten_graph(rewritten, mixed, "hcpass eager runtime")
+    return mixed
 
 
 def _tracing(anchor: torch.Tensor) -> bool:

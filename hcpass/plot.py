@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hcpass import inspection
+
 INSTALL_HINT = "hcpass.plot needs matplotlib: pip install 'hcpass[plot]'"
 
 # Above this ratio between the largest and smallest value a linear axis hides the small
@@ -23,35 +25,21 @@ INSTALL_HINT = "hcpass.plot needs matplotlib: pip install 'hcpass[plot]'"
 LOG_SCALE_RATIO = 20.0
 
 
-def _pyplot() -> Any:
+def _figure(**kwargs: Any) -> Any:
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
-    # Headless-safe: pictures are written to files, never shown in a window.
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    # A bare Figure rather than pyplot: no global backend or figure registry is touched (a
+    # notebook's inline backend keeps working) and there is nothing to close afterwards.
+    return Figure(**kwargs)
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)  # pyplot keeps every open figure alive otherwise
     return path
-
-
-def _inspect(name: str) -> Any:
-    # hcpass.mixers / hcpass.gain are looked up at call time: hcpass imports this module's
-    # siblings first, and tests may stand in their own implementation.
-    import hcpass
-
-    fn = getattr(hcpass, name, None)
-    if fn is None:
-        raise RuntimeError(f"this hcpass version has no hcpass.{name}()")
-    return fn
 
 
 # --------------------------------------------------------------------------- mixers
@@ -68,40 +56,45 @@ def mixers(
     Row i, column j is how much of stream j flows into stream i (``X'[i] = sum_j
     H_res[i, j] X[j] + ...``); the colour scale is shared and centred on 0, so negative
     entries (hc, spectral, stiefel, grassmann) read as blue and >1 entries stand out."""
-    coefficients = _inspect("mixers")(model, example_inputs, example_kwargs)
+    coefficients = inspection.mixers(model, example_inputs, example_kwargs)
     if not coefficients:
-        raise ValueError("the model has no mixers to plot (was it converted by hcpass?)")
+        raise ValueError("no mixer ran in the forward on example_inputs: nothing to plot")
     h_res = {name: _mean_over_positions(c["h_res"], 2) for name, c in coefficients.items()}
     return heatmaps(h_res, path, title=title)
 
 
-def heatmaps(matrices: Mapping[str, torch.Tensor], path: str | Path, *, title: str | None = None) -> Path:
+def heatmaps(
+    matrices: Mapping[str, torch.Tensor], path: str | Path, *, title: str | None = None
+) -> Path:
     """One annotated n x n heatmap per entry of `matrices` (site name -> H_res)."""
-    plt = _pyplot()
     names = list(matrices)
     n = next(iter(matrices.values())).shape[-1]
     cols = min(len(names), 4 if n <= 4 else 3)
     rows = math.ceil(len(names) / cols)
-    cell = 0.55 * max(n, 3) + 0.6
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1.2, rows * cell + 0.8), squeeze=False)
+    cell = min(0.55 * max(n, 3) + 0.6, 4.5)  # inches per heatmap
+    fig = _figure(figsize=(cols * cell + 1.2, rows * cell + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False)
     vmax = max(1.0, max(float(m.abs().max()) for m in matrices.values()))
     image = None
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):  # spare axes are hidden below
         m = matrices[name].double().cpu()
         image = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-        ax.set_title(name, fontsize=9)
+        # Entries of 1e-4 print as 0.00: say how far from diagonal the matrix really is.
+        off = (m - torch.diag_embed(m.diagonal())).abs().max()
+        ax.set_title(f"{name}\nmax |off-diagonal| {float(off):.1e}", fontsize=8)
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
         ax.tick_params(labelsize=7, length=0)
         if n <= 8:  # beyond that the numbers overlap
             for (i, j), value in _entries(m):
                 shade = "white" if abs(value) > 0.6 * vmax else "black"
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=shade)
+                label = f"{value:.2f}".replace("-0.00", "0.00")
+                ax.text(j, i, label, ha="center", va="center", fontsize=7, color=shade)
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="H_res[i, j] (into i from j)")
     fig.suptitle(title or "H_res per site (mean over positions)", fontsize=11)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def _entries(m: torch.Tensor) -> list[tuple[tuple[int, int], float]]:
@@ -126,15 +119,15 @@ def gain(
     """Composite Amax gain of the product of H_res over the first d sites, for every depth d:
     forward = max absolute row sum, backward = max absolute column sum (mHC's diagnostic),
     averaged over positions. 1 means signals neither grow nor shrink through the mixers."""
-    rows = _inspect("gain")(model, example_inputs, example_kwargs)
+    rows = inspection.gain(model, example_inputs, example_kwargs)
     return gains({label or type(model).__name__: rows}, path)
 
 
 def gains(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
     """Several models' `hcpass.gain` rows on one plot (label -> rows): forward gain solid,
     backward gain dashed, one colour per label."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = _figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     values = [1.0]
     for index, (label, rows) in enumerate(curves.items()):
         depth = [int(r["depth"]) for r in rows]
@@ -142,18 +135,45 @@ def gains(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path)
         backward = [float(r["backward"]) for r in rows]
         values += forward + backward
         color = f"C{index % 10}"
-        ax.plot(depth, forward, "-o", color=color, markersize=3, label=f"{label} forward")
-        ax.plot(depth, backward, "--", color=color, alpha=0.8, label=f"{label} backward")
+        # Distinct markers and shrinking sizes keep coinciding curves (every exactly doubly
+        # stochastic manifold sits at 1) visible on top of each other.
+        marker = "osD^v<>"[index % 7]
+        size = max(3.0, 8.0 - 1.5 * index)
+        ax.plot(
+            depth,
+            forward,
+            "-",
+            marker=marker,
+            markersize=size,
+            color=color,
+            label=f"{label} forward",
+        )
+        ax.plot(
+            depth,
+            backward,
+            "--",
+            marker=marker,
+            markersize=size,
+            fillstyle="none",
+            color=color,
+            alpha=0.8,
+            label=f"{label} backward",
+        )
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > LOG_SCALE_RATIO:
         ax.set_yscale("log")
+    else:
+        # At least 1 +- 0.1 visible: a drift of 1e-3 should look flat, not like a cliff.
+        low, high = min(values), max(values)
+        ax.set_ylim(min(low, 0.9) - 0.02 * (high - low), max(high, 1.1) + 0.05 * (high - low))
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("depth d (sites, attention and MLP counted separately)")
     ax.set_ylabel("Amax gain of H_res[d] ... H_res[1]")
     ax.set_title("Composite gain over depth (mean over positions)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(curves) > 2 else 1)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- losses
@@ -165,28 +185,76 @@ def losses(
     ylabel: str = "loss (nats/token)",
 ) -> Path:
     """Per-step loss curves, one colour per name: the raw curve faint, a moving average bold
-    (a single batch's loss is too noisy to compare variants by eye)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    (one batch's loss is too noisy to compare variants by eye). With two or more curves a
+    second panel shows each moving average minus the first curve's (the baseline): curves
+    that differ by a few hundredths overlap in the top panel."""
+    smooth = {name: _moving_average(list(curve)) for name, curve in curves.items()}
+    names = list(curves)
+    compare = len(names) > 1
+    fig = _figure(figsize=(7.5, 6.4 if compare else 4.2))
+    axes = fig.subplots(
+        2 if compare else 1,
+        1,
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 2]} if compare else None,
+    )
+    ax = axes[0, 0]
     tails: list[float] = []
-    for index, (name, curve) in enumerate(curves.items()):
-        steps = list(range(1, len(curve) + 1))
+    for index, name in enumerate(names):
+        steps = range(1, len(curves[name]) + 1)
         color = f"C{index % 10}"
-        smooth = _moving_average(list(curve))
-        ax.plot(steps, curve, color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(steps, smooth, color=color, linewidth=1.8, label=f"{name} ({smooth[-1]:.3f})")
-        tails += smooth[len(smooth) // 5 :]
+        ax.plot(steps, curves[name], color=color, alpha=0.15, linewidth=0.8)
+        ax.plot(
+            steps,
+            smooth[name],
+            color=color,
+            linestyle=_style(index),
+            linewidth=1.8,
+            label=f"{name} ({smooth[name][-1]:.3f})",
+        )
+        tails += smooth[name][len(smooth[name]) // 5 :]
     if tails:
-        # The first steps (~ln 256 = 5.5 for bytes) would squash the part worth comparing.
+        # The first steps (about ln 256 = 5.5 for bytes) would squash the part worth comparing.
         low, high = min(tails), max(tails)
         margin = 0.1 * (high - low) or 0.1
         ax.set_ylim(low - margin, high + margin)
-    ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    return _save(plt, fig, path)
+    ax.legend(fontsize=9, title="moving average (last)", title_fontsize=8)
+    if compare:
+        base = smooth[names[0]]
+        diff_ax = axes[1, 0]
+        diff_ax.axhline(0.0, color="C0", linewidth=1.2)
+        for index, name in enumerate(names[1:], 1):
+            delta = [a - b for a, b in zip(smooth[name], base, strict=False)]
+            diff_ax.plot(
+                range(1, len(delta) + 1),
+                delta,
+                color=f"C{index % 10}",
+                linestyle=_style(index),
+                linewidth=1.5,
+                label=name,
+            )
+        diff_ax.set_ylabel(f"minus {names[0]}")
+        diff_ax.legend(fontsize=8, title="below 0: lower loss than " + names[0], title_fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    for a in axes.flat:
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(_integer_ticks())
+    return _save(fig, path)
+
+
+def _style(index: int) -> str:
+    # Variants often train almost identically (every doubly stochastic manifold whose H_res
+    # stays near I): dashes let the curve underneath show through.
+    return ("-", "--", "-.", ":")[index % 4]
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _moving_average(values: list[float]) -> list[float]:

@@ -1,0 +1,121 @@
+"""``hcpass demo`` end to end on a tiny model, and its report logic on made-up results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import hcpass
+from hcpass import cli, demo
+
+TINY_ARGS = [
+    "--steps", "3", "--layers", "1", "--width", "16", "--heads", "2", "--context", "8",
+    "--batch", "2",
+]  # fmt: skip
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    code = cli.main(["demo", *TINY_ARGS, "--manifolds", "sinkhorn,hc", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "held-out loss" in out.out and "ms/step" in out.out
+    for name in ("plain", "sinkhorn", "hc"):
+        assert any(line.startswith(name) for line in out.out.splitlines())
+    assert "3/3" in out.err  # the progress line
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    variants = {v["name"]: v for v in results["variants"]}
+    assert list(variants) == ["plain", "sinkhorn", "hc"]
+    assert all(len(v["curve"]) == 3 for v in variants.values())
+    assert variants["plain"]["gain"] == []
+    assert [g["depth"] for g in variants["sinkhorn"]["gain"]] == [1, 2]  # one block, two sites
+    assert variants["sinkhorn"]["params"] > variants["plain"]["params"]
+    # Same initial weights, same first batch, function-preserving mixer init: same first loss.
+    first = [v["curve"][0] for v in variants.values()]
+    assert max(first) - min(first) < 1e-4
+    assert torch.get_num_threads() == threads  # --threads is restored afterwards
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        pictures = {"losses.png", "gain.png", "mixers_sinkhorn.png", "mixers_hc.png"}
+        assert pictures <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_same_init_same_data_gives_identical_plain_runs():
+    # The baseline is deterministic, so differences between variants come from hcpass.
+    cfg = demo.TrainConfig(steps=3, batch=2, corpus_bytes=50_000)
+    gpt = demo.GPTConfig(context=8, width=16, layers=1, heads=2)
+    data = demo.load_corpus(cfg.corpus_bytes)
+    held_out = demo.validation_batches(data[1], gpt, cfg)
+    torch.manual_seed(cfg.seed)
+    base = demo.GPT(gpt)
+    runs = [demo.run_variant("plain", None, base, data, held_out, cfg)[0] for _ in range(2)]
+    assert runs[0].curve == runs[1].curve
+    assert runs[0].val_loss == runs[1].val_loss
+
+
+def test_corpus_is_deterministic_and_validation_files_are_held_out():
+    train, val = demo.load_corpus(100_000)
+    again_train, again_val = demo.load_corpus(100_000)
+    assert torch.equal(train, again_train) and torch.equal(val, again_val)
+    assert len(train) == 90_000 and len(val) == 10_000
+    assert int(train.max()) < 256 and int(val.min()) >= 0
+
+
+def test_unknown_manifold_is_a_usage_error(tmp_path, capsys):
+    code = cli.main(["demo", *TINY_ARGS, "--manifolds", "sinkhorn,nope", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown manifold(s) nope" in err and "sinkhorn" in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_default_manifolds_skip_what_is_not_registered(monkeypatch):
+    monkeypatch.setattr(hcpass, "manifolds", lambda: {"sinkhorn (mhc)": "mHC"})
+    chosen, notes = demo.choose_manifolds(None)
+    assert chosen == ["sinkhorn"]
+    assert any("'hc' is not registered" in n for n in notes)
+    assert any("kronecker" in n for n in notes)
+    assert demo.choose_manifolds("mhc") == (["mhc"], [])
+
+
+def test_default_manifolds_include_an_exact_one():
+    registered = demo.registered_manifolds()
+    chosen, notes = demo.choose_manifolds(None)
+    assert [m for m in chosen if m in demo.DEFAULT_MANIFOLDS] == [
+        m for m in demo.DEFAULT_MANIFOLDS if m in registered
+    ]
+    exact = [m for m in demo.EXACT if m in registered]
+    assert [m for m in chosen if m in demo.EXACT] == exact[:1]
+    assert len(notes) == len(demo.DEFAULT_MANIFOLDS) + 1 - len(chosen)
+
+
+def result(name: str, val_loss: float, ms: float = 10.0) -> demo.Result:
+    return demo.Result(name, None, 100, [1.0], 1.0, val_loss, ms, 1.0)
+
+
+def test_verdicts_say_plainly_which_variant_is_worse():
+    results = [result("plain", 2.0), result("sinkhorn", 2.1, 20.0), result("hc", 1.9)]
+    lines = demo.verdicts(results)
+    assert lines[0].startswith("sinkhorn: WORSE than plain") and "2.0x the step time" in lines[0]
+    assert lines[1].startswith("hc: better than plain")
+    assert (
+        "the same held-out loss" in demo.verdicts([result("plain", 2.0), result("x", 2.00001)])[0]
+    )
+
+
+def test_table_has_one_row_per_variant():
+    text = demo.table([result("plain", 2.0), result("sinkhorn", 2.05)])
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["variant", "train"]
+    assert lines[2].startswith("plain") and lines[3].startswith("sinkhorn")
+    assert "+0.0500" in lines[3]
+
+
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--threads", "0"]])
+def test_bad_numbers_are_usage_errors(flag, tmp_path, capsys):
+    assert cli.main(["demo", *TINY_ARGS, *flag, "--out", str(tmp_path)]) == 2
+    assert "must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""hcpass.plot writes readable image files, and says how to get matplotlib when it is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from factories import TINY
+
+import hcpass
+from hcpass import plot
+from hcpass.demo import GPT
+
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib (hcpass[plot])"
+)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+@pytest.fixture(scope="module")
+def converted():
+    torch.manual_seed(0)
+    ids = torch.randint(0, TINY.vocab, (2, TINY.context))
+    model = hcpass.convert(GPT(TINY), (ids,), streams=4, manifold="hc")
+    return model, (ids,)
+
+
+@needs_matplotlib
+def test_mixers_writes_one_heatmap_per_site(converted, tmp_path):
+    model, inputs = converted
+    out = plot.mixers(model, inputs, tmp_path / "sub" / "mixers.png", title="hc")
+    assert out == tmp_path / "sub" / "mixers.png"
+    assert is_png(out)
+
+
+@needs_matplotlib
+def test_gain_writes_a_curve(converted, tmp_path):
+    model, inputs = converted
+    assert is_png(plot.gain(model, inputs, tmp_path / "gain.png", label="hc"))
+
+
+@needs_matplotlib
+def test_gains_switches_to_log_scale_for_exploding_products(tmp_path):
+    rows = [{"depth": d, "forward": 3.0**d, "backward": 2.0**d} for d in range(1, 9)]
+    flat = [{"depth": d, "forward": 1.0, "backward": 1.0} for d in range(1, 9)]
+    assert is_png(plot.gains({"hc": rows, "sinkhorn": flat}, tmp_path / "gain_log.png"))
+
+
+@needs_matplotlib
+def test_losses_writes_curves_and_difference_panel(tmp_path):
+    curves = {
+        "plain": [5.5 - 0.01 * i for i in range(100)],
+        "sinkhorn": [5.5 - 0.011 * i for i in range(100)],
+    }
+    assert is_png(plot.losses(curves, tmp_path / "losses.png"))
+    assert is_png(plot.losses({"only": [3.0]}, tmp_path / "one.png"))
+
+
+@needs_matplotlib
+def test_heatmaps_accept_many_streams(tmp_path):
+    eye = torch.eye(12)
+    assert is_png(plot.heatmaps({"a": eye, "b": -eye}, tmp_path / "wide.png"))
+
+
+def test_missing_matplotlib_says_how_to_install_it(monkeypatch, tmp_path):
+    # A None entry in sys.modules makes importing that module raise ImportError; submodules
+    # already imported by other tests are cached under their own names.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install 'hcpass\[plot\]'"):
+        plot.losses({"plain": [1.0, 0.5]}, tmp_path / "losses.png")
+    assert not (tmp_path / "losses.png").exists()
