@@ -160,3 +160,17 @@ def test_torch_transformer_encoder_in_eval_under_no_grad(norm_first):
     assert len(converted.report.rewritten) == 4
     with torch.no_grad():
         assert _rel_err(converted(x), model(x)) <= PRESERVE_RTOL
+
+
+def test_state_dict_round_trip_into_a_fresh_conversion():
+    model, example, converted, _, _ = _build("tiny_gpt")
+    opt = torch.optim.AdamW(converted.parameters(), lr=1e-2)
+    for _ in range(2):
+        loss = _loss(converted(*example[0]), example)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = converted.state_dict()
+    fresh = hcpass.convert(ZOO["tiny_gpt"][0](), example[0])
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(*example[0]), converted(*example[0]))
