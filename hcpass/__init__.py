@@ -6,7 +6,7 @@ compiled = torch.compile(model2, backend="hcpass")
 """
 
 from hcpass import logs as _logs
-from hcpass import manifolds
+from hcpass import manifolds, plot
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
 from hcpass.inspection import gain, mixers
@@ -29,5 +29,6 @@ __all__ = [
     "gain",
     "manifolds",
     "mixers",
+    "plot",
     "register_manifold",
 ]

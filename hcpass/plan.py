@@ -7,6 +7,7 @@ runtime and backend (on every re-capture), so a site is recognised the same way 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,7 +101,8 @@ def site_name(model: nn.Module, anchor: str) -> str:
 
 
 def mixer_key(name: str) -> str:
-    return name.replace(".", "_")
+    """ModuleDict key for a site: dots become underscores (``h.0.attn`` -> ``h_0_attn``)."""
+    return re.sub(r"\W", "_", name)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ class _Rewriter:
             slot = self.slot_of[site]
             if slot.key not in self.mixers:
                 names = ("phi", "alpha", "bias") if slot.dynamic else ("bias",)
-                nodes = tuple(cursor.call("placeholder", f"{slot.key}_{n}", ()) for n in names)
+                prefix = slot.key if slot.key.isidentifier() else f"mixer_{slot.key}"
+                nodes = tuple(cursor.call("placeholder", f"{prefix}_{n}", ()) for n in names)
                 self.mixers[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
         for chain in self.analysis.chains:
             self._chain(chain)
