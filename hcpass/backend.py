@@ -49,7 +49,13 @@ def lowering(cuda: bool) -> PassManager:
     return PassManager([LowerToReference()])
 
 
-def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
+    given = options.get("options", options)  # torch.compile(options=...) arrives as one kwarg
+    if given:
+        raise ValueError(
+            f"backend='hcpass' takes no options, got {sorted(given)}; streams and manifold "
+            "are chosen by hcpass.convert(model, example_inputs, streams=..., manifold=...)"
+        )
     owner = current_owner()
     if owner is None:
         _log_plain_model(gm)

@@ -84,3 +84,9 @@ def test_cuda_lowering_keeps_the_ops_and_registers_the_generated_kernels():
     x = torch.randn(2, 3, 8)
     h = torch.full((3, 2), 0.5)
     torch.testing.assert_close(torch.ops.hcpass.pre(x, h), x.mean(0))
+
+
+def test_backend_options_are_refused_with_a_clear_message():
+    f = torch.compile(lambda x: x + 1, backend="hcpass", options={"max_autotune": True})
+    with pytest.raises(Exception, match="takes no options.*max_autotune"):
+        f(torch.randn(3))
