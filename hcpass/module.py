@@ -182,7 +182,9 @@ class ConvertedModule(nn.Module):
 
         Returns the rewritten GraphModule and a callable running `fn(*inputs, *mixer
         params)`; the caller sets `MixedGraph.fn` (eager: the GraphModule itself)."""
-        annotate_parameters(gm, self._parameter_names())
+        # Rebuilt per capture: parameters may have been replaced (load_state_dict(assign=True)).
+        self._names_by_id = parameter_names(self._model)
+        annotate_parameters(gm, self._names_by_id)
         graph, analysis = analyse(gm, keep=self._keep)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
         result = rewrite_chains(graph, analysis, slots)
@@ -202,17 +204,13 @@ class ConvertedModule(nn.Module):
         mixer: Mixer = self.mixers[key]
         return MixerSlot(key, mixer.streams, mixer.spec, mixer.manifold.dynamic)
 
-    def _parameter_names(self) -> dict[int, str]:
-        # Rebuilt when parameters were replaced (e.g. by load_state_dict(assign=True)).
-        if len(self._names_by_id) == 0 or any(
-            id(p) not in self._names_by_id for p in self._model.parameters()
-        ):
-            self._names_by_id = parameter_names(self._model)
-        return self._names_by_id
-
     def mixer_parameters(self, anchor: torch.Tensor, inputs: MixerInputs) -> list[torch.Tensor]:
         """The parameters of the mixer keyed on `anchor`, checked against the graph's slot."""
-        name = self._parameter_names().get(id(anchor))
+        # Called per mixer per forward: scan the parameters again only on a miss.
+        name = self._names_by_id.get(id(anchor))
+        if name is None:
+            self._names_by_id = parameter_names(self._model)
+            name = self._names_by_id.get(id(anchor))
         key = self._key_of.get(name) if name is not None else None
         if key is None:
             raise RuntimeError(
