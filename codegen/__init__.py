@@ -5,7 +5,7 @@
   autotunes the kernels;
 - `kernels.py`: launchers with exactly the signatures of `hcpass.ops.reference`.
 
-`register_cuda_kernels()` makes the launchers the CUDA implementation of the six ops, so
+`register_cuda_kernels()` makes the launchers the CUDA implementation of the ops, so
 eager CUDA calls and Inductor's output code (which calls the ops as extern kernels) run
 the generated kernels. docs/kernels.md has the fusion plan and how to test and benchmark.
 """
@@ -22,6 +22,7 @@ from .kernels import (
     coeffs_backward,
     post_res,
     post_res_backward,
+    post_res_coeffs_pre,
     pre,
     pre_backward,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "coeffs_backward",
     "post_res",
     "post_res_backward",
+    "post_res_coeffs_pre",
     "pre",
     "pre_backward",
     "register_cuda_kernels",

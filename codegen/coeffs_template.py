@@ -78,19 +78,12 @@ def _logits(
     BLOCK_P: tl.constexpr = p.shape[0]
     k = tl.arange(0, W)
     k_ok = k < N
-    b_pre = tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(ACC)
-    b_post = tl.load(bias_ptr + N + k, mask=k_ok, other=0.0).to(ACC)
-    b_res = tl.load(bias_ptr + res_col, mask=res_ok, other=0.0).to(ACC)
     z_pre = tl.zeros((BLOCK_P, W), ACC)
     z_post = tl.zeros((BLOCK_P, W), ACC)
     z_res = tl.zeros((BLOCK_P, RW), ACC)
-    rms = tl.full((BLOCK_P,), 1.0, ACC)
-    a_pre = tl.full((), 0.0, ACC)
-    a_post = tl.full((), 0.0, ACC)
-    a_res = tl.full((), 0.0, ACC)
+    sumsq = tl.zeros((BLOCK_P,), ACC)
     if HAS_PHI:
         p_ok = p < P
-        sumsq = tl.zeros((BLOCK_P,), ACC)
         for i in range(N):
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
@@ -114,6 +107,40 @@ def _logits(
                 z_pre += tl.dot(xt, phi_pre, input_precision=DOT, out_dtype=ACC)
                 z_post += tl.dot(xt, phi_post, input_precision=DOT, out_dtype=ACC)
                 z_res += tl.dot(xt, phi_res, input_precision=DOT, out_dtype=ACC)
+    return _scaled_logits(
+        z_pre, z_post, z_res, sumsq, alpha_ptr, bias_ptr, res_col, res_ok, N, C, W, HAS_PHI, EPS
+    )
+
+
+@triton.jit
+def _scaled_logits(
+    z_pre,
+    z_post,
+    z_res,
+    sumsq,
+    alpha_ptr,
+    bias_ptr,
+    res_col,
+    res_ok,
+    N: tl.constexpr,
+    C: tl.constexpr,
+    W: tl.constexpr,
+    HAS_PHI: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """From the raw projections ``vec(x) @ phi`` and the sum of squares of vec(x): the
+    logits, the normalised projections, rms and alpha (see `_logits`)."""
+    ACC: tl.constexpr = z_pre.dtype
+    k = tl.arange(0, W)
+    k_ok = k < N
+    b_pre = tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(ACC)
+    b_post = tl.load(bias_ptr + N + k, mask=k_ok, other=0.0).to(ACC)
+    b_res = tl.load(bias_ptr + res_col, mask=res_ok, other=0.0).to(ACC)
+    rms = tl.full(sumsq.shape, 1.0, ACC)
+    a_pre = tl.full((), 0.0, ACC)
+    a_post = tl.full((), 0.0, ACC)
+    a_res = tl.full((), 0.0, ACC)
+    if HAS_PHI:
         # the reference's order: mean of squares, + eps, sqrt; divide after the matmul
         rms = tl.sqrt(sumsq / (N * C) + EPS)
         z_pre = z_pre / rms[:, None]
@@ -126,6 +153,47 @@ def _logits(
     l_post = a_post * z_post + b_post[None, :]
     l_res = a_res * z_res + b_res[None, :]
     return l_pre, l_post, l_res, z_pre, z_post, z_res, rms, a_pre, a_post, a_res
+
+
+@triton.jit
+def _store_coeffs(
+    l_pre,
+    l_post,
+    l_res,
+    p,
+    P,
+    pre_ptr,
+    post_ptr,
+    res_ptr,
+    res_col,
+    res_ok,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    W: tl.constexpr,
+    FUSED: tl.constexpr,
+):
+    """Write H_pre = sigmoid, H_post = 2 sigmoid and H_res = the manifold's map of the
+    logits (or, unfused, the raw res logits ``[P, R]``) of positions `p`."""
+    BLOCK_P: tl.constexpr = p.shape[0]
+    p_ok = p < P
+    k = tl.arange(0, W)
+    nk = p[:, None] * N + k[None, :]
+    nk_ok = p_ok[:, None] & (k < N)[None, :]
+    tl.store(pre_ptr + nk, tl.sigmoid(l_pre), mask=nk_ok)
+    tl.store(post_ptr + nk, 2.0 * tl.sigmoid(l_post), mask=nk_ok)
+    if FUSED:
+        h = res_map(tl.reshape(l_res, (BLOCK_P, S, S)), N)
+        i = tl.arange(0, S)
+        ij = p[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
+        ij_ok = p_ok[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
+        tl.store(res_ptr + ij, h, mask=ij_ok)
+    else:
+        tl.store(
+            res_ptr + p[:, None] * R + (res_col - 2 * N)[None, :],
+            l_res,
+            mask=p_ok[:, None] & res_ok[None, :],
+        )
 
 
 @triton.jit
@@ -155,7 +223,6 @@ def coeffs_fwd(
     """H_pre, H_post and H_res (or, unfused, the raw res logits ``[P, R]``) of BLOCK_P
     positions: one read of their n*C state, 4 * (2n + n^2) bytes written per position."""
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    p_ok = p < P
     res_col, res_ok = _res_columns(N, R, S, RW, FUSED)
     l_pre, l_post, l_res, _, _, _, _, _, _, _ = _logits(
         x_ptr,
@@ -177,23 +244,9 @@ def coeffs_fwd(
         DOT,
         BLOCK_C,
     )
-    k = tl.arange(0, W)
-    nk = p[:, None] * N + k[None, :]
-    nk_ok = p_ok[:, None] & (k < N)[None, :]
-    tl.store(pre_ptr + nk, tl.sigmoid(l_pre), mask=nk_ok)
-    tl.store(post_ptr + nk, 2.0 * tl.sigmoid(l_post), mask=nk_ok)
-    if FUSED:
-        h = res_map(tl.reshape(l_res, (BLOCK_P, S, S)), N)
-        i = tl.arange(0, S)
-        ij = p[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
-        ij_ok = p_ok[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
-        tl.store(res_ptr + ij, h, mask=ij_ok)
-    else:
-        tl.store(
-            res_ptr + p[:, None] * R + (res_col - 2 * N)[None, :],
-            l_res,
-            mask=p_ok[:, None] & res_ok[None, :],
-        )
+    _store_coeffs(
+        l_pre, l_post, l_res, p, P, pre_ptr, post_ptr, res_ptr, res_col, res_ok, N, R, S, W, FUSED
+    )
 
 
 @triton.jit
@@ -357,3 +410,120 @@ def coeffs_bwd_x(
         dphi,
         mask=c_ok[:, None] & k_ok[None, :],
     )
+
+
+@triton.jit
+def post_res_coeffs_pre_fwd(
+    x_ptr,
+    y_ptr,
+    hpost_ptr,
+    hres_ptr,
+    phi_ptr,
+    alpha_ptr,
+    bias_ptr,
+    out_ptr,
+    pre_ptr,
+    post_ptr,
+    res_ptr,
+    u_ptr,
+    P,
+    N: tl.constexpr,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    W: tl.constexpr,
+    RW: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_PHI: tl.constexpr,
+    FUSED: tl.constexpr,
+    EPS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The boundary between two sites, for BLOCK_P positions: site l's merge
+    ``X'[i] = sum_j H_res[i, j] x[j] + H_post[i] y`` (written), site l+1's coefficients of X'
+    accumulated from the same registers, then its branch input ``u = sum_i H_pre'[i] X'[i]``
+    from a second pass over X' that this program has just written (mostly L2 hits).
+    Per position: reads (n+1)C and nC (the re-read), writes nC + C; unfused, post_res, coeffs
+    and pre read (3n+1)C from memory.
+
+    The stream tile is ``[NP, BLOCK_P, BLOCK_C]`` (all streams of a slice, as in post_res_fwd);
+    the projection is a batched tl.dot against phi's rows of every stream, ``[NP, BLOCK_C, W]``,
+    summed over streams at the end. The coefficients see X' rounded to the stream dtype, as
+    the unfused coeffs kernel reading it back would.
+    """
+    tl.static_assert(FUSED, "the fused boundary needs the manifold's Triton H_res epilogue")
+    K: tl.constexpr = 2 * N + R
+    p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    p_ok = p < P
+    s = tl.arange(0, NP)
+    s_ok = s < N
+    sp_ok = s_ok[:, None] & p_ok[None, :]
+    res_col, res_ok = _res_columns(N, R, S, RW, FUSED)
+    k = tl.arange(0, W)
+    k_ok = k < N
+    hpost = tl.load(hpost_ptr + p[None, :] * N + s[:, None], mask=sp_ok, other=0.0).to(ACC)
+    z_pre = tl.zeros((NP, BLOCK_P, W), ACC)
+    z_post = tl.zeros((NP, BLOCK_P, W), ACC)
+    z_res = tl.zeros((NP, BLOCK_P, RW), ACC)
+    sumsq = tl.zeros((BLOCK_P,), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        pc_ok = p_ok[:, None] & c_ok[None, :]
+        mixed = tl.zeros((NP, BLOCK_P, BLOCK_C), ACC)
+        for j in range(N):
+            xj = tl.load(x_ptr + (j * P + p[:, None]) * C + c[None, :], mask=pc_ok, other=0.0)
+            hj = tl.load(
+                hres_ptr + p[None, :] * (N * N) + s[:, None] * N + j, mask=sp_ok, other=0.0
+            )
+            mixed += hj.to(ACC)[:, :, None] * xj.to(ACC)[None, :, :]
+        y = tl.load(y_ptr + p[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
+        out = (mixed + hpost[:, :, None] * y[None, :, :]).to(out_ptr.dtype.element_ty)
+        spc = (s[:, None, None] * P + p[None, :, None]) * C + c[None, None, :]
+        tl.store(out_ptr + spc, out, mask=s_ok[:, None, None] & pc_ok[None, :, :])
+        if HAS_PHI:
+            xo = out.to(ACC)  # padded streams hold zeros: no H_res or H_post weight reaches them
+            sumsq += tl.sum(tl.sum(xo * xo, axis=2), axis=0)
+            rows = phi_ptr + (s[:, None] * C + c[None, :])[:, :, None] * K
+            sc_ok = (s_ok[:, None] & c_ok[None, :])[:, :, None]
+            phi_pre = tl.load(rows + k[None, None, :], mask=sc_ok & k_ok[None, None, :], other=0.0)
+            phi_post = tl.load(
+                rows + N + k[None, None, :], mask=sc_ok & k_ok[None, None, :], other=0.0
+            )
+            phi_res = tl.load(
+                rows + res_col[None, None, :], mask=sc_ok & res_ok[None, None, :], other=0.0
+            )
+            z_pre += tl.dot(xo, phi_pre.to(ACC), input_precision=DOT, out_dtype=ACC)
+            z_post += tl.dot(xo, phi_post.to(ACC), input_precision=DOT, out_dtype=ACC)
+            z_res += tl.dot(xo, phi_res.to(ACC), input_precision=DOT, out_dtype=ACC)
+    l_pre, l_post, l_res, _, _, _, _, _, _, _ = _scaled_logits(
+        tl.sum(z_pre, axis=0),
+        tl.sum(z_post, axis=0),
+        tl.sum(z_res, axis=0),
+        sumsq,
+        alpha_ptr,
+        bias_ptr,
+        res_col,
+        res_ok,
+        N,
+        C,
+        W,
+        HAS_PHI,
+        EPS,
+    )
+    _store_coeffs(
+        l_pre, l_post, l_res, p, P, pre_ptr, post_ptr, res_ptr, res_col, res_ok, N, R, S, W, FUSED
+    )
+    # H_pre' as [stream, position]: column k of the [BLOCK_P, W] tile is stream k
+    h_pre = tl.sum(tl.where(k[None, None, :] == s[:, None, None], tl.sigmoid(l_pre)[None], 0.0), 2)
+    tl.debug_barrier()  # X' was written by other threads of this program
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        pc_ok = p_ok[:, None] & (c < C)[None, :]
+        spc = (s[:, None, None] * P + p[None, :, None]) * C + c[None, None, :]
+        xo = tl.load(out_ptr + spc, mask=s_ok[:, None, None] & pc_ok[None, :, :], other=0.0)
+        u = tl.sum(h_pre[:, :, None] * xo.to(ACC), axis=0)
+        tl.store(u_ptr + p[:, None] * C + c[None, :], u.to(u_ptr.dtype.element_ty), mask=pc_ok)

@@ -52,6 +52,7 @@ TEMPLATES = {
     "pre_bwd": "streams_template",
     "post_res_fwd": "streams_template",
     "post_res_bwd": "streams_template",
+    "post_res_coeffs_pre_fwd": "coeffs_template",
 }
 
 # (BLOCK_P, BLOCK_C, num_warps) the autotuner tries on a GPU. The coefficient kernels feed
@@ -68,6 +69,8 @@ CONFIG_SPACES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "pre_bwd": _STREAMS_SPACE,
     "post_res_fwd": _STREAMS_SPACE,
     "post_res_bwd": ((2, 256, 4), (4, 128, 4), (4, 256, 8), (8, 64, 4)),
+    # an [n, BLOCK_P, BLOCK_C] stream tile and [n, BLOCK_C, 16] phi tiles per logit group
+    "post_res_coeffs_pre_fwd": ((16, 32, 4), (16, 32, 8), (16, 64, 8), (32, 64, 8)),
 }
 
 # The interpreter runs program instances one after another at ~1 ms each: few, large blocks.

@@ -318,6 +318,52 @@ def post_res_backward(
     return tuple(grads)
 
 
+# ----------------------------------------------------------------------- site boundary
+def post_res_coeffs_pre(
+    x: Tensor,
+    y: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor | None,
+    alpha: Tensor | None,
+    bias: Tensor,
+    manifold: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    m = resolve(manifold)
+    if not _shared_projection(m) or m.triton_res_map() is None:
+        # no H_res epilogue to put in one kernel: the boundary runs as its three launchers
+        out = post_res(x, y, h_post, h_res)
+        h_pre, h_post_next, h_res_next = coeffs(out, phi, alpha, bias, manifold)
+        return out, h_pre, h_post_next, h_res_next, pre(out, h_pre)
+    x, y, h_post, h_res, phi, alpha, bias = _contiguous(x, y, h_post, h_res, phi, alpha, bias)
+    shape = _Coeffs(m, x, phi, alpha, bias)
+    _check_device(*(t for t in (x, y, h_post, h_res, phi, alpha, bias) if t is not None))
+    n, acc = shape.n, shape.acc
+    out = torch.empty_like(x)
+    u = x.new_empty(x.shape[1:])
+    h_pre = x.new_empty((*shape.pos, n), dtype=acc)
+    h_post_next = x.new_empty((*shape.pos, n), dtype=acc)
+    h_res_next = x.new_empty((*shape.pos, n, n), dtype=acc)
+    shape.kernel("post_res_coeffs_pre_fwd")(
+        x,
+        y,
+        h_post,
+        h_res,
+        bias if phi is None else phi,
+        bias if alpha is None else alpha,
+        bias,
+        out,
+        h_pre,
+        h_post_next,
+        h_res_next,
+        u,
+        shape.P,
+        NP=_pow2(n),
+        **shape.constants,
+    )
+    return out, h_pre, h_post_next, h_res_next, u
+
+
 # op name -> launcher: what `register_cuda_kernels` installs as the ops' CUDA kernels.
 LAUNCHERS: dict[str, Callable] = {
     "coeffs": coeffs,
@@ -326,4 +372,5 @@ LAUNCHERS: dict[str, Callable] = {
     "pre_backward": pre_backward,
     "post_res": post_res,
     "post_res_backward": post_res_backward,
+    "post_res_coeffs_pre": post_res_coeffs_pre,
 }

@@ -3,7 +3,8 @@ entry point).
 
 - Under a `ConvertedModule`'s forward, each graph is rewritten with that module's mixers
   and lowered: on CPU the mixer ops become their references and Inductor fuses them into
-  C++; on CUDA they stay ``hcpass::`` ops whose CUDA kernels are the generated Triton kernels.
+  C++; on CUDA they stay ``hcpass::`` ops whose CUDA kernels are the generated Triton kernels,
+  and the boundaries between consecutive sites are fused into one op (`FuseAcrossSites`).
 - Anywhere else (a model that was never converted) the graph is compiled unchanged by
   Inductor; one log line says how many residual sites there are and that `hcpass.convert`
   adds the mixers. The backend never creates parameters: an optimizer could not see them.
@@ -23,6 +24,7 @@ from hcpass import logs
 from hcpass.capture import annotate_parameters
 from hcpass.module import current_owner
 from hcpass.passes import PassManager
+from hcpass.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.passes.lower_reference import LowerToReference
 from hcpass.plan import analyse
 
@@ -45,7 +47,7 @@ def lowering(cuda: bool) -> PassManager:
         from hcpass.codegen import register_cuda_kernels
 
         register_cuda_kernels()
-        return PassManager([])
+        return PassManager([FuseAcrossSites()])
     return PassManager([LowerToReference()])
 
 

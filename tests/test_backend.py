@@ -66,11 +66,14 @@ def test_pass_manager_uuid_is_stable_and_depends_on_the_passes():
     assert PassManager([]).uuid() != lowering(cuda=False).uuid()
 
 
-def test_cuda_lowering_keeps_the_ops_and_registers_the_generated_kernels():
+def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():
     converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
     graph = converted.graph_module.graph
     lowering(cuda=True)(graph)
-    assert HCPASS_OPS <= {n.target for n in graph.nodes}  # Inductor calls them as extern kernels
+    # Inductor calls them as extern kernels: the chain's first coeffs and pre, its last
+    # post_res, and the fused boundaries between
+    targets = {n.target for n in graph.nodes}
+    assert HCPASS_OPS | {torch.ops.hcpass.post_res_coeffs_pre.default} <= targets
     for name in (
         "coeffs",
         "coeffs_backward",
@@ -78,6 +81,7 @@ def test_cuda_lowering_keeps_the_ops_and_registers_the_generated_kernels():
         "pre_backward",
         "post_res",
         "post_res_backward",
+        "post_res_coeffs_pre",
     ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hcpass::{name}", "CUDA"), name
     # CPU tensors still run the reference

@@ -17,7 +17,6 @@ Tolerance: every output within ``tol * max(1, max|reference|)`` elementwise (plu
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import pytest
 import torch
 import triton
 from hcpass.codegen import generate, kernels, register_cuda_kernels
+from op_inputs import boundary_inputs, coeffs_inputs, stream_inputs
 
 from hcpass.manifolds import create, manifold_names
 from hcpass.ops import reference
@@ -46,40 +46,7 @@ def assert_matches(got: object, want: object, tol: float) -> None:
         torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * scale, msg=message)
 
 
-# ------------------------------------------------------------------- inputs and cases
-def stream_inputs(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> tuple:
-    torch.manual_seed(0)
-    x = torch.randn(n, *pos, C, dtype=dtype)
-    y = torch.randn(*pos, C, dtype=dtype)
-    coeff = torch.float64 if dtype == torch.float64 else torch.float32
-    h_pre = torch.rand(*pos, n, dtype=coeff)
-    h_post = 2 * torch.rand(*pos, n, dtype=coeff)
-    h_res = torch.rand(*pos, n, n, dtype=coeff)
-    return {
-        "pre": (x, h_pre),
-        "pre_backward": (y, x, h_pre),
-        "post_res": (x, y, h_post, h_res),
-        "post_res_backward": (torch.randn_like(x), x, y, h_post, h_res),
-    }[op]
-
-
-def coeffs_inputs(
-    name: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
-) -> tuple:
-    """(x, phi, alpha, bias, spec) with a projection large enough to move every logit."""
-    torch.manual_seed(0)
-    m = create(name, n, **options)
-    params = torch.float64 if dtype == torch.float64 else torch.float32
-    x = torch.randn(n, *pos, C, dtype=dtype)
-    bias = (m.init_bias(1) + 0.5 * torch.randn(m.num_logits)).to(params)
-    if not m.dynamic:
-        return x, None, None, bias, m.spec()
-    shape = m.phi_shape(C)
-    phi = (torch.randn(shape) / math.sqrt(shape[0])).to(params)
-    alpha = (0.5 + torch.rand(m.init_alpha().shape)).to(params)
-    return x, phi, alpha, bias, m.spec()
-
-
+# ------------------------------------------------------------------------------ cases
 def run_stream_case(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> None:
     args = stream_inputs(op, n, pos, C, dtype)
     assert_matches(getattr(kernels, op)(*args), getattr(reference, op)(*args), TOL[dtype])
@@ -104,6 +71,14 @@ def run_coeffs_case(
     else:
         got = kernels.coeffs(*args)
     assert_matches(got, want, TOL[dtype])
+
+
+def run_boundary_case(
+    n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
+) -> None:
+    args = boundary_inputs(n, pos, C, dtype, options)
+    got = kernels.post_res_coeffs_pre(*args)
+    assert_matches(got, reference.post_res_coeffs_pre(*args), TOL[dtype])
 
 
 # --------------------------------------------------------------------------- worker
@@ -166,6 +141,25 @@ def test_coeffs_every_manifold(interpreter, name):
         ).result()
 
 
+# (n, positions, C, sinkhorn options): several blocks of 16 positions, a ragged last one.
+BOUNDARY_CASES = [
+    (2, (37,), 96, {}),
+    (3, (2, 5), 40, {}),
+    (4, (13,), 96, {}),
+    (8, (7,), 96, {}),
+    (4, (13,), 40, {"dynamic": False}),
+    (4, (13,), 40, {"sinkhorn_backward": "implicit"}),  # no epilogue: the three launchers
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BOUNDARY_CASES, ids=str)
+def test_site_boundary_kernel(interpreter, case, dtype):
+    """post_res of site l, coefficients and branch input of site l+1 in one kernel."""
+    n, pos, C, options = case
+    interpreter.submit(run_boundary_case, n, pos, C, dtype, options).result()
+
+
 # ------------------------------------------------------------------ generation, no GPU
 def test_splice_replaces_the_placeholder_epilogue():
     epilogue = create("sinkhorn", 4, sinkhorn_iters=7).triton_res_map()
@@ -217,8 +211,8 @@ class _Recorder:
 
 
 def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
-    """Every kernel launch of the six launchers on bf16 streams (sinkhorn fused and
-    unfused, dynamic and static), recorded instead of run."""
+    """Every kernel launch of the launchers on bf16 streams (sinkhorn fused and unfused,
+    dynamic and static), recorded instead of run."""
     monkeypatch.setattr(_Recorder, "launches", [])
     monkeypatch.setattr(generate, "kernel", _Recorder)
     monkeypatch.setattr(kernels, "_check_device", lambda *tensors: None)
@@ -229,6 +223,8 @@ def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
         outs = reference.coeffs(x, phi, alpha, bias, spec)
         kernels.coeffs(x, phi, alpha, bias, spec)
         kernels.coeffs_backward(*(torch.ones_like(o) for o in outs), x, phi, alpha, bias, spec)
+        x, y, h_post, h_res, *params = boundary_inputs(n, pos, C, torch.float32, options)
+        kernels.post_res_coeffs_pre(x.to(dtype), y.to(dtype), h_post, h_res, *params)
     for op in ("pre", "pre_backward", "post_res", "post_res_backward"):
         args = stream_inputs(op, n, pos, C, torch.float32)
         getattr(kernels, op)(*(a.to(dtype) if a.shape[-1] == C else a for a in args))
@@ -273,7 +269,15 @@ def test_kernels_compile_for_sm90(monkeypatch):
 
 # ---------------------------------------------------------------------------------- GPU
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-OPS = ["coeffs", "coeffs_backward", "pre", "pre_backward", "post_res", "post_res_backward"]
+OPS = [
+    "coeffs",
+    "coeffs_backward",
+    "pre",
+    "pre_backward",
+    "post_res",
+    "post_res_backward",
+    "post_res_coeffs_pre",
+]
 
 
 def _on_cuda(args: tuple, dtype: torch.dtype, C: int) -> tuple:
@@ -299,7 +303,9 @@ GPU_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_kernels_match_reference(op, n, dtype):
     pos, C = (3, 345), 1000
-    if op.startswith("coeffs"):
+    if op == "post_res_coeffs_pre":
+        args = _on_cuda(boundary_inputs(n, pos, C, torch.float32, {}), dtype, C)
+    elif op.startswith("coeffs"):
         args = _on_cuda(coeffs_inputs("sinkhorn", n, pos, C, torch.float32, {}), dtype, C)
         if op == "coeffs_backward":
             args = (*(torch.randn_like(o) for o in reference.coeffs(*args)), *args)
@@ -321,9 +327,14 @@ def test_inductor_output_calls_the_generated_kernels():
     )
 
     def mixer(ops, x, phi, alpha, bias):
+        """Two sites, as the hcpass backend lowers them for CUDA (tanh stands in for the
+        branches)."""
         h_pre, h_post, h_res = ops.coeffs(x, phi, alpha, bias, spec)
-        y = torch.tanh(ops.pre(x, h_pre))  # stands in for the branch
-        return ops.post_res(x, y, h_post, h_res)
+        y = torch.tanh(ops.pre(x, h_pre))
+        x, h_pre, h_post, h_res, u = ops.post_res_coeffs_pre(
+            x, y, h_post, h_res, phi, alpha, bias, spec
+        )
+        return ops.post_res(x, torch.tanh(u), h_post, h_res)
 
     def step(fn):
         leaves = [t.detach().requires_grad_() for t in (x, phi, alpha, bias)]

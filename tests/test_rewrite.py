@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 from expecttest import TestCase
+from graphs import body, op_counts
 from torch import nn
 
 import hcpass
@@ -52,37 +51,12 @@ class SideReader(nn.Module):
         return x, hidden
 
 
-def _body(gm: torch.fx.GraphModule) -> str:
-    """The rewritten code below the signature, with the manifold spec shortened."""
-    body = gm.code.split("):\n", 1)[1]
-    for node in gm.graph.nodes:
-        if node.target is torch.ops.hcpass.coeffs.default:
-            body = body.replace(repr(node.args[-1]), "SPEC")
-    lines = [line.split(";")[0].strip() for line in body.strip().splitlines()]
-    return "\n".join(line for line in lines if " = L_" not in line)
-
-
-def _ops(gm: torch.fx.GraphModule) -> dict[str, int]:
-    names = {
-        torch.ops.hcpass.coeffs.default: "coeffs",
-        torch.ops.hcpass.pre.default: "pre",
-        torch.ops.hcpass.post_res.default: "post_res",
-        operator.add: "add",
-    }
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        name = names.get(node.target) or (node.target if node.op == "call_method" else None)
-        if name:
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
 class TestRewrittenGraph(TestCase):
     def test_one_block(self):
         x = torch.randn(2, 3, 4)
         converted = hcpass.convert(OneBlock(), (x,), streams=2)
         self.assertExpectedInline(
-            _body(converted.graph_module),
+            body(converted.graph_module),
             """\
 unsqueeze = l_args_0_.unsqueeze(0)
 expand = unsqueeze.expand(2, -1, -1, -1)
@@ -102,7 +76,7 @@ return (mean,)""",
         x = torch.randn(2, 3, 4)
         converted = hcpass.convert(PostNorm(), (x,), streams=2)
         self.assertExpectedInline(
-            _body(converted.graph_module),
+            body(converted.graph_module),
             """\
 unsqueeze = l_args_0_.unsqueeze(0)
 expand = unsqueeze.expand(2, -1, -1, -1)
@@ -132,7 +106,7 @@ return (layer_norm_1,)""",
         x = torch.randn(2, 3, 4)
         converted = hcpass.convert(SideReader(), (x,), streams=2)
         self.assertExpectedInline(
-            _body(converted.graph_module),
+            body(converted.graph_module),
             """\
 unsqueeze = l_args_0_.unsqueeze(0)
 expand = unsqueeze.expand(2, -1, -1, -1)
@@ -164,7 +138,7 @@ return (mean_1, mean)""",
 
         model = models.TinyGPT(layers=3)
         converted = hcpass.convert(model, models.token_inputs()[0], streams=4)
-        counts = _ops(converted.graph_module)
+        counts = op_counts(converted.graph_module)
         # 2 sites per block: one coeffs/pre/post_res each, no residual add left.
         self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (6, 6, 6))
         self.assertNotIn("add", counts)
@@ -175,7 +149,7 @@ return (mean_1, mean)""",
         import models
 
         converted = hcpass.convert(models.ParallelBlocks(), models.token_inputs()[0], streams=4)
-        counts = _ops(converted.graph_module)
+        counts = op_counts(converted.graph_module)
         # layer 0 `x + attn(h) + mlp(h)`: two sites; layer 1 `mlp(h) + attn(h) + x`: one
         # site whose branch is the sum.
         self.assertEqual(counts["coeffs"], 3)

@@ -1,7 +1,9 @@
 """The ``hcpass::`` custom ops: one schema, a reference kernel, fake kernels, autograd.
 
 Forward and backward are separate ops so a back end can replace each (the CUDA path
-registers generated Triton kernels for all six); autograd wires them together.
+registers generated Triton kernels for all of them); autograd wires them together.
+`post_res_coeffs_pre` fuses the boundary between two sites (the CUDA lowering's
+`FuseAcrossSites` pass puts it in); its backward is the three ops' backward ops in sequence.
 """
 
 from __future__ import annotations
@@ -56,9 +58,29 @@ def post_res_backward(
     return reference.post_res_backward(grad_out, x, y, h_post, h_res)
 
 
+@torch.library.custom_op("hcpass::post_res_coeffs_pre", mutates_args=())
+def post_res_coeffs_pre(
+    x: Tensor,
+    y: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor | None,
+    alpha: Tensor | None,
+    bias: Tensor,
+    manifold: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return reference.post_res_coeffs_pre(x, y, h_post, h_res, phi, alpha, bias, manifold)
+
+
 # ------------------------------------------------------------------------ fake kernels
+# Every output is contiguous whatever the inputs' layout, as the reference and the kernels
+# return it (tests/test_ops.py checks the two agree).
 def _coeff_shapes(x: Tensor) -> tuple[tuple[int, ...], int]:
     return tuple(x.shape[1:-1]), x.shape[0]
+
+
+def _like(t: Tensor) -> Tensor:
+    return t.new_empty(t.shape)
 
 
 @coeffs.register_fake
@@ -70,8 +92,8 @@ def _(x, phi, alpha, bias, manifold):
 
 @coeffs_backward.register_fake
 def _(grad_pre, grad_post, grad_res, x, phi, alpha, bias, manifold):
-    like = lambda t: torch.empty_like(t) if t is not None else x.new_empty(0)
-    return torch.empty_like(x), like(phi), like(alpha), torch.empty_like(bias)
+    maybe = lambda t: _like(t) if t is not None else x.new_empty(0)
+    return _like(x), maybe(phi), maybe(alpha), _like(bias)
 
 
 @pre.register_fake
@@ -81,21 +103,34 @@ def _(x, h_pre):
 
 @pre_backward.register_fake
 def _(grad_u, x, h_pre):
-    return torch.empty_like(x), torch.empty_like(h_pre)
+    return _like(x), _like(h_pre)
 
 
 @post_res.register_fake
 def _(x, y, h_post, h_res):
-    return torch.empty_like(x)
+    return _like(x)
 
 
 @post_res_backward.register_fake
 def _(grad_out, x, y, h_post, h_res):
     return (
-        torch.empty_like(x),
-        torch.empty_like(y),
-        torch.empty_like(h_post),
-        torch.empty_like(h_res),
+        _like(x),
+        _like(y),
+        _like(h_post),
+        _like(h_res),
+    )
+
+
+@post_res_coeffs_pre.register_fake
+def _(x, y, h_post, h_res, phi, alpha, bias, manifold):
+    pos, n = _coeff_shapes(x)
+    new = lambda *s: x.new_empty(*s, dtype=compute_dtype(x.dtype))
+    return (
+        _like(x),
+        new(*pos, n),
+        new(*pos, n),
+        new(*pos, n, n),
+        x.new_empty(x.shape[1:]),
     )
 
 
@@ -128,9 +163,42 @@ def _post_res_backward(ctx, grad_out):
     return torch.ops.hcpass.post_res_backward(grad_out, x, y, h_post, h_res)
 
 
+def _setup_post_res_coeffs_pre(ctx, inputs, output):
+    x, y, h_post, h_res, phi, alpha, bias, manifold = inputs
+    out, h_pre_next = output[0], output[1]
+    ctx.save_for_backward(x, y, h_post, h_res, phi, alpha, bias, out, h_pre_next)
+    ctx.manifold = manifold
+
+
+def _post_res_coeffs_pre_backward(ctx, grad_out, grad_pre, grad_post, grad_res, grad_u):
+    x, y, h_post, h_res, phi, alpha, bias, out, h_pre_next = ctx.saved_tensors
+    ops = torch.ops.hcpass
+    # back through pre, coeffs, post_res: X' feeds all three paths, H_pre' two
+    gx_pre, gh_pre = ops.pre_backward(grad_u, out, h_pre_next)
+    gx_coeffs, gphi, galpha, gbias = ops.coeffs_backward(
+        grad_pre + gh_pre, grad_post, grad_res, out, phi, alpha, bias, ctx.manifold
+    )
+    gx, gy, gh_post, gh_res = ops.post_res_backward(
+        grad_out + gx_pre + gx_coeffs, x, y, h_post, h_res
+    )
+    return (
+        gx,
+        gy,
+        gh_post,
+        gh_res,
+        gphi if phi is not None else None,
+        galpha if alpha is not None else None,
+        gbias,
+        None,
+    )
+
+
 coeffs.register_autograd(_coeffs_backward, setup_context=_setup_coeffs)
 pre.register_autograd(_pre_backward, setup_context=_setup_saving_all)
 post_res.register_autograd(_post_res_backward, setup_context=_setup_saving_all)
+post_res_coeffs_pre.register_autograd(
+    _post_res_coeffs_pre_backward, setup_context=_setup_post_res_coeffs_pre
+)
 
 # op -> its reference, for back ends that lower the ops to plain PyTorch.
 REFERENCE = {
@@ -140,4 +208,5 @@ REFERENCE = {
     torch.ops.hcpass.pre_backward.default: reference.pre_backward,
     torch.ops.hcpass.post_res.default: reference.post_res,
     torch.ops.hcpass.post_res_backward.default: reference.post_res_backward,
+    torch.ops.hcpass.post_res_coeffs_pre.default: reference.post_res_coeffs_pre,
 }

@@ -6,7 +6,8 @@ functions for the custom ops so Inductor fuses them into C++.
 
 Shapes (stream-major, see docs/math.md): ``x[n, *pos, C]``, ``y[*pos, C]``,
 ``h_pre[*pos, n]``, ``h_post[*pos, n]``, ``h_res[*pos, n, n]``. Coefficients are fp32 (fp64 for fp64
-streams); stream arithmetic accumulates in fp32 and returns the stream dtype.
+streams); stream arithmetic accumulates in fp32 and returns the stream dtype. Every output is
+contiguous, as the ops' fake kernels promise Inductor.
 """
 
 from __future__ import annotations
@@ -30,14 +31,33 @@ def pre(x: Tensor, h_pre: Tensor) -> Tensor:
     """Branch input ``u = sum_i H_pre[..., i] * x[i]``."""
     acc = compute_dtype(x.dtype)
     weights = h_pre.to(acc).movedim(-1, 0).unsqueeze(-1)
-    return (weights * x.to(acc)).sum(0).to(x.dtype)
+    return (weights * x.to(acc)).sum(0).to(x.dtype).contiguous()
 
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """New stream state ``X'[i] = sum_j H_res[..., i, j] X[j] + H_post[..., i] * y``."""
     acc = compute_dtype(x.dtype)
     mixed = (h_res.to(acc).movedim((-2, -1), (0, 1)).unsqueeze(-1) * x.to(acc).unsqueeze(0)).sum(1)
-    return (mixed + h_post.to(acc).movedim(-1, 0).unsqueeze(-1) * y.to(acc)).to(x.dtype)
+    out = mixed + h_post.to(acc).movedim(-1, 0).unsqueeze(-1) * y.to(acc)
+    return out.to(x.dtype).contiguous()
+
+
+def post_res_coeffs_pre(
+    x: Tensor,
+    y: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor | None,
+    alpha: Tensor | None,
+    bias: Tensor,
+    manifold: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Where site l ends and site l+1 begins: site l's merge ``X' = post_res(x, y, ...)``,
+    then site l+1's coefficients of X' and its branch input. Returns
+    ``(X', H_pre', H_post', H_res', u')``; the CUDA kernel reads X' back once instead of twice."""
+    out = post_res(x, y, h_post, h_res)
+    h_pre_next, h_post_next, h_res_next = coeffs(out, phi, alpha, bias, manifold)
+    return out, h_pre_next, h_post_next, h_res_next, pre(out, h_pre_next)
 
 
 def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,7 +65,7 @@ def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tens
     g = grad_u.to(acc)
     grad_x = (h_pre.to(acc).movedim(-1, 0).unsqueeze(-1) * g.unsqueeze(0)).to(x.dtype)
     grad_h_pre = (x.to(acc) * g.unsqueeze(0)).sum(-1).movedim(0, -1).to(h_pre.dtype)
-    return grad_x, grad_h_pre
+    return grad_x.contiguous(), grad_h_pre.contiguous()
 
 
 def post_res_backward(
@@ -60,10 +80,10 @@ def post_res_backward(
     grad_h_post = (g * y.to(acc).unsqueeze(0)).sum(-1).movedim(0, -1)
     grad_h_res = (g.unsqueeze(1) * x.to(acc).unsqueeze(0)).sum(-1).movedim((0, 1), (-2, -1))
     return (
-        grad_x.to(x.dtype),
-        grad_y.to(y.dtype),
-        grad_h_post.to(h_post.dtype),
-        grad_h_res.to(h_res.dtype),
+        grad_x.to(x.dtype).contiguous(),
+        grad_y.to(y.dtype).contiguous(),
+        grad_h_post.to(h_post.dtype).contiguous(),
+        grad_h_res.to(h_res.dtype).contiguous(),
     )
 
 
@@ -91,4 +111,6 @@ def coeffs_backward(
     # the Autograd dispatch key, where the autograd engine is switched off.
     _, vjp = torch.func.vjp(forward, *present)
     grads = iter(vjp((grad_pre, grad_post, grad_res)))
-    return tuple(next(grads) if t is not None else x.new_empty(0) for t in (x, phi, alpha, bias))
+    return tuple(
+        next(grads).contiguous() if t is not None else x.new_empty(0) for t in (x, phi, alpha, bias)
+    )

@@ -1,0 +1,52 @@
+"""Inputs of the hcpass ops for tests: random, with coefficients in their usual ranges."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hcpass.manifolds import create
+
+
+def stream_inputs(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> tuple:
+    torch.manual_seed(0)
+    x = torch.randn(n, *pos, C, dtype=dtype)
+    y = torch.randn(*pos, C, dtype=dtype)
+    coeff = torch.float64 if dtype == torch.float64 else torch.float32
+    h_pre = torch.rand(*pos, n, dtype=coeff)
+    h_post = 2 * torch.rand(*pos, n, dtype=coeff)
+    h_res = torch.rand(*pos, n, n, dtype=coeff)
+    return {
+        "pre": (x, h_pre),
+        "pre_backward": (y, x, h_pre),
+        "post_res": (x, y, h_post, h_res),
+        "post_res_backward": (torch.randn_like(x), x, y, h_post, h_res),
+    }[op]
+
+
+def coeffs_inputs(
+    name: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
+) -> tuple:
+    """(x, phi, alpha, bias, spec) with a projection large enough to move every logit."""
+    torch.manual_seed(0)
+    m = create(name, n, **options)
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, *pos, C, dtype=dtype)
+    bias = (m.init_bias(1) + 0.5 * torch.randn(m.num_logits)).to(params)
+    if not m.dynamic:
+        return x, None, None, bias, m.spec()
+    shape = m.phi_shape(C)
+    phi = (torch.randn(shape) / math.sqrt(shape[0])).to(params)
+    alpha = (0.5 + torch.rand(m.init_alpha().shape)).to(params)
+    return x, phi, alpha, bias, m.spec()
+
+
+def boundary_inputs(
+    n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
+) -> tuple:
+    """(x, y, h_post, h_res, phi, alpha, bias, spec) of a site boundary."""
+    x, phi, alpha, bias, spec = coeffs_inputs("sinkhorn", n, pos, C, dtype, options)
+    _, y, h_post, h_res = stream_inputs("post_res", n, pos, C, dtype)
+    # H_res as a merge uses it: rows summing to ~1 keep X' at x's scale
+    return x, y, h_post, h_res / h_res.sum(-1, keepdim=True), phi, alpha, bias, spec
