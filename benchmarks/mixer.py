@@ -4,8 +4,10 @@
     python benchmarks/mixer.py --n 4 --C 4096   # one configuration
 
 For each (n, C), bf16 streams, sinkhorn manifold (20 iterations): forward and backward of
-each op (coeffs, pre, post_res) and forward + backward of the whole mixer (coeffs -> pre,
-post_res with an independent branch output y), timed with triton.testing.do_bench
+each op (coeffs, pre, post_res), of the boundary between two sites (post_res of site l, then
+coeffs and pre of site l+1: one fused op in hcpass, the three ops elsewhere), and forward +
+backward of the whole mixer (coeffs -> pre, post_res with an independent branch output y),
+timed with triton.testing.do_bench
 (warmup, median). Backward times are `torch.autograd.grad` over a retained graph, so every
 column is measured through the same autograd path a training step takes.
 
@@ -46,6 +48,8 @@ PHASES = (
     "pre bwd",
     "post_res fwd",
     "post_res bwd",
+    "boundary fwd",
+    "boundary bwd",
     "mixer fwd+bwd",
 )
 
@@ -96,18 +100,35 @@ class Problem:
 # ---------------------------------------------------------------- implementations
 @dataclass
 class Implementation:
-    """The three forward ops with one signature (autograd gives the backward)."""
+    """The three forward ops with one signature (autograd gives the backward), and the
+    site boundary: ``(x, y, h_post, h_res, phi, alpha, bias) -> (X', H_pre', H_post',
+    H_res', u')``, by default the three ops in sequence."""
 
     coeffs: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
     pre: Callable[[Tensor, Tensor], Tensor]
     post_res: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     token_major: bool = False
+    boundary: Callable[..., tuple[Tensor, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.boundary is None:
+            self.boundary = self.unfused_boundary
+
+    def unfused_boundary(self, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *params):
+        out = self.post_res(x, y, h_post, h_res)
+        h_pre, h_post_next, h_res_next = self.coeffs(out, *params)
+        return out, h_pre, h_post_next, h_res_next, self.pre(out, h_pre)
 
 
 def hcpass_ops(p: Problem) -> Implementation:
     codegen.register_cuda_kernels()
     ops = torch.ops.hcpass
-    return Implementation(lambda x, *a: ops.coeffs(x, *a, p.spec), ops.pre, ops.post_res)
+    return Implementation(
+        lambda x, *a: ops.coeffs(x, *a, p.spec),
+        ops.pre,
+        ops.post_res,
+        boundary=lambda *a: ops.post_res_coeffs_pre(*a, p.spec),
+    )
 
 
 def eager_ops(p: Problem) -> Implementation:
@@ -172,6 +193,10 @@ def lower_bounds(p: Problem) -> dict[str, int]:
         "pre": nbytes(u, p.x, p.h_pre) + nbytes(p.x, p.h_pre),
         "post_res": nbytes(out, p.x, p.y, p.h_post, p.h_res) + nbytes(p.x, p.y, p.h_post, p.h_res),
     }
+    boundary_in = (p.x, p.y, p.h_post, p.h_res, *params)
+    boundary_out = (out, *coeffs, u)
+    fwd["boundary"] = nbytes(*boundary_in, *boundary_out)
+    bwd["boundary"] = nbytes(*boundary_out, *boundary_in) + nbytes(*boundary_in)
     mixer_fwd = nbytes(p.x, p.y, *params, u, out)
     mixer_bwd = nbytes(u, out, p.x, p.y, *params) + nbytes(p.x, p.y, *params)
     bounds = {f"{op} fwd": b for op, b in fwd.items()}
@@ -206,6 +231,7 @@ def measure(impl: Implementation, p: Problem) -> dict[str, float]:
         "coeffs": (impl.coeffs, leaves(x, *params)),
         "pre": (impl.pre, leaves(x, p.h_pre)),
         "post_res": (impl.post_res, leaves(x, y, p.h_post, p.h_res)),
+        "boundary": (impl.boundary, leaves(x, y, p.h_post, p.h_res, *params)),
     }
     for op, (fn, args) in cases.items():
         times[f"{op} fwd"], times[f"{op} bwd"] = time_forward_backward(fn, args)

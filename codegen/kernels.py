@@ -121,6 +121,21 @@ class _Coeffs:
     def fused(self) -> bool:
         return self.epilogue is not None
 
+    def buffers(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Empty H_pre, H_post and H_res (raw res logits ``[P, R]`` if unfused)."""
+        n, acc = self.n, self.acc
+        res_shape = (*self.pos, n, n) if self.fused else (self.P, self.R)
+        new = lambda shape: x.new_empty(shape, dtype=acc)
+        return new((*self.pos, n)), new((*self.pos, n)), new(res_shape)
+
+    @staticmethod
+    def parameters(
+        phi: Tensor | None, alpha: Tensor | None, bias: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernels' (phi, alpha, bias) pointers. A static mixer has no phi or alpha: bias
+        stands in for their pointers, never read (HAS_PHI is False)."""
+        return bias if phi is None else phi, bias if alpha is None else alpha, bias
+
     def grid(self, meta: dict) -> tuple[int]:
         return (triton.cdiv(self.P, meta["BLOCK_P"]),)
 
@@ -148,24 +163,11 @@ def _coeffs_forward(
     shape: _Coeffs, x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run coeffs_fwd: (H_pre, H_post, H_res), or raw res logits ``[P, R]`` if unfused."""
-    n, acc = shape.n, shape.acc
-    h_pre = x.new_empty((*shape.pos, n), dtype=acc)
-    h_post = x.new_empty((*shape.pos, n), dtype=acc)
-    res_shape = (*shape.pos, n, n) if shape.fused else (shape.P, shape.R)
-    h_res = x.new_empty(res_shape, dtype=acc)
-    # phi/alpha absent (static mixer): bias stands in for the pointers, never read (HAS_PHI)
+    coefficients = shape.buffers(x)
     shape.kernel("coeffs_fwd")(
-        x,
-        bias if phi is None else phi,
-        bias if alpha is None else alpha,
-        bias,
-        h_pre,
-        h_post,
-        h_res,
-        shape.P,
-        **shape.constants,
+        x, *shape.parameters(phi, alpha, bias), *coefficients, shape.P, **shape.constants
     )
-    return h_pre, h_post, h_res
+    return coefficients
 
 
 def coeffs_backward(
@@ -204,9 +206,7 @@ def coeffs_backward(
     coef = x.new_empty((P,) if phi is not None else (0,), dtype=acc)
     shape.kernel("coeffs_bwd_logits")(
         x,
-        bias if phi is None else phi,
-        bias if alpha is None else alpha,
-        bias,
+        *shape.parameters(phi, alpha, bias),
         grad_pre.contiguous(),
         grad_post.contiguous(),
         g_res,
@@ -338,30 +338,23 @@ def post_res_coeffs_pre(
     x, y, h_post, h_res, phi, alpha, bias = _contiguous(x, y, h_post, h_res, phi, alpha, bias)
     shape = _Coeffs(m, x, phi, alpha, bias)
     _check_device(*(t for t in (x, y, h_post, h_res, phi, alpha, bias) if t is not None))
-    n, acc = shape.n, shape.acc
     out = torch.empty_like(x)
     u = x.new_empty(x.shape[1:])
-    h_pre = x.new_empty((*shape.pos, n), dtype=acc)
-    h_post_next = x.new_empty((*shape.pos, n), dtype=acc)
-    h_res_next = x.new_empty((*shape.pos, n, n), dtype=acc)
+    coefficients = shape.buffers(x)
     shape.kernel("post_res_coeffs_pre_fwd")(
         x,
         y,
         h_post,
         h_res,
-        bias if phi is None else phi,
-        bias if alpha is None else alpha,
-        bias,
+        *shape.parameters(phi, alpha, bias),
         out,
-        h_pre,
-        h_post_next,
-        h_res_next,
+        *coefficients,
         u,
         shape.P,
-        NP=_pow2(n),
+        NP=_pow2(shape.n),
         **shape.constants,
     )
-    return out, h_pre, h_post_next, h_res_next, u
+    return out, *coefficients, u
 
 
 # op name -> launcher: what `register_cuda_kernels` installs as the ops' CUDA kernels.

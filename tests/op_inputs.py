@@ -8,6 +8,17 @@ import torch
 
 from hcpass.manifolds import create
 
+# Every hcpass op; the CUDA path registers a generated kernel for each.
+OP_NAMES = (
+    "coeffs",
+    "coeffs_backward",
+    "pre",
+    "pre_backward",
+    "post_res",
+    "post_res_backward",
+    "post_res_coeffs_pre",
+)
+
 
 def stream_inputs(op: str, n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype) -> tuple:
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import pytest
 import torch
 import triton
 from hcpass.codegen import generate, kernels, register_cuda_kernels
-from op_inputs import boundary_inputs, coeffs_inputs, stream_inputs
+from op_inputs import OP_NAMES, boundary_inputs, coeffs_inputs, stream_inputs
 
 from hcpass.manifolds import create, manifold_names
 from hcpass.ops import reference
@@ -269,15 +269,6 @@ def test_kernels_compile_for_sm90(monkeypatch):
 
 # ---------------------------------------------------------------------------------- GPU
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-OPS = [
-    "coeffs",
-    "coeffs_backward",
-    "pre",
-    "pre_backward",
-    "post_res",
-    "post_res_backward",
-    "post_res_coeffs_pre",
-]
 
 
 def _on_cuda(args: tuple, dtype: torch.dtype, C: int) -> tuple:
@@ -300,7 +291,7 @@ GPU_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("n", [2, 4, 8])
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_cuda_kernels_match_reference(op, n, dtype):
     pos, C = (3, 345), 1000
     if op == "post_res_coeffs_pre":
@@ -345,7 +336,7 @@ def test_inductor_output_calls_the_generated_kernels():
     compiled = torch.compile(functools.partial(mixer, torch.ops.hcpass))
     got, codes = run_and_get_code(step, compiled)
     code = "\n".join(codes)
-    for op in OPS:
+    for op in OP_NAMES:
         assert f"torch.ops.hcpass.{op}.default" in code, op
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(compiled)
