@@ -9,9 +9,10 @@ Layouts. x is stream-major ``[N, P, C]``; phi ``[N * C, K]`` with K = 2N + R log
 (pre | post | res). Per block of BLOCK_P positions the projection is three tl.dot
 accumulators, one per logit group, because Triton cannot slice a register tile by columns:
 pre and post ``[BLOCK_P, W]`` (W >= 16 for tl.dot, column k < N valid) and res
-``[BLOCK_P, RW]``. With a fused epilogue the res tile is the padded square ``RW = S * S``
-(column ``i * S + j`` holds logit ``i * N + j``) that reshapes to ``[BLOCK_P, S, S]``;
-without one it is flat (column r holds logit r < R).
+``[BLOCK_P, RW]``. With an epilogue of the square layout (SQUARE) the res tile is the padded
+square ``RW = S * S`` (column ``i * S + j`` holds logit ``i * N + j``) that reshapes to
+``[BLOCK_P, S, S]``; otherwise it is flat (column r holds logit r < R), which is what a flat
+epilogue receives and what the kernels return without an epilogue (FUSED false).
 """
 
 import triton
@@ -21,13 +22,13 @@ import triton.language as tl
 
 
 @triton.jit
-def res_map(logits, N: tl.constexpr):
+def res_map(logits, N: tl.constexpr, S: tl.constexpr):
     tl.static_assert(False, "placeholder: generate.py splices Manifold.triton_res_map() here")
     return logits
 
 
 @triton.jit
-def res_map_vjp(logits, grad, N: tl.constexpr):
+def res_map_vjp(logits, grad, N: tl.constexpr, S: tl.constexpr):
     tl.static_assert(False, "placeholder: generate.py splices Manifold.triton_res_map() here")
     return grad
 
@@ -37,11 +38,11 @@ def res_map_vjp(logits, grad, N: tl.constexpr):
 
 @triton.jit
 def _res_columns(
-    N: tl.constexpr, R: tl.constexpr, S: tl.constexpr, RW: tl.constexpr, FUSED: tl.constexpr
+    N: tl.constexpr, R: tl.constexpr, S: tl.constexpr, RW: tl.constexpr, SQUARE: tl.constexpr
 ):
     """phi column and validity of each column of the res tile (see the module docstring)."""
     r = tl.arange(0, RW)
-    if FUSED:
+    if SQUARE:
         i = r // S
         j = r % S
         col = 2 * N + i * N + j
@@ -172,6 +173,7 @@ def _store_coeffs(
     S: tl.constexpr,
     W: tl.constexpr,
     FUSED: tl.constexpr,
+    SQUARE: tl.constexpr,
 ):
     """Write H_pre = sigmoid, H_post = 2 sigmoid and H_res = the manifold's map of the
     logits (or, unfused, the raw res logits ``[P, R]``) of positions `p`."""
@@ -183,7 +185,10 @@ def _store_coeffs(
     tl.store(pre_ptr + nk, tl.sigmoid(l_pre), mask=nk_ok)
     tl.store(post_ptr + nk, 2.0 * tl.sigmoid(l_post), mask=nk_ok)
     if FUSED:
-        h = res_map(tl.reshape(l_res, (BLOCK_P, S, S)), N)
+        if SQUARE:
+            h = res_map(tl.reshape(l_res, (BLOCK_P, S, S)), N, S)
+        else:
+            h = res_map(l_res, N, S)
         i = tl.arange(0, S)
         ij = p[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
         ij_ok = p_ok[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
@@ -214,6 +219,7 @@ def coeffs_fwd(
     RW: tl.constexpr,
     HAS_PHI: tl.constexpr,
     FUSED: tl.constexpr,
+    SQUARE: tl.constexpr,
     EPS: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -223,7 +229,7 @@ def coeffs_fwd(
     """H_pre, H_post and H_res (or, unfused, the raw res logits ``[P, R]``) of BLOCK_P
     positions: one read of their n*C state, 4 * (2n + n^2) bytes written per position."""
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    res_col, res_ok = _res_columns(N, R, S, RW, FUSED)
+    res_col, res_ok = _res_columns(N, R, S, RW, SQUARE)
     l_pre, l_post, l_res, _, _, _, _, _, _, _ = _logits(
         x_ptr,
         phi_ptr,
@@ -245,7 +251,22 @@ def coeffs_fwd(
         BLOCK_C,
     )
     _store_coeffs(
-        l_pre, l_post, l_res, p, P, pre_ptr, post_ptr, res_ptr, res_col, res_ok, N, R, S, W, FUSED
+        l_pre,
+        l_post,
+        l_res,
+        p,
+        P,
+        pre_ptr,
+        post_ptr,
+        res_ptr,
+        res_col,
+        res_ok,
+        N,
+        R,
+        S,
+        W,
+        FUSED,
+        SQUARE,
     )
 
 
@@ -271,6 +292,7 @@ def coeffs_bwd_logits(
     RW: tl.constexpr,
     HAS_PHI: tl.constexpr,
     FUSED: tl.constexpr,
+    SQUARE: tl.constexpr,
     EPS: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -288,7 +310,7 @@ def coeffs_bwd_logits(
     K: tl.constexpr = 2 * N + R
     p = (pid * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     p_ok = p < P
-    res_col, res_ok = _res_columns(N, R, S, RW, FUSED)
+    res_col, res_ok = _res_columns(N, R, S, RW, SQUARE)
     l_pre, l_post, l_res, z_pre, z_post, z_res, rms, a_pre, a_post, a_res = _logits(
         x_ptr,
         phi_ptr,
@@ -326,7 +348,10 @@ def coeffs_bwd_logits(
         ij = p[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
         ij_ok = p_ok[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
         g_res = tl.load(gres_ptr + ij, mask=ij_ok, other=0.0).to(ACC)
-        d_res = res_map_vjp(tl.reshape(l_res, (BLOCK_P, S, S)), g_res, N)
+        if SQUARE:
+            d_res = res_map_vjp(tl.reshape(l_res, (BLOCK_P, S, S)), g_res, N, S)
+        else:
+            d_res = res_map_vjp(l_res, g_res, N, S)
         d_res = tl.where(res_in, tl.reshape(d_res, (BLOCK_P, RW)), 0.0)
     else:
         d_res = tl.load(
@@ -436,6 +461,7 @@ def post_res_coeffs_pre_fwd(
     NP: tl.constexpr,
     HAS_PHI: tl.constexpr,
     FUSED: tl.constexpr,
+    SQUARE: tl.constexpr,
     EPS: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
@@ -461,7 +487,7 @@ def post_res_coeffs_pre_fwd(
     s = tl.arange(0, NP)
     s_ok = s < N
     sp_ok = s_ok[:, None] & p_ok[None, :]
-    res_col, res_ok = _res_columns(N, R, S, RW, FUSED)
+    res_col, res_ok = _res_columns(N, R, S, RW, SQUARE)
     k = tl.arange(0, W)
     k_ok = k < N
     hpost = tl.load(hpost_ptr + p[None, :] * N + s[:, None], mask=sp_ok, other=0.0).to(ACC)
@@ -515,7 +541,22 @@ def post_res_coeffs_pre_fwd(
         EPS,
     )
     _store_coeffs(
-        l_pre, l_post, l_res, p, P, pre_ptr, post_ptr, res_ptr, res_col, res_ok, N, R, S, W, FUSED
+        l_pre,
+        l_post,
+        l_res,
+        p,
+        P,
+        pre_ptr,
+        post_ptr,
+        res_ptr,
+        res_col,
+        res_ok,
+        N,
+        R,
+        S,
+        W,
+        FUSED,
+        SQUARE,
     )
     # H_pre' as [stream, position]: column k of the [BLOCK_P, W] tile is stream k
     h_pre = tl.sum(tl.where(k[None, None, :] == s[:, None, None], tl.sigmoid(l_pre)[None], 0.0), 2)

@@ -87,9 +87,18 @@ class _Coeffs:
         self.epilogue = manifold.triton_res_map()
         self.n, self.P, self.C = _stream_shape(x)
         n, R = self.n, manifold.res_logits
-        if self.epilogue is not None and R != n * n:
+        layout = manifold.triton_res_layout
+        if layout not in ("square", "flat"):
             raise ValueError(
-                f"manifold {manifold.name!r} has a Triton epilogue but {R} != n*n res logits"
+                f"manifold {manifold.name!r}: triton_res_layout must be 'square' or 'flat', "
+                f"got {layout!r}"
+            )
+        # a square epilogue reads the res logits as an n x n tile
+        self.square = self.fused and layout == "square"
+        if self.square and R != n * n:
+            raise ValueError(
+                f"manifold {manifold.name!r} has a square Triton epilogue but {R} != n*n res "
+                "logits (declare triton_res_layout = 'flat')"
             )
         self.R, self.K = R, 2 * n + R
         if bias.numel() != self.K:
@@ -101,7 +110,7 @@ class _Coeffs:
                 raise ValueError("a dynamic mixer (phi given) needs alpha with 3 entries")
         self.pos = tuple(x.shape[1:-1])
         self.acc = compute_dtype(x.dtype)
-        # S: side of the padded square res tile; W, RW: tile widths (tl.dot needs >= 16).
+        # S: side of the padded H_res tile; W, RW: tile widths (tl.dot needs >= 16).
         S = max(4, _pow2(n))
         self.constants = dict(
             N=n,
@@ -109,9 +118,10 @@ class _Coeffs:
             R=R,
             S=S,
             W=max(16, _pow2(n)),
-            RW=S * S if self.fused else _pow2(R, 16),
+            RW=S * S if self.square else _pow2(R, 16),
             HAS_PHI=phi is not None,
             FUSED=self.fused,
+            SQUARE=self.square,
             EPS=RMS_EPS,
             ACC=_acc(x.dtype),
             DOT=_dot_precision(x.dtype),

@@ -54,10 +54,15 @@ def coeffs_inputs(
 
 
 def boundary_inputs(
-    n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
+    n: int,
+    pos: tuple[int, ...],
+    C: int,
+    dtype: torch.dtype,
+    options: dict,
+    manifold: str = "sinkhorn",
 ) -> tuple:
     """(x, y, h_post, h_res, phi, alpha, bias, spec) of a site boundary."""
-    x, phi, alpha, bias, spec = coeffs_inputs("sinkhorn", n, pos, C, dtype, options)
+    x, phi, alpha, bias, spec = coeffs_inputs(manifold, n, pos, C, dtype, options)
     _, y, h_post, h_res = stream_inputs("post_res", n, pos, C, dtype)
     # H_res as a merge uses it: rows summing to ~1 keep X' at x's scale
     return x, y, h_post, h_res / h_res.sum(-1, keepdim=True), phi, alpha, bias, spec

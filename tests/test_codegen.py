@@ -74,9 +74,14 @@ def run_coeffs_case(
 
 
 def run_boundary_case(
-    n: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, options: dict
+    n: int,
+    pos: tuple[int, ...],
+    C: int,
+    dtype: torch.dtype,
+    options: dict,
+    manifold: str = "sinkhorn",
 ) -> None:
-    args = boundary_inputs(n, pos, C, dtype, options)
+    args = boundary_inputs(n, pos, C, dtype, options, manifold)
     got = kernels.post_res_coeffs_pre(*args)
     assert_matches(got, reference.post_res_coeffs_pre(*args), TOL[dtype])
 
@@ -129,6 +134,35 @@ COEFFS_CASES = [
 def test_coeffs_kernels(interpreter, backward, case, dtype):
     n, pos, C, options = case
     interpreter.submit(run_coeffs_case, "sinkhorn", n, pos, C, dtype, options, backward).result()
+
+
+# Manifolds with a flat-layout epilogue, at every n it covers, forward and backward.
+FLAT_EPILOGUE_CASES = [
+    ("kronecker", 1, (7,), 32),
+    ("kronecker", 2, (13,), 40),
+    ("kronecker", 4, (37,), 32),
+    ("kronecker", 8, (7,), 96),
+    ("permutation", 1, (7,), 32),
+    ("permutation", 2, (13,), 40),
+    ("permutation", 3, (37,), 32),
+    ("permutation", 4, (13,), 96),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FLAT_EPILOGUE_CASES, ids=str)
+def test_flat_epilogues(interpreter, case, dtype):
+    """Coefficients forward and backward, and the site boundary."""
+    name, n, pos, C = case
+    assert create(name, n).triton_res_map() is not None
+    for backward in (False, True):
+        interpreter.submit(run_coeffs_case, name, n, pos, C, dtype, {}, backward).result()
+    interpreter.submit(run_boundary_case, n, pos, C, dtype, {}, name).result()
+
+
+def test_permutation_epilogue_stops_at_four_streams():
+    # n = 5 would hold [BLOCK, 120, 8, 8] in registers: its res_map stays in PyTorch
+    assert create("permutation", 5).triton_res_map() is None
 
 
 @pytest.mark.parametrize("name", manifold_names())
@@ -212,18 +246,25 @@ class _Recorder:
 
 def _record_launches(monkeypatch, dtype: torch.dtype) -> list:
     """Every kernel launch of the launchers on bf16 streams (sinkhorn fused and unfused,
-    dynamic and static), recorded instead of run."""
+    dynamic and static; the flat epilogues of kronecker and permutation), recorded instead
+    of run."""
     monkeypatch.setattr(_Recorder, "launches", [])
     monkeypatch.setattr(generate, "kernel", _Recorder)
     monkeypatch.setattr(kernels, "_check_device", lambda *tensors: None)
     n, pos, C = 4, (16,), 256
-    for options in ({}, {"dynamic": False}, {"sinkhorn_backward": "implicit"}):
-        x, phi, alpha, bias, spec = coeffs_inputs("sinkhorn", n, pos, C, torch.float32, options)
+    for name, options in (
+        ("sinkhorn", {}),
+        ("sinkhorn", {"dynamic": False}),
+        ("sinkhorn", {"sinkhorn_backward": "implicit"}),
+        ("kronecker", {}),
+        ("permutation", {}),
+    ):
+        x, phi, alpha, bias, spec = coeffs_inputs(name, n, pos, C, torch.float32, options)
         x = x.to(dtype)
         outs = reference.coeffs(x, phi, alpha, bias, spec)
         kernels.coeffs(x, phi, alpha, bias, spec)
         kernels.coeffs_backward(*(torch.ones_like(o) for o in outs), x, phi, alpha, bias, spec)
-        x, y, h_post, h_res, *params = boundary_inputs(n, pos, C, torch.float32, options)
+        x, y, h_post, h_res, *params = boundary_inputs(n, pos, C, torch.float32, options, name)
         kernels.post_res_coeffs_pre(x.to(dtype), y.to(dtype), h_post, h_res, *params)
     for op in ("pre", "pre_backward", "post_res", "post_res_backward"):
         args = stream_inputs(op, n, pos, C, torch.float32)

@@ -102,14 +102,22 @@ class Manifold:
         or None: the kernels then return the raw H_res logits and `res_map` finishes in
         PyTorch (its gradient by `torch.func.vjp`).
 
-        Only for ``res_logits == n * n``. The source defines two ``@triton.jit`` functions
-        (``triton`` and ``tl`` are in scope) working on ``[BLOCK, S, S]`` tiles, S >= n a
-        power of two, entry ``[b, i, j]`` = logit ``i * n + j``, fp32 (fp64 for fp64 streams):
-        ``res_map(logits, N: tl.constexpr)`` returns H_res (entries with i or j >= N are
-        padding: they read 0 and are not stored) and ``res_map_vjp(logits, grad, N:
-        tl.constexpr)`` the logits' gradient given H_res's (0 on the padding).
+        The source defines two ``@triton.jit`` functions (``triton`` and ``tl`` are in
+        scope), fp32 (fp64 for fp64 streams), S >= n a power of two:
+        ``res_map(logits, N: tl.constexpr, S: tl.constexpr)`` returns H_res as a
+        ``[BLOCK, S, S]`` tile (entries with i or j >= N are padding, not stored) and
+        ``res_map_vjp(logits, grad, N: tl.constexpr, S: tl.constexpr)`` the logits' gradient,
+        shaped like `logits`, given H_res's (``grad`` is 0 on the padding). How `logits`
+        arrives is `triton_res_layout`.
         """
         return None
+
+    # How `triton_res_map`'s functions receive the res logits: "square", a ``[BLOCK, S, S]``
+    # tile with entry ``[b, i, j]`` = logit ``i * n + j`` (only for res_logits == n * n;
+    # padding reads 0), or "flat", a ``[BLOCK, RW]`` tile with column r = logit r (RW >= 16
+    # a power of two; columns r >= res_logits are padding, read 0, and their gradient is
+    # ignored).
+    triton_res_layout: ClassVar[str] = "square"
 
     # ------------------------------------------------------------------ shared parts
     @property

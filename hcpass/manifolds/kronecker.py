@@ -19,6 +19,61 @@ from hcpass.manifolds.base import Manifold, compute_dtype
 # Per-factor identity bias [0, -8]: p = sigmoid(8) ~ 0.99966 (KromHC's init).
 SWAP_LOGIT = -8.0
 
+# The fused epilogue (see Manifold.triton_res_map), on the flat res logits: column 2f and
+# 2f + 1 are factor f's pair. H_res[i, j] = prod_f (p_f if i and j agree on factor f's bit else
+# q_f); the gradient of factor f takes the product of the other factors, recomputed (no
+# division: q_f can underflow to 0).
+TRITON_KRONECKER = """
+@triton.jit
+def _kron_pair(logits, f: tl.constexpr):
+    # (p, q) = softmax of factor f's two logits, as [BLOCK] vectors
+    r = tl.arange(0, logits.shape[1])[None, :]
+    a = tl.sum(tl.where(r == 2 * f, logits, 0.0), axis=1)
+    b = tl.sum(tl.where(r == 2 * f + 1, logits, 0.0), axis=1)
+    return tl.sigmoid(a - b), tl.sigmoid(b - a)
+
+
+@triton.jit
+def _kron_same(f: tl.constexpr, S: tl.constexpr):
+    # [1, S, S]: streams i and j agree on factor f's bit (factor 0 on the most significant)
+    bit: tl.constexpr = {factors} - 1 - f
+    i = tl.arange(0, S)
+    return (((i[:, None] >> bit) & 1) == ((i[None, :] >> bit) & 1))[None, :, :]
+
+
+@triton.jit
+def _kron_factor(logits, f: tl.constexpr, S: tl.constexpr):
+    p, q = _kron_pair(logits, f)
+    return tl.where(_kron_same(f, S), p[:, None, None], q[:, None, None])
+
+
+@triton.jit
+def res_map(logits, N: tl.constexpr, S: tl.constexpr):
+    h = tl.full((logits.shape[0], S, S), 1.0, logits.dtype)
+    for f in tl.static_range({factors}):
+        h = h * _kron_factor(logits, f, S)
+    return h
+
+
+@triton.jit
+def res_map_vjp(logits, grad, N: tl.constexpr, S: tl.constexpr):
+    r = tl.arange(0, logits.shape[1])[None, :]
+    d = tl.zeros(logits.shape, logits.dtype)
+    for f in tl.static_range({factors}):
+        others = tl.full((logits.shape[0], S, S), 1.0, logits.dtype)
+        for g in tl.static_range({factors}):
+            if g != f:
+                others = others * _kron_factor(logits, g, S)
+        same = _kron_same(f, S)
+        g_p = tl.sum(tl.sum(tl.where(same, grad * others, 0.0), axis=2), axis=1)
+        g_q = tl.sum(tl.sum(tl.where(same, 0.0, grad * others), axis=2), axis=1)
+        p, q = _kron_pair(logits, f)
+        # softmax's vjp on a pair: d(first logit) = p q (g_p - g_q) = -d(second logit)
+        da = (p * q * (g_p - g_q))[:, None]
+        d += tl.where(r == 2 * f, da, tl.where(r == 2 * f + 1, -da, 0.0))
+    return d
+"""
+
 
 @register_manifold
 class Kronecker(Manifold):
@@ -56,3 +111,8 @@ class Kronecker(Manifold):
 
     def res_identity_bias(self) -> Tensor:
         return torch.tensor([0.0, SWAP_LOGIT]).repeat(self.factors)
+
+    triton_res_layout = "flat"
+
+    def triton_res_map(self) -> str:
+        return TRITON_KRONECKER.format(factors=self.factors)

@@ -24,6 +24,63 @@ MAX_STREAMS = 8
 OTHER_PERMUTATION_LOGIT = -8.0
 
 
+# The fused epilogue holds a [BLOCK, n!, n, n] tile: 384 entries per position at n = 4, 7680
+# at n = 5. Wider mixers run res_map in PyTorch.
+MAX_TRITON_STREAMS = 4
+
+# The fused epilogue (see Manifold.triton_res_map), on the flat res logits (column k = P_k).
+# perm_k(i) is read off integer literals: bits [BITS * k, BITS * (k + 1)) of row i's code.
+TRITON_PERMUTATION = """
+@triton.jit
+def _perm_basis(RW: tl.constexpr, S: tl.constexpr, dtype: tl.constexpr):
+    # [RW, S, S]: basis[k, i, j] = 1 where P_k[i, j] = 1 (rows k >= n! are 0)
+    k = tl.arange(0, RW).to(tl.int64)
+    i = tl.arange(0, S)[None, :, None]
+    j = tl.arange(0, S)[None, None, :]
+    valid = (k < {count})[:, None, None] & (i < {n}) & (j < {n})
+    basis = tl.zeros((RW, S, S), dtype)
+{rows}
+    return tl.where(valid, basis, 0.0)
+
+
+@triton.jit
+def _perm_weights(logits):
+    # softmax over the n! valid columns, exactly 0 on the padding
+    r = tl.arange(0, logits.shape[1])[None, :]
+    logits = tl.where(r < {count}, logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def res_map(logits, N: tl.constexpr, S: tl.constexpr):
+    basis = _perm_basis(logits.shape[1], S, logits.dtype)
+    return tl.sum(_perm_weights(logits)[:, :, None, None] * basis[None], axis=1)
+
+
+@triton.jit
+def res_map_vjp(logits, grad, N: tl.constexpr, S: tl.constexpr):
+    basis = _perm_basis(logits.shape[1], S, logits.dtype)
+    w = _perm_weights(logits)
+    g_w = tl.sum(tl.sum(grad[:, None, :, :] * basis[None], axis=3), axis=2)
+    return w * (g_w - tl.sum(w * g_w, axis=1)[:, None])
+"""
+TRITON_BASIS_ROW = """\
+    target = (tl.full(k.shape, {code}, tl.int64) >> ({bits} * k)) & {mask}
+    basis += tl.where((i == {row}) & (target[:, None, None] == j), 1.0, 0.0).to(dtype)"""
+
+
+def triton_source(n: int) -> str:
+    """TRITON_PERMUTATION for n streams: one code per row i, perm_k(i) in its k-th field."""
+    perms = list(itertools.permutations(range(n)))
+    bits = max(1, (n - 1).bit_length())
+    rows = []
+    for row in range(n):
+        code = sum(perm[row] << (bits * k) for k, perm in enumerate(perms))
+        rows.append(TRITON_BASIS_ROW.format(code=code, bits=bits, mask=(1 << bits) - 1, row=row))
+    return TRITON_PERMUTATION.format(count=len(perms), n=n, rows="\n".join(rows))
+
+
 @functools.cache
 def permutation_matrices(n: int) -> Tensor:
     """``[n!, n * n]`` fp64: row k is P_k flattened, ``P_k[i, perm_k[i]] = 1``. The
@@ -60,3 +117,8 @@ class Permutation(Manifold):
         bias = torch.full((self.res_logits,), OTHER_PERMUTATION_LOGIT)
         bias[0] = 0.0
         return bias
+
+    triton_res_layout = "flat"
+
+    def triton_res_map(self) -> str | None:
+        return triton_source(self.streams) if self.streams <= MAX_TRITON_STREAMS else None

@@ -50,7 +50,7 @@ def _sinkhorn_exp(logits, N: tl.constexpr):
 
 
 @triton.jit
-def res_map(logits, N: tl.constexpr):
+def res_map(logits, N: tl.constexpr, S: tl.constexpr):
     m = _sinkhorn_exp(logits, N)
     for _ in range({iters}):
         m = m / tl.maximum(tl.sum(m, axis=1, keep_dims=True), 1e-30)
@@ -59,7 +59,7 @@ def res_map(logits, N: tl.constexpr):
 
 
 @triton.jit
-def res_map_vjp(logits, grad, N: tl.constexpr):
+def res_map_vjp(logits, grad, N: tl.constexpr, S: tl.constexpr):
     valid = _sinkhorn_valid(logits, N)
     m0 = _sinkhorn_exp(logits, N)
     g = grad
