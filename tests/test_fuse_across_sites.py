@@ -75,8 +75,12 @@ return (mean,)""",
         self.assertEqual(counts["post_res_coeffs_pre"], 5)
         self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (1, 1, 1))
 
-    def test_a_norm_between_sites_keeps_them_apart(self):
-        gm = fused(PostNorm(), (torch.randn(2, 3, 4),))
+    def test_a_norm_between_sites_keeps_them_apart_and_the_log_says_why(self):
+        with self.assertLogs("hcpass", level="INFO") as logs:
+            gm = fused(PostNorm(), (torch.randn(2, 3, 4),))
+        message = logs.output[-1]
+        self.assertIn("fused 0 of 2 site boundaries", message)
+        self.assertIn("post_res_default: no site reads its output directly (it goes to flatten)", message)
         counts = op_counts(gm)
         self.assertNotIn("post_res_coeffs_pre", counts)
         self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (2, 2, 2))

@@ -43,21 +43,26 @@ class SiteBoundary:
     place: fx.Node  # the fused op goes before this node: after its inputs, before any user
 
     @classmethod
-    def match(cls, merge: fx.Node, position: dict[fx.Node, int]) -> SiteBoundary | None:
+    def match(cls, merge: fx.Node, position: dict[fx.Node, int]) -> SiteBoundary | str:
+        """The boundary after `merge`, or why there is none to fuse."""
+        reason = "no site reads its output directly" + _through(merge)
         for coeffs in merge.users:
             if not _calls(coeffs, _OPS.coeffs.default) or coeffs.args[0] is not merge:
                 continue
             outputs = _getitems(coeffs)
             if outputs is None:
+                reason = "the next site's coefficients are used whole, not indexed"
                 continue
             place = _placement(merge, coeffs, position)
             if place is None:
+                reason = "no place in the graph is after all its inputs and before its readers"
                 continue
             for h_pre in outputs.get(0, []):
                 for pre in h_pre.users:
                     if _calls(pre, _OPS.pre.default) and pre.args == (merge, h_pre):
                         return cls(merge, coeffs, outputs, pre, place)
-        return None
+            reason = "the next site's branch input is not pre(merge, H_pre)"
+        return reason
 
     def fuse(self, graph: fx.Graph) -> fx.Node:
         """Replace the three ops by one; returns the fused node."""
@@ -86,14 +91,21 @@ class SiteBoundary:
 class FuseAcrossSites(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         merges = [n for n in graph.nodes if _calls(n, _OPS.post_res.default)]
-        fused = 0
+        unfused = []
         for merge in merges:
             position = {node: i for i, node in enumerate(graph.nodes)}
             boundary = SiteBoundary.match(merge, position)
-            if boundary is not None:
+            if isinstance(boundary, SiteBoundary):
                 boundary.fuse(graph)
-                fused += 1
-        log.debug("fused %d of %d site boundaries", fused, len(merges))
+            else:
+                unfused.append(f"{merge.name}: {boundary}")
+        if merges:
+            log.info(
+                "hcpass: fused %d of %d site boundaries into post_res_coeffs_pre%s",
+                len(merges) - len(unfused),
+                len(merges),
+                "".join(f"\n  not fused after {line}" for line in unfused),
+            )
 
 
 def _placement(merge: fx.Node, coeffs: fx.Node, position: dict[fx.Node, int]) -> fx.Node | None:
@@ -106,6 +118,12 @@ def _placement(merge: fx.Node, coeffs: fx.Node, position: dict[fx.Node, int]) ->
     if all(position[u] > position[coeffs] for u in merge.users if u is not coeffs):
         return coeffs
     return None
+
+
+def _through(merge: fx.Node) -> str:
+    """', it goes to <op>, ...' naming what reads the merge, for the log."""
+    readers = sorted({str(getattr(u.target, "__name__", u.target)) for u in merge.users})
+    return f" (it goes to {', '.join(readers)})" if readers else ""
 
 
 def _calls(node: fx.Node, target: object) -> bool:
