@@ -83,11 +83,20 @@ def _like(t: Tensor) -> Tensor:
     return t.new_empty(t.shape)
 
 
-@coeffs.register_fake
-def _(x, phi, alpha, bias, manifold):
+def _coefficients_like(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """H_pre, H_post, H_res of the stream state `x`."""
     pos, n = _coeff_shapes(x)
     new = lambda *s: x.new_empty(*s, dtype=compute_dtype(x.dtype))
     return new(*pos, n), new(*pos, n), new(*pos, n, n)
+
+
+def _branch_input_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1:])
+
+
+@coeffs.register_fake
+def _(x, phi, alpha, bias, manifold):
+    return _coefficients_like(x)
 
 
 @coeffs_backward.register_fake
@@ -98,7 +107,7 @@ def _(grad_pre, grad_post, grad_res, x, phi, alpha, bias, manifold):
 
 @pre.register_fake
 def _(x, h_pre):
-    return x.new_empty(x.shape[1:])
+    return _branch_input_like(x)
 
 
 @pre_backward.register_fake
@@ -123,15 +132,7 @@ def _(grad_out, x, y, h_post, h_res):
 
 @post_res_coeffs_pre.register_fake
 def _(x, y, h_post, h_res, phi, alpha, bias, manifold):
-    pos, n = _coeff_shapes(x)
-    new = lambda *s: x.new_empty(*s, dtype=compute_dtype(x.dtype))
-    return (
-        _like(x),
-        new(*pos, n),
-        new(*pos, n),
-        new(*pos, n, n),
-        x.new_empty(x.shape[1:]),
-    )
+    return _like(x), *_coefficients_like(x), _branch_input_like(x)
 
 
 # ---------------------------------------------------------------------------- autograd
