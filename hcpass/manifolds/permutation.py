@@ -70,6 +70,7 @@ TRITON_BASIS_ROW = """\
     basis += tl.where((i == {row}) & (target[:, None, None] == j), 1.0, 0.0).to(dtype)"""
 
 
+@functools.cache  # asked for on every kernel launch
 def triton_source(n: int) -> str:
     """TRITON_PERMUTATION for n streams: one code per row i, perm_k(i) in its k-th field."""
     perms = list(itertools.permutations(range(n)))
