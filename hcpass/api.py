@@ -70,9 +70,7 @@ def convert(
         )
     mixers = {site.key: Mixer(mixer_manifold, site.channels, site.position) for site in found.sites}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    converted = ConvertedModule(model, found, mixers).to(device)
-    converted.graph_modules.extend(converted.rewrite(g.gm)[0] for g in graphs)
-    return converted
+    return ConvertedModule(model, found, mixers, graphs).to(device)
 
 
 def compile(

@@ -69,7 +69,7 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
     mixer_params = [
         p
         for index, inputs in mixed.mixers
-        for p in owner.mixer_parameters(example_inputs[index], inputs)
+        for p in owner.mixer_parameters(example_inputs[index], inputs)[1]
     ]
     compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params])
     return replace(mixed, fn=compiled)

@@ -43,25 +43,34 @@ class CapturedGraph:
     gm: fx.GraphModule
     index: int  # order in which the forward reached it
     graph_break: str | None  # why Dynamo ended this graph early, if it did
+    calls: int = 1  # how often the forward ran it (a resumed frame may run once per layer)
 
 
 def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[CapturedGraph]:
     """Run `model` once under Dynamo (no grad, RNG and buffers restored) and return its
     graphs, parameter placeholders annotated with their names."""
-    graphs: list[CapturedGraph] = []
+    found: list[tuple[fx.GraphModule, str | None]] = []
+    calls: list[int] = []
     names = parameter_names(model)
 
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         annotate_parameters(gm, names)
         reason = getattr(gm, "compile_subgraph_reason", None)
         broke = reason.reason.strip().splitlines()[0] if reason and reason.graph_break else None
-        graphs.append(CapturedGraph(gm, len(graphs), broke))
-        return gm.forward
+        index = len(found)
+        found.append((gm, broke))
+        calls.append(0)
+
+        def counted(*inputs: Any) -> Any:
+            calls[index] += 1
+            return gm.forward(*inputs)
+
+        return counted
 
     compiled = torch.compile(fresh_trampoline("capture"), backend=record)
     with side_effect_free(model):
         compiled(model, tuple(args), dict(kwargs))
-    return graphs
+    return [CapturedGraph(gm, i, broke, calls[i]) for i, (gm, broke) in enumerate(found)]
 
 
 @contextlib.contextmanager

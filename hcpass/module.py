@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._C._dynamo.eval_frame import reset_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcpass import logs
 from hcpass.capture import (
+    CapturedGraph,
     annotate_parameters,
     fresh_function,
     fresh_trampoline,
@@ -40,11 +43,16 @@ log = logging.getLogger("hcpass")
 
 @dataclass
 class _Run:
-    """One forward call of a ConvertedModule."""
+    """One forward call of a ConvertedModule: what ran, checked against the plan at the end."""
 
     owner: ConvertedModule
-    mixers_ran: int = 0
     observer: TorchDispatchMode | None = None  # sees the mixer ops (hcpass.mixers)
+    compiled: bool = False  # an outer torch.compile traced this forward
+    graphs: int = 0  # rewritten graphs that ran
+    mixers_ran: int = 0  # site executions
+    chains: int = 0  # chain executions (expand ... collapse)
+    keys: set[str] = field(default_factory=set)  # mixers that ran
+    notes: list[str] = field(default_factory=list)  # why a re-capture rewrote fewer sites
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("hcpass_run", default=None)
@@ -63,29 +71,54 @@ class MixedGraph:
     fn: Callable[..., Any]
     mixers: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
     sites: int
+    chains: int = 0
+    # The graph as captured: Dynamo caches a graph per code object, so a frame resumed
+    # after a graph break also runs it for plain instances of the converted model's class.
+    plain: Callable[..., Any] | None = None
+    notes: tuple[str, ...] = ()  # candidate adds this capture did not rewrite, and why
 
     def __call__(self, *args: Any) -> Any:
         run = _RUN.get()
         if run is None:
-            raise RuntimeError(
-                "hcpass: a graph rewritten for a converted model was called outside its "
-                "forward (Dynamo reused a cached graph for a plain model of the same class); "
-                "call torch._dynamo.reset() before compiling the plain model"
-            )
+            if self.plain is None:
+                raise RuntimeError(
+                    "hcpass: a graph rewritten for a converted model was called outside its "
+                    "forward, and the graph as captured was not kept"
+                )
+            return self.plain(*args)
         params: list[torch.Tensor] = []
         for index, inputs in self.mixers:
-            params += run.owner.mixer_parameters(args[index], inputs)
+            key, mixer_params = run.owner.mixer_parameters(args[index], inputs)
+            run.keys.add(key)
+            params += mixer_params
+        run.graphs += 1
         run.mixers_ran += self.sites
+        run.chains += self.chains
+        run.notes += [note for note in self.notes if note not in run.notes]
         if run.observer is not None:
             with run.observer:
                 return self.fn(*args, *params)
         return self.fn(*args, *params)
 
 
-class ConvertedModule(nn.Module):
-    """`model` with its residual chains widened to n streams (see `hcpass.convert`)."""
+# Rebuilt, never pickled or copied: each holds Dynamo state tied to its code object.
+_RUNTIME_STATE = ("_entry", "_probe", "_eager", "_names_by_id")
 
-    def __init__(self, model: nn.Module, plan: Plan, mixers: dict[str, Mixer]) -> None:
+
+class ConvertedModule(nn.Module):
+    """`model` with its residual chains widened to n streams (see `hcpass.convert`).
+
+    Attributes the module does not have (``config``, ``generate``, ...) are looked up on
+    the original model; its methods are bound to this module, so ``self(...)`` inside
+    them (HF ``generate``) runs the converted forward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        mixers: dict[str, Mixer],
+        graphs: Sequence[CapturedGraph] = (),
+    ) -> None:
         super().__init__()
         clashes = sorted(
             name
@@ -97,8 +130,6 @@ class ConvertedModule(nn.Module):
                 f"hcpass cannot wrap {type(model).__name__}: its attribute(s) {clashes} clash "
                 "with names the converted module needs"
             )
-        # Not a child: the original parameters keep their state_dict names.
-        object.__setattr__(self, "_model", model)
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, param in model.named_parameters(recurse=False):
@@ -106,20 +137,61 @@ class ConvertedModule(nn.Module):
         for name, buf in model.named_buffers(recurse=False):
             persistent = name not in model._non_persistent_buffers_set
             self.register_buffer(name, buf, persistent=persistent)
+        # Not a child: the original parameters keep their state_dict names. Set after the
+        # registrations above, which must not see the original's attributes (`__getattr__`).
+        object.__setattr__(self, "_model", model)
         self.mixers = nn.ModuleDict(mixers)
         self.report: Report = plan.report
-        self._runs_per_forward = plan.runs
         self._key_of = {site.anchor: site.key for site in plan.sites}
-        self._names_by_id: dict[int, str] = {}
-        self._entry = fresh_trampoline("entry")
-        self._probe = fresh_function(_tracing, "probe")
-        self._eager = torch.compile(self._entry, backend=_eager_backend)
-        self.graph_modules: list[fx.GraphModule] = []  # filled by hcpass.convert
+        self._fresh_runtime()
+        # What one forward runs, as captured with the example inputs; every call is checked.
+        self.graph_modules: list[fx.GraphModule] = []
+        self._expected_runs = 0
+        self._expected_chains = 0
+        for captured in graphs:
+            rewritten, mixed = self.rewrite(captured.gm)
+            self.graph_modules.append(rewritten)
+            self._expected_runs += captured.calls * mixed.sites
+            self._expected_chains += captured.calls * mixed.chains
         self.train(model.training)
+
+    def _fresh_runtime(self) -> None:
+        """New trampolines: Dynamo's state for a code object (cache entries, the skip mark
+        a failed trace leaves) cannot be cleared per instance, but a new code object has none."""
+        for stale in ("_entry", "_probe"):
+            if stale in self.__dict__:
+                reset_code(self.__dict__[stale].__code__)
+        object.__setattr__(self, "_names_by_id", {})
+        object.__setattr__(self, "_entry", fresh_trampoline("entry"))
+        object.__setattr__(self, "_probe", fresh_function(_tracing, "probe"))
+        object.__setattr__(self, "_eager", torch.compile(self._entry, backend=_eager_backend))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in _RUNTIME_STATE:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fresh_runtime()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None or name.startswith("__"):
+                raise
+        value = getattr(model, name)
+        if isinstance(value, types.MethodType) and value.__self__ is model:
+            return types.MethodType(value.__func__, self)
+        return value
 
     @property
     def original(self) -> nn.Module:
-        """The original module (sharing parameters with this one)."""
+        """The original module (sharing parameters with this one). Calling it, or methods
+        of it such as ``generate``, runs the model without the mixers."""
         return self._model
 
     @property
@@ -145,13 +217,17 @@ class ConvertedModule(nn.Module):
         token = _RUN.set(run)
         try:
             with visible_residuals():
-                if self._probe(self.mixers_anchor):
+                run.compiled = self._probe(self.mixers_anchor)
+                if run.compiled:
                     # An outer torch.compile is tracing: let it trace the original forward;
                     # the hcpass backend finds this module through the context variable.
                     out = self._entry(self._model, args, kwargs)
                 else:
                     with torch._dynamo.config.patch(recompile_limit=64):
                         out = self._eager(self._model, args, kwargs)
+        except BaseException:
+            self._fresh_runtime()
+            raise
         finally:
             _RUN.reset(token)
         self._check_ran(run)
@@ -162,19 +238,49 @@ class ConvertedModule(nn.Module):
         return next(iter(self.mixers.values())).bias
 
     def _check_ran(self, run: _Run) -> None:
-        if run.mixers_ran == 0 and self._runs_per_forward:
-            raise RuntimeError(
-                "hcpass: the forward ran without any mixer. Either the converted model was "
-                "compiled with a backend other than 'hcpass' (only backend='hcpass' knows "
-                "the mixers), or Dynamo fell back to eager (recompile limit)."
+        """Raise unless this forward ran every mixer and kept every chain whole."""
+        missing = sorted(set(self._key_of.values()) - run.keys)
+        problems = []
+        if missing:
+            problems.append(f"site(s) {', '.join(missing)} ran without their mixers")
+        elif run.mixers_ran < self._expected_runs:
+            problems.append(f"{run.mixers_ran} of {self._expected_runs} site runs had their mixers")
+        if run.chains > self._expected_chains:
+            problems.append(
+                f"{run.chains} residual chains ran where the converted model has "
+                f"{self._expected_chains}: a chain was cut (each piece collapses its streams)"
             )
-        if run.mixers_ran < self._runs_per_forward:
-            log.warning(
-                "hcpass: %d of %d mixer runs happened in this forward; part of the model "
-                "ran without its mixers (control flow changed, or Dynamo fell back to eager)",
-                run.mixers_ran,
-                self._runs_per_forward,
+        if not problems:
+            return
+        raise RuntimeError(
+            f"hcpass: this forward of the converted {type(self._model).__name__} did not run "
+            f"as converted: {'; '.join(problems)}. {self._cause(run)}"
+        )
+
+    def _cause(self, run: _Run) -> str:
+        if run.graphs == 0 and run.compiled:
+            return (
+                "It was compiled by torch.compile with a backend other than 'hcpass' (only "
+                "backend='hcpass' adds the mixers), or Dynamo reused a graph it had compiled "
+                "for a plain instance of the same class."
             )
+        if run.graphs == 0:
+            return (
+                "Dynamo ran the forward without capturing it (it falls back to eager past "
+                "its recompile limit and for frames it skips)."
+            )
+        if run.notes:
+            return (
+                "Dynamo re-captured the forward for these inputs (new shapes, dtypes or "
+                "control flow) and these adds were no longer residual sites:\n  "
+                + "\n  ".join(run.notes)
+            )
+        if run.chains > self._expected_chains:
+            return (
+                "Dynamo re-captured the forward for these inputs with a graph break inside a "
+                "residual chain (TORCH_LOGS=graph_breaks shows where)."
+            )
+        return "Dynamo re-captured the forward for these inputs and took another path."
 
     # -------------------------------------------------------------- used by the graphs
     def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, MixedGraph]:
@@ -182,9 +288,7 @@ class ConvertedModule(nn.Module):
 
         Returns the rewritten GraphModule and a callable running `fn(*inputs, *mixer
         params)`; the caller sets `MixedGraph.fn` (eager: the GraphModule itself)."""
-        # Rebuilt per capture: parameters may have been replaced (load_state_dict(assign=True)).
-        self._names_by_id = parameter_names(self._model)
-        annotate_parameters(gm, self._names_by_id)
+        annotate_parameters(gm, parameter_names(self._model))
         graph, analysis = analyse(gm, keep=self._keep)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
         result = rewrite_chains(graph, analysis, slots)
@@ -192,41 +296,63 @@ class ConvertedModule(nn.Module):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}
         anchors = tuple((index_of[m.anchor.name], m) for m in result.mixers)
-        return rewritten, MixedGraph(rewritten, anchors, result.sites)
+        notes = tuple(
+            f"{skipped.node.name}: {skipped.reason}"
+            for skipped in analysis.skipped
+            if skipped.reason != _NOT_PLANNED
+        )
+        mixed = MixedGraph(
+            rewritten, anchors, result.sites, len(analysis.chains), gm.forward, notes
+        )
+        return rewritten, mixed
 
     def _keep(self, site) -> str | None:
-        if site.anchor_name in self._key_of:
-            return None
-        return "no mixer: the site was not rewritten when the model was converted"
+        return None if site.anchor_name in self._key_of else _NOT_PLANNED
 
     def _slot(self, anchor: str) -> MixerSlot:
         key = self._key_of[anchor]
         mixer: Mixer = self.mixers[key]
         return MixerSlot(key, mixer.streams, mixer.spec, mixer.manifold.dynamic)
 
-    def mixer_parameters(self, anchor: torch.Tensor, inputs: MixerInputs) -> list[torch.Tensor]:
-        """The parameters of the mixer keyed on `anchor`, checked against the graph's slot."""
-        # Called per mixer per forward: scan the parameters again only on a miss.
-        name = self._names_by_id.get(id(anchor))
-        if name is None:
-            self._names_by_id = parameter_names(self._model)
-            name = self._names_by_id.get(id(anchor))
+    def _anchor_name(self, anchor: torch.Tensor) -> str | None:
+        # Called per mixer per forward: scan the parameters again only on a miss. The map
+        # holds the tensors so that an id is only trusted for the tensor it was taken from
+        # (ids are reused once load_state_dict(assign=True) frees the old parameters).
+        hit = self._names_by_id.get(id(anchor))
+        if hit is None or hit[1] is not anchor:
+            self._names_by_id = {
+                id(p): (name, p) for name, p in self._model.named_parameters(remove_duplicate=False)
+            }
+            hit = self._names_by_id.get(id(anchor))
+        return hit[0] if hit is not None else None
+
+    def mixer_parameters(
+        self, anchor: torch.Tensor, inputs: MixerInputs
+    ) -> tuple[str, list[torch.Tensor]]:
+        """The key and parameters of the mixer keyed on `anchor`, checked against the
+        graph's slot."""
+        name = self._anchor_name(anchor)
         key = self._key_of.get(name) if name is not None else None
         if key is None:
             raise RuntimeError(
-                "hcpass: a rewritten graph was called with a parameter no mixer of this "
-                "model is keyed on; call torch._dynamo.reset() and run again"
+                f"hcpass: a graph rewritten for a converted model was called with parameter "
+                f"{name or '(not one of this model)'}, which no mixer of this "
+                f"{type(self._model).__name__} is keyed on: Dynamo reused a graph across "
+                "models with different residual sites"
             )
         mixer: Mixer = self.mixers[key]
         if mixer.spec != inputs.slot.spec or mixer.channels != inputs.channels:
             raise RuntimeError(
                 f"hcpass: mixer {key!r} ({mixer.spec}, C={mixer.channels}) differs from the "
-                f"one the cached graph was built for ({inputs.slot.spec}, C={inputs.channels}); "
-                "call torch._dynamo.reset() and run again"
+                f"one the cached graph was built for ({inputs.slot.spec}, C={inputs.channels}): "
+                "Dynamo reused a graph across models converted with different options"
             )
         if inputs.slot.dynamic:
-            return [mixer.phi, mixer.alpha, mixer.bias]
-        return [mixer.bias]
+            return key, [mixer.phi, mixer.alpha, mixer.bias]
+        return key, [mixer.bias]
+
+
+_NOT_PLANNED = "no mixer: the site was not rewritten when the model was converted"
 
 
 def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
@@ -242,6 +368,8 @@ def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callabl
 
 
 def _tracing(anchor: torch.Tensor) -> bool:
-    """True under an outer torch.compile (Dynamo traces this and folds `is_compiling()` to
-    True), False when run eagerly. The tensor argument keeps Dynamo from skipping the frame."""
-    return torch.compiler.is_compiling()
+    """True under an outer torch.compile (Dynamo traces this and folds the call to True),
+    False when run eagerly, whatever another thread compiles meanwhile: unlike
+    `torch.compiler.is_compiling()`, a process-wide flag. The tensor argument keeps Dynamo
+    from skipping the frame."""
+    return torch.compiler.is_dynamo_compiling()
