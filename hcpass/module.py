@@ -14,6 +14,8 @@ the `ConvertedModule` whose forward is running (a context variable).
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import logging
 import types
 from collections.abc import Callable, Sequence
@@ -105,12 +107,30 @@ class MixedGraph:
 _RUNTIME_STATE = ("_entry", "_probe", "_eager", "_names_by_id")
 
 
-class ConvertedModule(nn.Module):
+class _FromOriginal(type):
+    """Class-level lookups a converted class lacks fall through to the original model's
+    class (HF ``generate`` looks its decoding loop up as ``getattr(type(self), "_sample")``)."""
+
+    def __getattr__(cls, name: str) -> Any:
+        original = cls.__dict__.get("_original_class")
+        if original is None or name.startswith("__"):
+            raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+        return getattr(original, name)
+
+
+class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     """`model` with its residual chains widened to n streams (see `hcpass.convert`).
 
-    Attributes the module does not have (``config``, ``generate``, ...) are looked up on
-    the original model; its methods are bound to this module, so ``self(...)`` inside
-    them (HF ``generate``) runs the converted forward."""
+    An instance's class is a subclass made per original class (``ConvertedGPT2LMHeadModel``)
+    whose ``forward`` has the original's signature. Attributes the module does not have
+    (``config``, ``generate``, ...) are looked up on the original model, its methods bound
+    to this module, so ``self(...)`` inside them (HF ``generate``) runs the converted forward.
+    """
+
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> ConvertedModule:
+        if cls is ConvertedModule:
+            cls = _converted_class(type(model))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -165,6 +185,9 @@ class ConvertedModule(nn.Module):
         object.__setattr__(self, "_entry", fresh_trampoline("entry"))
         object.__setattr__(self, "_probe", fresh_function(_tracing, "probe"))
         object.__setattr__(self, "_eager", torch.compile(self._entry, backend=_eager_backend))
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return _unpickle, (type(self._model),), self.__getstate__()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -350,6 +373,21 @@ class ConvertedModule(nn.Module):
         if inputs.slot.dynamic:
             return key, [mixer.phi, mixer.alpha, mixer.bias]
         return key, [mixer.bias]
+
+
+@functools.cache
+def _converted_class(original: type[nn.Module]) -> type[ConvertedModule]:
+    def forward(self: ConvertedModule, *args: Any, **kwargs: Any) -> Any:
+        return self.observed_forward(None, *args, **kwargs)
+
+    # HF generation inspects forward's parameters to choose the inputs it passes.
+    forward.__signature__ = inspect.signature(original.forward)
+    namespace = {"_original_class": original, "forward": forward, "__module__": __name__}
+    return _FromOriginal(f"Converted{original.__name__}", (ConvertedModule,), namespace)
+
+
+def _unpickle(original: type[nn.Module]) -> ConvertedModule:
+    return object.__new__(_converted_class(original))
 
 
 _NOT_PLANNED = "no mixer: the site was not rewritten when the model was converted"

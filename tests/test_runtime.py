@@ -1,0 +1,182 @@
+"""The converted module's runtime: every call runs as converted or raises, whatever Dynamo's
+process-wide state (failed traces, other threads compiling, freed parameter ids), and the
+module is an ordinary citizen (pickle, deepcopy, HF generate).
+
+Outputs are fp32; a rerun of the same rewritten graph is compared within 1e-6."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import hcpass
+from tests import models
+
+FP32 = {"rtol": 1e-6, "atol": 1e-6}
+
+
+def _perturbed(converted: hcpass.ConvertedModule, scale: float = 0.5) -> None:
+    """Move the mixers off their function-preserving init, so a lost mixer shows."""
+    with torch.no_grad():
+        for p in converted.mixers.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(self.ln(x))
+
+
+class TwoBlockClasses(nn.Module):
+    """Blocks of two classes in one chain; refuses sequences longer than 12."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(models.VOCAB, d)
+        self.blocks = nn.ModuleList([models.PreNormBlock(d), Residual(d), models.PreNormBlock(d)])
+        self.head = nn.Linear(d, models.VOCAB)
+        self.detour = False  # the last block's branch skips its parameters
+        self.pause = False  # a graph break between the first two blocks
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > 12:
+            raise ValueError("at most 12 tokens")
+        x = self.blocks[0](self.emb(ids))
+        if self.pause:
+            torch._dynamo.graph_break()
+        x = self.blocks[1](x)
+        x = x + x * 0.5 if self.detour else self.blocks[2](x)
+        return self.head(x)
+
+
+def _converted() -> tuple[hcpass.ConvertedModule, torch.Tensor]:
+    ids = torch.randint(0, models.VOCAB, (2, 8))
+    converted = hcpass.convert(TwoBlockClasses(), (ids,))
+    _perturbed(converted)
+    return converted, ids
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.randint(0, models.VOCAB, (2, 16)), torch.randn(2, 8)],
+    ids=["model-raises", "wrong-dtype"],
+)
+def test_an_exception_in_one_forward_leaves_the_model_usable(bad):
+    converted, ids = _converted()
+    expected = converted(ids)
+    with pytest.raises((ValueError, RuntimeError)):
+        converted(bad)
+    torch.testing.assert_close(converted(ids), expected, **FP32)
+
+
+def test_a_site_lost_at_recapture_raises_naming_the_site_and_why():
+    converted, ids = _converted()
+    converted(ids)
+    converted.original.detour = True
+    with pytest.raises(
+        RuntimeError, match=r"site\(s\) blocks_2, blocks_2_mlp ran without their mixers"
+    ) as error:
+        converted(ids)
+    assert "no longer residual sites" in str(error.value)
+
+
+def test_a_chain_cut_by_a_new_graph_break_raises():
+    converted, ids = _converted()
+    converted(ids)
+    converted.original.pause = True
+    with pytest.raises(
+        RuntimeError, match=r"residual chains ran where .* has 1: a chain was cut"
+    ) as error:
+        converted(ids)
+    assert "graph break inside a residual chain" in str(error.value)
+
+
+def test_a_compile_in_another_thread_does_not_change_an_eager_forward():
+    converted, ids = _converted()
+    expected = converted(ids)
+    compiling, release = threading.Event(), threading.Event()
+
+    def blocking_backend(gm, example_inputs):
+        compiling.set()
+        release.wait(timeout=60)
+        return gm.forward
+
+    other = threading.Thread(
+        target=lambda: torch.compile(lambda a: a * 2, backend=blocking_backend)(torch.ones(2))
+    )
+    other.start()
+    try:
+        assert compiling.wait(timeout=60)
+        assert torch.compiler.is_compiling()  # the process-wide flag the runtime must ignore
+        out = converted(ids)
+    finally:
+        release.set()
+        other.join()
+    torch.testing.assert_close(out, expected, **FP32)
+
+
+def test_load_state_dict_assign_keeps_every_mixer_on_its_site():
+    converted, ids = _converted()
+    expected = converted(ids)
+    for _ in range(4):
+        state = {name: t.clone() for name, t in reversed(converted.state_dict().items())}
+        converted.load_state_dict(state, assign=True)
+        del state
+        gc.collect()  # frees the old parameters: their ids may now name new ones
+        torch.testing.assert_close(converted(ids), expected, **FP32)
+
+
+def _saved_and_loaded(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "clone",
+    [lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy, _saved_and_loaded],
+    ids=["pickle", "deepcopy", "torch.save"],
+)
+def test_pickle_save_and_deepcopy_give_an_independent_working_copy(clone):
+    converted, ids = _converted()
+    expected = converted(ids)
+    copied = clone(converted)
+    torch.testing.assert_close(copied(ids), expected, **FP32)
+    with torch.no_grad():
+        next(iter(copied.mixers.values())).bias.add_(1.0)
+    torch.testing.assert_close(converted(ids), expected, **FP32)
+
+
+def _greedy(converted: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        logits = converted(ids, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", [models.gpt2, models.llama], ids=["gpt2", "llama"])
+def test_generate_runs_the_converted_forward_with_and_without_kv_cache(factory):
+    model = factory().eval()
+    ids = torch.randint(0, models.VOCAB, (1, 5))
+    converted = hcpass.convert(model, (ids,), example_kwargs={"use_cache": False})
+    _perturbed(converted, scale=3.0)
+    expected = _greedy(converted, ids, steps=3)
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert not torch.equal(plain, expected)  # the mixers change the tokens: the test can fail
+    for use_cache in (False, True):
+        out = converted.generate(ids, max_new_tokens=3, do_sample=False, use_cache=use_cache)
+        assert torch.equal(out, expected), f"use_cache={use_cache}"
