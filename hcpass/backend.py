@@ -12,17 +12,18 @@ entry point).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import fx
 
 from hcpass import logs
-from hcpass.capture import annotate_parameters
-from hcpass.module import current_owner
+from hcpass.capture import PARAMETER, annotate_parameters, parameter_names
+from hcpass.module import MixedGraph, current_owner
 from hcpass.passes import PassManager
 from hcpass.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.passes.lower_reference import LowerToReference
@@ -61,7 +62,10 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
     owner = current_owner()
     if owner is None:
         _log_plain_model(gm)
-        return _compile_fx(gm, example_inputs)
+        captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Inductor edits gm in place
+        for node in captured.graph.nodes:
+            node.meta.pop("grapharg", None)  # its weak reference dies when this returns
+        return PlainGraph(captured, _compile_fx(gm, example_inputs))
     rewritten, mixed = owner.rewrite(gm)
     logs.rewritten_graph(rewritten, mixed, "hcpass backend")
     lowering(_on_cuda(example_inputs))(rewritten.graph)
@@ -73,6 +77,33 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
     ]
     compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params])
     return replace(mixed, fn=compiled)
+
+
+@dataclass
+class PlainGraph:
+    """A graph compiled for a model that was never converted.
+
+    Dynamo caches graphs per code object, so a frame resumed after a graph break in a plain
+    instance's forward is reused for a converted instance of the same class. Called in a
+    converted forward, the graph is rewritten then (its parameter placeholders named from
+    the tensors it is called with) and runs eagerly with that module's mixers."""
+
+    captured: fx.GraphModule
+    compiled: Callable[..., Any]
+    mixed: MixedGraph | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        owner = current_owner()
+        if owner is None:
+            return self.compiled(*args)
+        if self.mixed is None:
+            names = parameter_names(owner.original)
+            placeholders = [n for n in self.captured.graph.nodes if n.op == "placeholder"]
+            for node, arg in zip(placeholders, args, strict=True):
+                if isinstance(arg, torch.Tensor) and id(arg) in names:
+                    node.meta[PARAMETER] = names[id(arg)]
+            self.mixed = owner.rewrite(self.captured)[1]
+        return self.mixed(*args)
 
 
 def _log_plain_model(gm: fx.GraphModule) -> None:

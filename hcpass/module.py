@@ -175,6 +175,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             self._expected_chains += captured.calls * mixed.chains
         self.train(model.training)
 
+    @torch._dynamo.disable
     def _fresh_runtime(self) -> None:
         """New trampolines: Dynamo's state for a code object (cache entries, the skip mark
         a failed trace leaves) cannot be cleared per instance, but a new code object has none."""
