@@ -112,7 +112,11 @@ class _FromOriginal(type):
     class (HF ``generate`` looks its decoding loop up as ``getattr(type(self), "_sample")``)."""
 
     def __getattr__(cls, name: str) -> Any:
-        original = cls.__dict__.get("_original_class")
+        # Through the MRO: wrappers such as FSDP2's fully_shard subclass the converted class.
+        original = next(
+            (k.__dict__["_original_class"] for k in cls.__mro__ if "_original_class" in k.__dict__),
+            None,
+        )
         if original is None or name.startswith("__"):
             raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
         return getattr(original, name)
