@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import logging
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,6 @@ from hcpass.capture import (
 from hcpass.mixer import Mixer
 from hcpass.plan import Plan, Report, analyse
 from hcpass.rewrite import MixerInputs, MixerSlot, rewrite_chains
-
-log = logging.getLogger("hcpass")
 
 
 @dataclass
