@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from hcpass.capture import CapturedGraph, parameter_name
+from hcpass.regions import inline_checkpoints
 from hcpass.sites import (
     Chain,
     SiteAnalysis,
@@ -78,9 +79,11 @@ class Report:
 
 
 def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Graph, SiteAnalysis]:
-    """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits).
+    """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits),
+    with activation-checkpoint bodies inlined (`hcpass.regions`) so their adds are searched.
     Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
+    inline_checkpoints(graph, gm)
     normalize_inplace(graph)
     return graph, find_sites(graph, parameter_name, keep)
 
