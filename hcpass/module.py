@@ -137,6 +137,14 @@ class ConvertedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.observed_forward(None, *args, **kwargs)
 
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """HF models' switch (the HF `Trainer` calls it): checkpoints the original blocks;
+        their sites are rewritten inside the checkpoint regions (`hcpass.regions`)."""
+        self._model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._model.gradient_checkpointing_disable()
+
     @torch._dynamo.disable(recursive=False)
     def observed_forward(
         self, observer: TorchDispatchMode | None, *args: Any, **kwargs: Any

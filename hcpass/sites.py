@@ -340,8 +340,8 @@ def _classify(
     common = [n for n in g.nodes if g.depends(lhs, n) and g.depends(rhs, n)]
     if common:
         return (
-            f"neither operand is computed from the other (both read {common[-1].name!r}; "
-            "not a residual: e.g. an embedding sum)"
+            f"neither operand is computed from the other (both read {common[-1].name!r}): "
+            "not a residual"
         )
     return "the operands share no input (not a residual: e.g. an embedding sum)"
 
