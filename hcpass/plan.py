@@ -27,8 +27,8 @@ REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 WHAT_IS_A_SITE = (
     "a residual site is an add `x + f(x)` (also `x += f(x)`, `torch.add(x, f(x), alpha=a)`) of "
-    "two tensors of the same shape and dtype, where the branch f reads the stream x through "
-    "at least one parameterised op"
+    "two tensors of the same shape (floating dtypes may differ), where the branch f reads the "
+    "stream x through at least one parameterised op"
 )
 
 
