@@ -40,7 +40,7 @@ class Mixer(nn.Module):
     def streams(self) -> int:
         return self.manifold.streams
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Mixer:
         def keep_fp32(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
             narrowed = (

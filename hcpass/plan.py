@@ -83,9 +83,11 @@ def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Grap
     with activation-checkpoint bodies inlined (`hcpass.regions`) so their adds are searched.
     Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
-    inline_checkpoints(graph, gm)
+    closed = inline_checkpoints(graph, gm)
     normalize_inplace(graph)
-    return graph, find_sites(graph, parameter_name, keep)
+    analysis = find_sites(graph, parameter_name, keep)
+    analysis.skipped.extend(closed)
+    return graph, analysis
 
 
 def site_name(model: nn.Module, anchor: str) -> str:

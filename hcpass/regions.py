@@ -20,7 +20,8 @@ Run eagerly (the converted module's own runtime), a region goes through
 ``torch.compile(backend="hcpass")`` AOTAutograd lowers the higher-order op.
 
 A body that itself contains a checkpoint (nested regions) or reads graph attributes stays
-closed, and its adds are not searched (docs/limitations.md).
+closed: its adds are not searched, and `explain` lists the region as skipped with that
+reason (docs/limitations.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import fx
+
+from hcpass.sites import Skipped
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 REGION = "hcpass_region"  # node.meta key: the Region a node belongs to
@@ -54,13 +57,20 @@ def region_of(node: fx.Node) -> Region | None:
     return node.meta.get(REGION)
 
 
-def inline_checkpoints(graph: fx.Graph, root: fx.GraphModule) -> None:
-    """Replace each checkpoint call of `graph` by a copy of its body (`root` owns the bodies)."""
+def inline_checkpoints(graph: fx.Graph, root: fx.GraphModule) -> list[Skipped]:
+    """Replace each checkpoint call of `graph` by a copy of its body (`root` owns the bodies).
+    Returns the calls left closed, with the reason."""
     count = itertools.count()
+    closed: list[Skipped] = []
     for call in [n for n in graph.nodes if is_checkpoint(n)]:
         attr, *operands = call.args
         body = operator.attrgetter(attr.target)(root)
         if any(is_checkpoint(n) or n.op == "get_attr" for n in body.graph.nodes):
+            reason = (
+                "activation-checkpoint region not searched: it contains another checkpoint "
+                "region or reads graph attributes, so residual adds inside stay unrewritten"
+            )
+            closed.append(Skipped(call, reason))
             continue
         region = Region(next(count), dict(call.kwargs), dict(body.meta))
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
@@ -81,6 +91,7 @@ def inline_checkpoints(graph: fx.Graph, root: fx.GraphModule) -> None:
         graph.erase_node(call)
         if not attr.users:
             graph.erase_node(attr)
+    return closed
 
 
 def outline_checkpoints(graph: fx.Graph) -> dict[str, fx.GraphModule]:

@@ -166,3 +166,27 @@ def test_compiled_checkpoint_regions_match_eager():
     for name, want in ref_grads.items():
         scale = want.abs().max().item()
         torch.testing.assert_close(grads[name], want, rtol=0, atol=COMPILED_RTOL * scale)
+
+
+def test_a_nested_region_is_listed_as_skipped():
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln = nn.LayerNorm(8)
+            self.mlp = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + checkpoint(lambda h: self.mlp(self.ln(h)), x, use_reentrant=False)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return checkpoint(self.inner, x, use_reentrant=False)
+
+    report = hcpass.explain(Outer(), (torch.randn(2, 3, 8),))
+    assert [(s.status, s.reason.split(":")[0]) for s in report.sites] == [
+        ("skipped", "activation-checkpoint region not searched")
+    ]
