@@ -37,7 +37,8 @@ from hcpass.capture import (
 )
 from hcpass.mixer import Mixer
 from hcpass.plan import Plan, Report, analyse
-from hcpass.rewrite import MixerInputs, MixerSlot, rewrite_chains
+from hcpass.regions import checkpoint_eagerly
+from hcpass.rewrite import MixerInputs, MixerSlot, graph_module, rewrite_chains
 
 
 @dataclass
@@ -233,6 +234,14 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.observed_forward(None, *args, **kwargs)
 
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """HF models' switch (the HF `Trainer` calls it): checkpoints the original blocks;
+        their sites are rewritten inside the checkpoint regions (`hcpass.regions`)."""
+        self._model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._model.gradient_checkpointing_disable()
+
     @torch._dynamo.disable(recursive=False)
     def observed_forward(
         self, observer: TorchDispatchMode | None, *args: Any, **kwargs: Any
@@ -317,7 +326,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         graph, analysis = analyse(gm, keep=self._keep)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
         result = rewrite_chains(graph, analysis, slots)
-        rewritten = fx.GraphModule(gm, graph, class_name="HcpassGraph")
+        rewritten = graph_module(gm, graph, result)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}
         anchors = tuple((index_of[m.anchor.name], m) for m in result.mixers)
@@ -403,6 +412,8 @@ def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callabl
     if owner is None:
         raise RuntimeError("hcpass: the runtime backend ran outside a converted forward")
     rewritten, mixed = owner.rewrite(gm)
+    checkpoint_eagerly(rewritten.graph)
+    rewritten.recompile()
     logs.rewritten_graph(rewritten, mixed, "hcpass eager runtime")
     return mixed
 

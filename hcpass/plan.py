@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from hcpass.capture import CapturedGraph, parameter_name
+from hcpass.regions import inline_checkpoints
 from hcpass.sites import (
     Chain,
     SiteAnalysis,
@@ -26,8 +27,8 @@ REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 WHAT_IS_A_SITE = (
     "a residual site is an add `x + f(x)` (also `x += f(x)`, `torch.add(x, f(x), alpha=a)`) of "
-    "two tensors of the same shape and dtype, where the branch f reads the stream x through "
-    "at least one parameterised op"
+    "two tensors of the same shape (floating dtypes may differ), where the branch f reads the "
+    "stream x through at least one parameterised op"
 )
 
 
@@ -78,11 +79,15 @@ class Report:
 
 
 def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Graph, SiteAnalysis]:
-    """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits).
+    """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits),
+    with activation-checkpoint bodies inlined (`hcpass.regions`) so their adds are searched.
     Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
+    closed = inline_checkpoints(graph, gm)
     normalize_inplace(graph)
-    return graph, find_sites(graph, parameter_name, keep)
+    analysis = find_sites(graph, parameter_name, keep)
+    analysis.skipped.extend(closed)
+    return graph, analysis
 
 
 def site_name(model: nn.Module, anchor: str) -> str:

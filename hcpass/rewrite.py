@@ -8,12 +8,14 @@ Per chain (stream-major ``X[n, *x.shape]``, docs/math.md):
 - the chain input x becomes ``X = x.unsqueeze(0).expand(n, ...)`` (n copies);
 - per site ``s + alpha*y`` with branch read r:
   ``h_pre, h_post, h_res = hcpass.coeffs(R, ...)``, the branch reads ``u = hcpass.pre(R, h_pre)``
-  instead of r, and the add becomes ``hcpass.post_res(S, alpha*y, h_post, h_res)``;
+  instead of r, and the add becomes ``hcpass.post_res(S, alpha*y, h_post, h_res)``, with S
+  and y cast to the add's result dtype where it differs from theirs (type promotion);
 - a lifted per-position op g becomes ``g(X.flatten(0, 1)).unflatten(0, (n, -1))``;
 - anything else that reads a stream value (the chain's consumers, a list of hidden states)
   reads the collapsed stream ``X.mean(0)``.
 Branch nodes shared by two sites (the norm of a parallel block) are copied so each site's
-branch reads its own ``u``.
+branch reads its own ``u``. Nodes made for a site belong to the activation-checkpoint region
+of its add (`hcpass.regions`); the regions are closed again at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import fx
 
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
+from hcpass.regions import REGION, Region, outline_checkpoints, region_of
 from hcpass.sites import Chain, Site, SiteAnalysis
 
 
@@ -52,18 +55,36 @@ class MixerInputs:
 class RewriteResult:
     mixers: list[MixerInputs]
     sites: int
+    bodies: dict[str, fx.GraphModule]  # checkpoint bodies the graph's get_attr nodes read
+
+
+def graph_module(root: fx.GraphModule, graph: fx.Graph, result: RewriteResult) -> fx.GraphModule:
+    """The rewritten `graph` as a module: attributes from the captured `root`, checkpoint
+    bodies from the rewrite."""
+    targets = {n.target for n in graph.nodes if n.op == "get_attr"}
+    attrs = {t: result.bodies[t] if t in result.bodies else _attribute(root, t) for t in targets}
+    module = fx.GraphModule(attrs, graph, class_name="HcpassGraph")
+    module.train(root.training)
+    return module
+
+
+def _attribute(root: torch.nn.Module, target: str) -> object:
+    return operator.attrgetter(target)(root)
 
 
 class _Cursor:
-    """Inserts nodes one after another, starting after `node`."""
+    """Inserts nodes one after another, starting after `node`, into checkpoint `region`."""
 
-    def __init__(self, graph: fx.Graph, node: fx.Node) -> None:
+    def __init__(self, graph: fx.Graph, node: fx.Node, region: Region | None = None) -> None:
         self.graph = graph
         self.last = node
+        self.region = region
 
     def call(self, op: str, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
         with self.graph.inserting_after(self.last):
             self.last = self.graph.create_node(op, target, args, kwargs or {})
+        if self.region is not None:
+            self.last.meta[REGION] = self.region
         return self.last
 
 
@@ -99,8 +120,9 @@ class _Rewriter:
                 self.mixers[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
         for chain in self.analysis.chains:
             self._chain(chain)
+        bodies = outline_checkpoints(self.graph)
         self.graph.lint()
-        return RewriteResult(list(self.mixers.values()), len(self.analysis.sites))
+        return RewriteResult(list(self.mixers.values()), len(self.analysis.sites), bodies)
 
     def _last_placeholder(self) -> fx.Node:
         return [n for n in self.graph.nodes if n.op == "placeholder"][-1]
@@ -118,7 +140,7 @@ class _Rewriter:
         multi: dict[fx.Node, fx.Node] = {}  # stream value -> its n-stream node
 
         start = self._last_placeholder() if chain.input.op == "placeholder" else chain.input
-        cursor = _Cursor(self.graph, start)
+        cursor = _Cursor(self.graph, start, region_of(chain.input))
         copies = cursor.call("call_method", "unsqueeze", (chain.input, 0))
         rank = _rank(chain.input)
         multi[chain.input] = cursor.call("call_method", "expand", (copies, streams, *[-1] * rank))
@@ -133,6 +155,7 @@ class _Rewriter:
                 multi[value] = self._post_res(site_of[value], multi)
             cursor = _Cursor(self.graph, multi[value])
             for site in readers.get(value, []):
+                cursor.region = region_of(site.node)
                 self._pre(cursor, site, multi[value])
 
         self._collapse_side_readers(chain, multi, site_of, lifted)
@@ -184,10 +207,17 @@ class _Rewriter:
     def _post_res(self, site: Site, multi: dict[fx.Node, fx.Node]) -> fx.Node:
         h_post, h_res = self.coefficients.pop(site)
         y = self.branch_out.pop(site)
-        cursor = _Cursor(self.graph, site.node)
+        cursor = _Cursor(self.graph, site.node, region_of(site.node))
+        # The add's result dtype is the promotion of its operands' (fp32 stream + bf16 branch
+        # under autocast -> fp32); the mixer ops take one dtype, so both are cast to it.
+        dtype = _dtype(site.node)
+        x = multi[site.stream]
+        if _dtype(site.stream) != dtype:
+            x = cursor.call("call_method", "to", (x, dtype))
+        if _dtype(site.branch) != dtype:
+            y = cursor.call("call_method", "to", (y, dtype))
         if site.alpha != 1.0:
             y = cursor.call("call_function", operator.mul, (y, site.alpha))
-        x = multi[site.stream]
         moved = site.channel_dim != _rank(site.node) - 1
         if moved:
             x = cursor.call("call_method", "movedim", (x, site.channel_dim + 1, -1))
@@ -198,7 +228,7 @@ class _Rewriter:
         return out
 
     def _lift(self, op: fx.Node, stream: fx.Node, streams: int) -> fx.Node:
-        cursor = _Cursor(self.graph, op)
+        cursor = _Cursor(self.graph, op, region_of(op))
         folded = cursor.call("call_method", "flatten", (stream, 0, 1))
         # In-place variants would write into a stream tensor other nodes still read.
         kwargs = {**op.kwargs, "inplace": False} if "inplace" in op.kwargs else dict(op.kwargs)
@@ -218,10 +248,14 @@ class _Rewriter:
                 if user in lifted and user.args[0] is value:
                     continue
                 if collapsed is None:
-                    cursor = _Cursor(self.graph, multi[value])
+                    cursor = _Cursor(self.graph, multi[value], region_of(value))
                     collapsed = cursor.call("call_method", "mean", (multi[value], 0))
                 user.replace_input_with(value, collapsed)
 
 
 def _rank(node: fx.Node) -> int:
     return node.meta["example_value"].dim()
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    return node.meta["example_value"].dtype

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from hcpass.patterns import AddMatch, is_stream_op, match_residual_add
+from hcpass.patterns import AddMatch, is_cast, is_stream_op, match_residual_add
 
 # Ops whose output may alias their input: an in-place add on such a value would mutate
 # another tensor as well, so its site is skipped.
@@ -219,7 +219,7 @@ def find_sites(
         if found is None:
             continue
         a, b = _tensor(found.lhs), _tensor(found.rhs)
-        if a is None or b is None or a.dtype != b.dtype or not _same_shape(a, b):
+        if a is None or b is None or not _same_shape(a, b) or not _compatible_dtypes(a, b):
             continue  # broadcasting adds (biases, masks, epsilons) are not candidates
         outcome = _classify(g, node, found, chain_of, anchors)
         if isinstance(outcome, str):
@@ -233,15 +233,36 @@ def find_sites(
             skipped.append(Skipped(node, veto))
             continue
         if chain is None:
-            chain = Chain(input=site.stream)
+            # A new chain starts at the value its first branch reads; casts between that
+            # value and the add (a residual kept in fp32) are its first stream ops.
+            chain = Chain(input=site.read)
+            chain_of[site.read] = chain
             chains.append(chain)
-            chain_of[site.stream] = chain
         for op in lifted:
             chain.stream_ops.append(op)
             chain_of[op] = chain
         chain.sites.append(site)
         chain_of[node] = chain
     return SiteAnalysis(chains, skipped)
+
+
+def _compatible_dtypes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, or two floating dtypes: under autocast an fp32 stream meets a bf16 branch,
+    and a residual kept in fp32 meets a branch computed in the model's dtype."""
+    return a.dtype == b.dtype or (a.is_floating_point() and b.is_floating_point())
+
+
+def _cast_read(g: _Graph, stream: fx.Node, branch: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The value the branch reads among `stream` and the values it is a dtype cast of
+    (nearest first), with the casts from that value to `stream` in graph order."""
+    casts: list[fx.Node] = []
+    value = stream
+    while not (value is branch or g.depends(branch, value)):
+        if not (is_cast(value) and value.args and isinstance(value.args[0], fx.Node)):
+            return None
+        casts.append(value)
+        value = value.args[0]
+    return value, casts[::-1]
 
 
 def _stream_origin(
@@ -300,17 +321,29 @@ def _classify(
         if read is None:
             continue
         return _build(g, node, found, stream, branch, read, anchors, chain, lifted)
-    # 2. Start a chain: the branch is computed from the other operand.
+    # 2. Start a chain: the branch is computed from the other operand, or from the value
+    # that operand is a dtype cast of (``residual = x.to(torch.float32)``; Mamba).
     for stream, branch in ((lhs, rhs), (rhs, lhs)):
         if g.depends(branch, stream):
             return _build(g, node, found, stream, branch, stream, anchors, None, [])
+    for stream, branch in ((lhs, rhs), (rhs, lhs)):
+        cast = _cast_read(g, stream, branch)
+        if cast is not None:
+            read, casts = cast
+            return _build(g, node, found, stream, branch, read, anchors, None, casts)
     shared = [v for v in chain_of if g.depends(lhs, v) and g.depends(rhs, v)]
     if shared:
         return (
             f"both operands are computed from stream {shared[-1].name!r} but neither is "
             "the stream (a projection shortcut, which ends the chain, or an add inside a branch)"
         )
-    return "operands are independent (not a residual: e.g. an embedding sum)"
+    common = [n for n in g.nodes if g.depends(lhs, n) and g.depends(rhs, n)]
+    if common:
+        return (
+            f"neither operand is computed from the other (both read {common[-1].name!r}): "
+            "not a residual"
+        )
+    return "the operands share no input (not a residual: e.g. an embedding sum)"
 
 
 def _build(

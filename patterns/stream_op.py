@@ -60,25 +60,25 @@ class Activation(StreamOpPattern):
 
 class ActivationMethod(StreamOpPattern):
     op = "call_method"
-    targets = frozenset(
-        {
-            "relu",
-            "relu_",
-            "tanh",
-            "sigmoid",
-            "float",
-            "half",
-            "bfloat16",
-            "to",
-            "contiguous",
-            "type_as",
-        }
-    )
+    targets = frozenset({"relu", "relu_", "tanh", "sigmoid", "contiguous"})
+
+
+class Cast(StreamOpPattern):
+    """Dtype conversions. Besides sitting between sites, a cast may stand between a chain's
+    input and its first add: Mamba's ``residual = x.to(torch.float32)`` keeps the residual
+    in fp32 while the branch reads ``x`` (`hcpass.sites` looks through casts there)."""
+
+    op = "call_method"
+    targets = frozenset({"to", "type", "type_as", "float", "double", "half", "bfloat16"})
 
 
 # Add a kind of per-position op: append an instance.
-PATTERNS: list[StreamOpPattern] = [Normalization(), Activation(), ActivationMethod()]
+PATTERNS: list[StreamOpPattern] = [Normalization(), Activation(), ActivationMethod(), Cast()]
 
 
 def is_stream_op(node: fx.Node) -> bool:
     return any(pattern.matches(node) for pattern in PATTERNS)
+
+
+def is_cast(node: fx.Node) -> bool:
+    return Cast().matches(node)

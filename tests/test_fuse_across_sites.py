@@ -80,7 +80,9 @@ return (mean,)""",
             gm = fused(PostNorm(), (torch.randn(2, 3, 4),))
         message = logs.output[-1]
         self.assertIn("fused 0 of 2 site boundaries", message)
-        self.assertIn("post_res_default: no site reads its output directly (it goes to flatten)", message)
+        self.assertIn(
+            "post_res_default: no site reads its output directly (it goes to flatten)", message
+        )
         counts = op_counts(gm)
         self.assertNotIn("post_res_coeffs_pre", counts)
         self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (2, 2, 2))
@@ -90,7 +92,6 @@ return (mean,)""",
         (boundary,) = [n for n in gm.graph.nodes if n.target is OPS.post_res_coeffs_pre.default]
         (merge,) = [u for u in boundary.users if u.args[1] == 0]
         self.assertIn("mean", {u.target for u in merge.users})  # the hidden state
-
 
 
 def three_sites(x, y_scale, phi, alpha, bias, spec):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from expecttest import TestCase
 from graphs import body, op_counts
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import hcpass
 
@@ -49,6 +50,30 @@ class SideReader(nn.Module):
         hidden = x
         x = x + self.g(x)
         return x, hidden
+
+
+class Fp32Residual(nn.Module):
+    """Mamba's ``residual_in_fp32``: the residual is a cast of the value the branch reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x):
+        residual = x.to(torch.float32)
+        return residual + self.mlp(self.ln(x))
+
+
+class CheckpointedBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(OneBlock() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
 
 class TestRewrittenGraph(TestCase):
@@ -158,3 +183,62 @@ return (mean_1, mean)""",
         self.assertEqual(len(norms), 3)
         reads = {n.args[0] for n in norms}
         self.assertEqual(len(reads), 3)
+
+    def test_residual_cast_to_fp32_is_applied_per_stream(self):
+        """The chain starts at the bf16 value the branch reads; the cast is a stream op and
+        the bf16 branch output is cast to the add's dtype (fp32) before the merge."""
+        model = Fp32Residual().to(torch.bfloat16)
+        converted = hcpass.convert(model, (torch.randn(2, 3, 4, dtype=torch.bfloat16),), streams=2)
+        self.assertExpectedInline(
+            body(converted.graph_module),
+            """\
+unsqueeze = l_args_0_.unsqueeze(0)
+expand = unsqueeze.expand(2, -1, -1, -1)
+coeffs_default = torch.ops.hcpass.coeffs.default(expand, mlp_phi, mlp_alpha, mlp_bias, SPEC)
+getitem = coeffs_default[0]
+getitem_1 = coeffs_default[1]
+getitem_2 = coeffs_default[2]
+pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+flatten = expand.flatten(0, 1)
+to = flatten.to(torch.float32)
+unflatten = to.unflatten(0, (2, -1))
+layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), l_self_modules_ln_parameters_weight_, l_self_modules_ln_parameters_bias_, 1e-05)
+linear = torch._C._nn.linear(layer_norm, l_self_modules_mlp_parameters_weight_, l_self_modules_mlp_parameters_bias_)
+to_1 = linear.to(torch.float32)
+post_res_default = torch.ops.hcpass.post_res.default(unflatten, to_1, getitem_1, getitem_2)
+mean = post_res_default.mean(0)
+return (mean,)""",
+        )
+
+    def test_checkpoint_regions_carry_the_streams_and_the_mixers(self):
+        """Each block stays one checkpoint region; it takes and returns the n-stream state
+        and takes its mixer's parameters, so the mixer is recomputed in the backward."""
+        converted = hcpass.convert(CheckpointedBlocks(), (torch.randn(2, 3, 4),), streams=2)
+        gm = converted.graph_module
+        self.assertExpectedInline(
+            body(gm),
+            """\
+unsqueeze = l_args_0_.unsqueeze(0)
+expand = unsqueeze.expand(2, -1, -1, -1)
+hcpass_checkpoint_body_0 = self.hcpass_checkpoint_body_0
+tag_activation_checkpoint_2 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_0, expand, blocks_0_phi, blocks_0_alpha, blocks_0_bias, l_self_modules_blocks_modules_0_modules_ln_parameters_weight_, l_self_modules_blocks_modules_0_modules_ln_parameters_bias_, l_self_modules_blocks_modules_0_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_0_modules_mlp_parameters_bias_, use_reentrant = False)
+getitem_6 = tag_activation_checkpoint_2[0]
+hcpass_checkpoint_body_1 = self.hcpass_checkpoint_body_1
+tag_activation_checkpoint_3 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_1, getitem_6, blocks_1_phi, blocks_1_alpha, blocks_1_bias, l_self_modules_blocks_modules_1_modules_ln_parameters_weight_, l_self_modules_blocks_modules_1_modules_ln_parameters_bias_, l_self_modules_blocks_modules_1_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_1_modules_mlp_parameters_bias_, use_reentrant = False)
+getitem_7 = tag_activation_checkpoint_3[0]
+return (getitem_7,)""",
+        )
+        self.assertExpectedInline(
+            body(gm.hcpass_checkpoint_body_1),
+            """\
+coeffs_default_1 = torch.ops.hcpass.coeffs.default(getitem_6, blocks_1_phi, blocks_1_alpha, blocks_1_bias, SPEC)
+getitem_3 = coeffs_default_1[0]
+getitem_4 = coeffs_default_1[1]
+getitem_5 = coeffs_default_1[2]
+pre_default_1 = torch.ops.hcpass.pre.default(getitem_6, getitem_3)
+layer_norm_1 = torch.nn.functional.layer_norm(pre_default_1, (4,), l_self_modules_blocks_modules_1_modules_ln_parameters_weight_, l_self_modules_blocks_modules_1_modules_ln_parameters_bias_, 1e-05)
+linear_1 = torch._C._nn.linear(layer_norm_1, l_self_modules_blocks_modules_1_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_1_modules_mlp_parameters_bias_)
+post_res_default_1 = torch.ops.hcpass.post_res.default(getitem_6, linear_1, getitem_4, getitem_5)
+mean = post_res_default_1.mean(0)
+return (mean,)""",
+        )

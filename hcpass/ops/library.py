@@ -8,18 +8,42 @@ registers generated Triton kernels for all of them); autograd wires them togethe
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
 from hcpass.manifolds.base import compute_dtype
 from hcpass.ops import reference
 
+_F = TypeVar("_F", bound=Callable[..., tuple[Tensor, ...]])
+
+
+def _without_autocast(fn: _F) -> _F:
+    """Run a coefficient reference with autocast off: the coefficients are fp32 by contract
+    (docs/math.md), but a custom op falls through the autocast dispatch key, so its kernel
+    -- and the reference traced in its place on CPU -- would run the projection in bf16."""
+
+    @functools.wraps(fn)
+    def run(first: Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+_coeffs_ref = _without_autocast(reference.coeffs)
+_coeffs_backward_ref = _without_autocast(reference.coeffs_backward)
+_post_res_coeffs_pre_ref = _without_autocast(reference.post_res_coeffs_pre)
+
 
 @torch.library.custom_op("hcpass::coeffs", mutates_args=())
 def coeffs(
     x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, manifold: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return reference.coeffs(x, phi, alpha, bias, manifold)
+    return _coeffs_ref(x, phi, alpha, bias, manifold)
 
 
 @torch.library.custom_op("hcpass::coeffs_backward", mutates_args=())
@@ -33,7 +57,7 @@ def coeffs_backward(
     bias: Tensor,
     manifold: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return reference.coeffs_backward(grad_pre, grad_post, grad_res, x, phi, alpha, bias, manifold)
+    return _coeffs_backward_ref(grad_pre, grad_post, grad_res, x, phi, alpha, bias, manifold)
 
 
 @torch.library.custom_op("hcpass::pre", mutates_args=())
@@ -69,7 +93,7 @@ def post_res_coeffs_pre(
     bias: Tensor,
     manifold: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return reference.post_res_coeffs_pre(x, y, h_post, h_res, phi, alpha, bias, manifold)
+    return _post_res_coeffs_pre_ref(x, y, h_post, h_res, phi, alpha, bias, manifold)
 
 
 # ------------------------------------------------------------------------ fake kernels
@@ -203,11 +227,11 @@ post_res_coeffs_pre.register_autograd(
 
 # op -> its reference, for back ends that lower the ops to plain PyTorch.
 REFERENCE = {
-    torch.ops.hcpass.coeffs.default: reference.coeffs,
-    torch.ops.hcpass.coeffs_backward.default: reference.coeffs_backward,
+    torch.ops.hcpass.coeffs.default: _coeffs_ref,
+    torch.ops.hcpass.coeffs_backward.default: _coeffs_backward_ref,
     torch.ops.hcpass.pre.default: reference.pre,
     torch.ops.hcpass.pre_backward.default: reference.pre_backward,
     torch.ops.hcpass.post_res.default: reference.post_res,
     torch.ops.hcpass.post_res_backward.default: reference.post_res_backward,
-    torch.ops.hcpass.post_res_coeffs_pre.default: reference.post_res_coeffs_pre,
+    torch.ops.hcpass.post_res_coeffs_pre.default: _post_res_coeffs_pre_ref,
 }

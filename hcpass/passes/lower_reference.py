@@ -7,6 +7,8 @@ extern kernels with a recomputing backward.
 
 from __future__ import annotations
 
+import operator
+
 from torch import fx
 
 from hcpass.ops import REFERENCE
@@ -18,3 +20,9 @@ class LowerToReference(GraphPass):
         for node in graph.nodes:
             if node.op == "call_function" and node.target in REFERENCE:
                 node.target = REFERENCE[node.target]
+            elif node.op == "get_attr" and graph.owning_module is not None:
+                # activation-checkpoint bodies hold mixer ops too (hcpass.regions)
+                body = operator.attrgetter(node.target)(graph.owning_module)
+                if isinstance(body, fx.GraphModule):
+                    self(body.graph)
+                    body.recompile()

@@ -1,0 +1,175 @@
+"""Mixed precision: a converted model under bf16 autocast computes what the plain model
+computes under the same autocast; residuals kept wider than their branch (Mamba's
+``residual_in_fp32``) are sites; mixer parameters stay fp32 whatever the module's dtype.
+
+Tolerances: bf16 outputs within rtol 1.6e-2 (bf16's) and atol 1e-2 (one bf16 ulp at
+magnitude 1-2: the mixers sum the streams in fp32, and a last-bit fp32 difference flips a
+bf16 rounding now and then -- measured: 11 of 256 outputs one ulp apart in the fp32-residual
+model, GPT outputs equal bitwise); the fp32 gradients autocast produces within 1e-3 of each
+gradient's largest entry (measured: 6e-7)."""
+
+from __future__ import annotations
+
+import copy
+
+import models
+import pytest
+import torch
+from torch import nn
+
+import hcpass
+
+BF16 = {"rtol": 1.6e-2, "atol": 1e-2}
+AUTOCAST_GRAD_RTOL = 1e-3
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _assert_gradients_close(model: nn.Module, reference: nn.Module, rtol: float) -> None:
+    grads = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        if param.grad is None:
+            continue
+        got, want = grads[name].grad, param.grad
+        scale = want.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got, want, rtol=0, atol=rtol * scale.item(), msg=name)
+
+
+@pytest.mark.parametrize("converted_in_autocast", [True, False], ids=["inside", "outside"])
+@pytest.mark.parametrize("factory", [models.TinyGPT, models.gpt2], ids=["tiny_gpt", "gpt2"])
+def test_bf16_autocast_forward_and_backward_match_the_plain_model(factory, converted_in_autocast):
+    model = factory()
+    (ids,), _ = models.token_inputs()
+    plain = copy.deepcopy(model)
+    if converted_in_autocast:
+        with _bf16_autocast():
+            converted = hcpass.convert(model, (ids,), streams=4)
+    else:
+        converted = hcpass.convert(model, (ids,), streams=4)
+
+    with _bf16_autocast():
+        out = models.logits(converted(ids))
+        ref = models.logits(plain(ids))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, **BF16)
+
+    out.float().square().mean().backward()
+    ref.float().square().mean().backward()
+    _assert_gradients_close(converted.original, plain, AUTOCAST_GRAD_RTOL)
+    assert converted.mixers[next(iter(converted.mixers))].bias.grad.abs().sum() > 0
+
+
+def test_the_add_keeps_its_promoted_dtype():
+    """fp32 stream + bf16 branch is an fp32 add: the branch is cast up before the merge."""
+    (ids,), _ = models.token_inputs()
+    with _bf16_autocast():
+        converted = hcpass.convert(models.TinyGPT(layers=1), (ids,), streams=2)
+    merge = torch.ops.hcpass.post_res.default
+    branches = [n.args[1] for n in converted.graph_module.graph.nodes if n.target is merge]
+    assert [(b.op, b.target, b.args[1:]) for b in branches] == [
+        ("call_method", "to", (torch.float32,)),
+    ] * 2
+
+
+def test_coefficients_stay_fp32_under_autocast():
+    """Custom ops fall through autocast, so without care the projection would run in bf16."""
+    from op_inputs import coeffs_inputs
+
+    args = coeffs_inputs("sinkhorn", 4, (2, 3), 64, torch.float32, {})
+    expected = torch.ops.hcpass.coeffs(*args)
+    with _bf16_autocast():
+        got = torch.ops.hcpass.coeffs(*args)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+class Fp32ResidualBlock(nn.Module):
+    """HF MambaBlock with ``residual_in_fp32=True``: the branch runs in the model's dtype
+    and reads ``x``; the residual is ``x`` cast to fp32."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mixer = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        h = self.mixer(self.norm(x.to(dtype=self.norm.weight.dtype)))
+        residual = residual.to(torch.float32)
+        return residual + h
+
+
+class Fp32Residuals(nn.Module):
+    def __init__(self, d: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(models.VOCAB, d)
+        self.layers = nn.ModuleList(Fp32ResidualBlock(d) for _ in range(layers))
+        self.norm_f = nn.LayerNorm(d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_f(x.to(dtype=self.norm_f.weight.dtype))
+
+
+def test_residual_kept_in_fp32_is_a_site_in_a_bf16_model():
+    model = Fp32Residuals().to(torch.bfloat16)
+    (ids,), _ = models.token_inputs()
+    report = hcpass.explain(model, (ids,))
+    assert [(s.name, s.status) for s in report.sites] == [
+        ("layers.0", "rewritten"),
+        ("layers.1", "rewritten"),
+    ]
+    converted = hcpass.convert(model, (ids,), streams=4)
+    out, ref = converted(ids), model(ids)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, **BF16)
+    out.float().sum().backward()
+    assert all(m.bias.grad is not None for m in converted.mixers.values())
+
+
+def test_unrelated_operands_are_not_called_independent():
+    """``q * cos + rotate(q) * sin`` reads q twice: the reason says so, not "independent"."""
+
+    class Rotary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            q = self.q(x)
+            return q * x.cos() + q.flip(-1) * x.sin()
+
+    report = hcpass.explain(Rotary(), (torch.randn(2, 8),))
+    assert [s.reason for s in report.skipped] == [
+        "neither operand is computed from the other (both read 'q'): not a residual"
+    ]
+
+
+@pytest.mark.parametrize("cast", ["to", "bfloat16", "half"])
+def test_to_a_narrow_dtype_keeps_the_mixers_fp32(cast):
+    (ids,), _ = models.token_inputs()
+    converted = hcpass.convert(models.TinyGPT(), (ids,), streams=4)
+    with torch.no_grad():
+        for p in converted.mixers.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # values bf16 cannot represent exactly
+    before = {n: p.clone() for n, p in converted.mixers.named_parameters()}
+    getattr(converted, cast)(*([torch.bfloat16] if cast == "to" else []))
+    assert converted.head.weight.dtype in (torch.bfloat16, torch.float16)
+    for name, param in converted.mixers.named_parameters():
+        assert param.dtype == torch.float32, name
+        assert torch.equal(param, before[name]), f"{name} was rounded"
+    converted(ids).float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in converted.mixers.parameters())
+
+
+def test_double_widens_the_mixers_for_gradcheck():
+    converted = hcpass.convert(models.TinyGPT(layers=1), models.token_inputs()[0], streams=2)
+    converted.double()
+    assert {p.dtype for p in converted.mixers.parameters()} == {torch.float64}
+    converted.float()
+    assert {p.dtype for p in converted.mixers.parameters()} == {torch.float32}
