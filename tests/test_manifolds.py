@@ -24,6 +24,7 @@ from torch import Tensor
 
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.manifolds import Manifold, available, create, resolve
+from hcpass.manifolds.base import MIXED_DIAGONAL
 from hcpass.mixer import Mixer
 
 # `hcpass.manifolds` the attribute may be shadowed by `hcpass.manifolds()` the function.
@@ -51,8 +52,11 @@ CASES = [
     ("grassmann", 5, {"rank": 3}),
 ]
 # n = 1 and 2 are legal for every manifold and degenerate for most: cover them too.
-SMALL_CASES = [(name, n, {}) for name in ("hc", "sinkhorn", "permutation", "kronecker",
-                                          "spectral", "stiefel", "grassmann") for n in (1, 2)]
+SMALL_CASES = [
+    (name, n, {})
+    for name in ("hc", "sinkhorn", "permutation", "kronecker", "spectral", "stiefel", "grassmann")
+    for n in (1, 2)
+]
 
 
 def cases(*groups: list[tuple[str, int, dict[str, Any]]]) -> list[Any]:
@@ -84,8 +88,15 @@ def eye(n: int) -> Tensor:
 # ------------------------------------------------------------------------------ registry
 def test_every_builtin_listed_with_one_line_description() -> None:
     listing = available()
-    expected = {"hc", "sinkhorn (mhc)", "permutation (mhc-lite)", "kronecker (kromhc)",
-                "spectral (shc)", "stiefel (jpmhc)", "grassmann"}
+    expected = {
+        "hc",
+        "sinkhorn (mhc)",
+        "permutation (mhc-lite)",
+        "kronecker (kromhc)",
+        "spectral (shc)",
+        "stiefel (jpmhc)",
+        "grassmann",
+    }
     assert expected <= set(listing)
     for label, description in listing.items():
         assert description.strip() and "\n" not in description, label
@@ -129,9 +140,17 @@ def test_sinkhorn_converges_as_iterations_grow(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", LOGIT_SCALES)
-@pytest.mark.parametrize(("name", "n"), [("permutation", 1), ("permutation", 2),
-                                         ("permutation", 4), ("kronecker", 1),
-                                         ("kronecker", 2), ("kronecker", 8)])
+@pytest.mark.parametrize(
+    ("name", "n"),
+    [
+        ("permutation", 1),
+        ("permutation", 2),
+        ("permutation", 4),
+        ("kronecker", 1),
+        ("kronecker", 2),
+        ("kronecker", 8),
+    ],
+)
 def test_exactly_doubly_stochastic(name: str, n: int, scale: float, dtype: torch.dtype) -> None:
     m = create(name, n)
     h = m.res_map(random_logits(m, scale, dtype))
@@ -162,11 +181,20 @@ def test_spectral_norm_one_and_fixes_ones(n: int, scale: float, dtype: torch.dty
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", LOGIT_SCALES)
-@pytest.mark.parametrize(("name", "n", "opts"), cases([
-    ("stiefel", 2, {}), ("stiefel", 4, {}), ("stiefel", 5, {}),
-    ("grassmann", 4, {"rank": 1}), ("grassmann", 4, {"rank": 2}), ("grassmann", 5, {"rank": 3}),
-    ("grassmann", 8, {"rank": 2}),
-]))
+@pytest.mark.parametrize(
+    ("name", "n", "opts"),
+    cases(
+        [
+            ("stiefel", 2, {}),
+            ("stiefel", 4, {}),
+            ("stiefel", 5, {}),
+            ("grassmann", 4, {"rank": 1}),
+            ("grassmann", 4, {"rank": 2}),
+            ("grassmann", 5, {"rank": 3}),
+            ("grassmann", 8, {"rank": 2}),
+        ]
+    ),
+)
 def test_orthogonal(
     name: str, n: int, opts: dict[str, Any], scale: float, dtype: torch.dtype
 ) -> None:
@@ -268,25 +296,42 @@ def test_init_bias_and_phi_shapes(name: str, n: int, opts: dict[str, Any], init:
         assert torch.equal(bias, create(name, n, **opts).init_bias(site_index=7))
 
 
+@pytest.mark.parametrize("init", ["identity", "identity-sharp"])
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
 def test_identity_init_preserves_function(
-    name: str, n: int, opts: dict[str, Any], dynamic: bool
+    name: str, n: int, opts: dict[str, Any], dynamic: bool, init: str
 ) -> None:
     channels = 16
-    mixer = Mixer(create(name, n, dynamic=dynamic, **opts), channels, site_index=5)
+    mixer = Mixer(create(name, n, dynamic=dynamic, init=init, **opts), channels, site_index=5)
     gen = torch.Generator().manual_seed(3)
     copy = torch.randn(2, 3, channels, generator=gen)
     y = torch.randn(2, 3, channels, generator=gen)
     x = copy.expand(n, *copy.shape).clone()
     with torch.no_grad():
-        h_pre, h_post, h_res = torch.ops.hcpass.coeffs(x, mixer.phi, mixer.alpha, mixer.bias,
-                                                       mixer.spec)
+        h_pre, h_post, h_res = torch.ops.hcpass.coeffs(
+            x, mixer.phi, mixer.alpha, mixer.bias, mixer.spec
+        )
         u = torch.ops.hcpass.pre(x, h_pre)
         out = torch.ops.hcpass.post_res(x, y, h_post, h_res)
     assert max_err(u, copy) < FP32_TOL * copy.abs().max().item()
     expected = (copy + y).expand(n, *copy.shape)
     assert max_err(out, expected) < FP32_TOL * expected.abs().max().item()
+
+
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES))
+def test_default_init_mixes_where_rows_sum_to_one(name: str, n: int, opts: dict[str, Any]) -> None:
+    """The default H_res is off the identity (diagonal MIXED_DIAGONAL) wherever its rows sum
+    to 1, so its map is not saturated; identity-sharp keeps the near-identity bias."""
+    m = create(name, n, **opts)
+    h_res = m.res_map(m.split(m.init_bias(0))[2])
+    sharp = create(name, n, init="identity-sharp", **opts)
+    torch.testing.assert_close(sharp.split(sharp.init_bias(0))[2], sharp.res_identity_bias())
+    if name in ("hc", "stiefel", "grassmann"):  # H_res = I is what keeps their rows summing to 1
+        torch.testing.assert_close(h_res, torch.eye(n))
+    else:
+        torch.testing.assert_close(h_res.diagonal(), torch.full((n,), MIXED_DIAGONAL))
+        torch.testing.assert_close(h_res.sum(-1), torch.ones(n))
 
 
 def test_bf16_streams_give_finite_fp32_coefficients() -> None:
@@ -300,8 +345,10 @@ def test_bf16_streams_give_finite_fp32_coefficients() -> None:
 
 # ------------------------------------------------------------ Sinkhorn implicit backward
 def sinkhorn_pair(iters: int) -> tuple[Manifold, Manifold]:
-    return (create("sinkhorn", 4, sinkhorn_iters=iters),
-            create("sinkhorn", 4, sinkhorn_iters=iters, sinkhorn_backward="implicit"))
+    return (
+        create("sinkhorn", 4, sinkhorn_iters=iters),
+        create("sinkhorn", 4, sinkhorn_iters=iters, sinkhorn_backward="implicit"),
+    )
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -309,8 +356,10 @@ def test_sinkhorn_implicit_matches_unrolled_at_convergence(dtype: torch.dtype, t
     unrolled, implicit = sinkhorn_pair(200)
     logits = random_logits(unrolled, 1.0, dtype, batch=32).requires_grad_()
     weight = torch.randn(32, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(4))
-    grads = [torch.autograd.grad((m.res_map(logits) * weight).sum(), logits)[0]
-             for m in (unrolled, implicit)]
+    grads = [
+        torch.autograd.grad((m.res_map(logits) * weight).sum(), logits)[0]
+        for m in (unrolled, implicit)
+    ]
     assert max_err(grads[0], grads[1]) < tol
     # The same through torch.func (what the op's backward uses), plain and vmapped.
     _, vjp = torch.func.vjp(implicit.res_map, logits.detach())
@@ -350,21 +399,24 @@ def test_sinkhorn_implicit_saves_constant_memory() -> None:
 
 
 # ----------------------------------------------------------------------- validation
-@pytest.mark.parametrize(("name", "n", "opts", "message"), [
-    ("kronecker", 3, {}, r"power of 2"),
-    ("kromhc", 6, {}, r"power of 2"),
-    ("permutation", 9, {}, r"streams <= 8.*n! = 362880"),
-    ("grassmann", 4, {"rank": 0}, r"1 <= rank <= streams \(4\)"),
-    ("grassmann", 4, {"rank": 5}, r"1 <= rank <= streams \(4\)"),
-    ("grassmann", 4, {"rank": 2.0}, r"integer with 1 <= rank"),
-    ("grassmann", 1, {"rank": 2}, r"1 <= rank <= streams \(1\)"),
-    ("spectral", 4, {"gamma": 0.0}, r"gamma must be a finite number > 0"),
-    ("spectral", 4, {"gamma": math.inf}, r"gamma must be a finite number > 0"),
-    ("sinkhorn", 4, {"sinkhorn_backward": "adjoint"}, r"one of \('unrolled', 'implicit'\)"),
-    ("sinkhorn", 4, {"sinkhorn_iters": 0}, r"sinkhorn_iters must be an integer >= 1"),
-    ("stiefel", 4, {"rank": 2}, r"unknown option\(s\) \['rank'\]"),
-    ("hc", 0, {}, r"streams must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("name", "n", "opts", "message"),
+    [
+        ("kronecker", 3, {}, r"power of 2"),
+        ("kromhc", 6, {}, r"power of 2"),
+        ("permutation", 9, {}, r"streams <= 8.*n! = 362880"),
+        ("grassmann", 4, {"rank": 0}, r"1 <= rank <= streams \(4\)"),
+        ("grassmann", 4, {"rank": 5}, r"1 <= rank <= streams \(4\)"),
+        ("grassmann", 4, {"rank": 2.0}, r"integer with 1 <= rank"),
+        ("grassmann", 1, {"rank": 2}, r"1 <= rank <= streams \(1\)"),
+        ("spectral", 4, {"gamma": 0.0}, r"gamma must be a finite number > 0"),
+        ("spectral", 4, {"gamma": math.inf}, r"gamma must be a finite number > 0"),
+        ("sinkhorn", 4, {"sinkhorn_backward": "adjoint"}, r"one of \('unrolled', 'implicit'\)"),
+        ("sinkhorn", 4, {"sinkhorn_iters": 0}, r"sinkhorn_iters must be an integer >= 1"),
+        ("stiefel", 4, {"rank": 2}, r"unknown option\(s\) \['rank'\]"),
+        ("hc", 0, {}, r"streams must be an integer >= 1"),
+    ],
+)
 def test_bad_options_raise(name: str, n: int, opts: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         create(name, n, **opts)
@@ -373,8 +425,16 @@ def test_bad_options_raise(name: str, n: int, opts: dict[str, Any], message: str
 def test_unknown_manifold_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="unknown manifold 'birkhoff'") as info:
         create("birkhoff", 4)
-    for name in ("hc", "sinkhorn", "permutation", "kronecker", "spectral", "stiefel",
-                 "grassmann", "mhc-lite"):
+    for name in (
+        "hc",
+        "sinkhorn",
+        "permutation",
+        "kronecker",
+        "spectral",
+        "stiefel",
+        "grassmann",
+        "mhc-lite",
+    ):
         assert name in str(info.value)
 
 
