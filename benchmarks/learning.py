@@ -218,11 +218,10 @@ def verdict(rows: list[dict[str, Any]], default: str) -> str:
     )
 
 
-def write_json(section: str, payload: dict[str, Any]) -> Path:
-    path = common.RESULTS_DIR / f"learning-{datetime.date.today().isoformat()}.json"
+def write_json(path: Path, section: str, payload: dict[str, Any]) -> Path:
     results = json.loads(path.read_text()) if path.exists() else {}
     results[section] = payload
-    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
 
@@ -266,6 +265,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--plots", type=Path, default=DOCS_IMAGES, help="(default: docs/images)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.RESULTS_DIR / f"learning-{datetime.date.today().isoformat()}.json",
+        help="results file, one section per mode (default: benchmarks/results/learning-<date>.json)",
+    )
     return parser.parse_args()
 
 
@@ -310,6 +315,7 @@ def main() -> None:
     print(f"\n{line}")
     section = f"from_plain_{args.from_plain}" if args.from_plain else "from_init"
     path = write_json(
+        args.out,
         section,
         {
             "git_revision": common.git_revision(),
