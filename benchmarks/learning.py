@@ -269,7 +269,7 @@ def parse_args() -> argparse.Namespace:
         "--out",
         type=Path,
         default=common.RESULTS_DIR / f"learning-{datetime.date.today().isoformat()}.json",
-        help="results file, one section per mode (default: benchmarks/results/learning-<date>.json)",
+        help="results file, a section per mode (default: benchmarks/results/learning-<date>.json)",
     )
     return parser.parse_args()
 
