@@ -216,7 +216,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.LRScheduler:
+def make_schedule(model: nn.Module, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """AdamW on `hcpass.param_groups` (weight decay on matrices only, GPT-2 practice; the
     mixers at ``cfg.mixer_lr_scale`` times the learning rate), scheduled by `lr_factor`."""
     groups = hcpass.param_groups(
@@ -266,7 +266,7 @@ def train(
     Batches come from a generator seeded with --seed: every variant sees the same ones."""
     train_data, _ = data
     generator = torch.Generator().manual_seed(cfg.seed)
-    schedule = make_optimizer(model, cfg)
+    schedule = make_schedule(model, cfg)
     optimizer = schedule.optimizer
     progress = Progress(name, cfg.steps)
     tokens = cfg.batch * gpt.context
