@@ -1,11 +1,14 @@
 """Does hcpass help a model learn? Plain vs every manifold on the demo's byte corpus.
 
     python benchmarks/learning.py                       # 8 blocks, 3 seeds, all manifolds
-    python benchmarks/learning.py --layers 12 --width 128 --steps 1000 --jobs 8
-    python benchmarks/learning.py --from-plain 300      # convert a trained plain model
+    python benchmarks/learning.py --width 64 --context 32 --batch 16 --steps 1000 --jobs 8
+    python benchmarks/learning.py --from-plain 150      # convert a trained plain model
 
 The model, corpus, batches, optimizer and schedule are `hcpass demo`'s (`hcpass.demo`), at
-a depth where depth matters (8 blocks: 16 residual sites). Every variant of a seed starts
+a depth where depth matters (8 blocks: 16 residual sites) but narrower and shorter (width
+32, context 16, batch 8, 150 steps), because converted models train in eager PyTorch on CPU
+at 5-10x plain's step time: 24 runs at this size are ~20 min of 2 CPU cores (an estimate
+from runs on a loaded machine). Every variant of a seed starts
 from the same initial weights and sees the same batches for the same number of steps; the
 only difference is `hcpass.convert` with that manifold and its defaults (init, mixer
 learning-rate scale). Runs go to --jobs processes of one thread each.
@@ -246,12 +249,12 @@ def parse_args() -> argparse.Namespace:
     train, model = demo.TrainConfig(), demo.GPTConfig()
     parser.add_argument("--manifolds", help="comma-separated (default: every registered one)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=model.width)
+    parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--heads", type=int, default=model.heads)
-    parser.add_argument("--context", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=train.batch)
+    parser.add_argument("--context", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=train.lr)
     parser.add_argument("--streams", type=int, default=train.streams)
     parser.add_argument("--init", choices=hcpass.manifolds.base.INITS)
