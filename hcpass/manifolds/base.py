@@ -4,9 +4,9 @@ Every variant in the literature (HC, mHC, mHC-lite, KromHC, sHC, JPmHC) is one s
 A subclass declares how many logits H_res needs (`res_logits`), how those logits become an
 n x n matrix (`res_map`), the near-identity bias for them (`res_identity_bias`) and, where
 rows sum to 1 away from I too, a default bias that already mixes the streams
-(`res_init_bias`). Everything else -- the projection of the flattened n*C state, the sigmoid maps of H_pre
-and H_post, the function-preserving and paper inits -- is shared here and can be
-overridden where a paper differs (HC overrides `project` and `coefficients`).
+(`res_init_bias`). Everything else -- the projection of the flattened n*C state, the
+sigmoid maps of H_pre and H_post, the function-preserving and paper inits -- is shared here
+and can be overridden where a paper differs (HC overrides `project` and `coefficients`).
 
 Conventions (see docs/math.md):
 - stream states are stream-major, ``x[n, *positions, C]``;
