@@ -6,7 +6,7 @@ compiled = torch.compile(model2, backend="hcpass")
 """
 
 from hcpass import logs as _logs
-from hcpass import manifolds, plot
+from hcpass import manifolds, plot, training
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
 from hcpass.inspection import gain, mixers
@@ -14,6 +14,7 @@ from hcpass.manifolds import Manifold, register_manifold
 from hcpass.mixer import Mixer
 from hcpass.module import ConvertedModule
 from hcpass.plan import Report, SiteReport
+from hcpass.training import param_groups
 
 _logs.register()
 
@@ -29,6 +30,8 @@ __all__ = [
     "gain",
     "manifolds",
     "mixers",
+    "param_groups",
     "plot",
     "register_manifold",
+    "training",
 ]

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import hcpass
 from hcpass import plot
+from hcpass.manifolds.base import INITS
 
 BASELINE = "plain"
 # Tried in order; the first registered of EXACT is added to the defaults, so the demo shows
@@ -185,6 +186,7 @@ class TrainConfig:
     eval_batches: int = 16
     streams: int = 4
     init: str | None = None  # None: hcpass.convert's default
+    mixer_lr_scale: float = hcpass.training.MIXER_LR_SCALE
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
@@ -205,24 +207,23 @@ class Result:
     gain: list[dict[str, float]] = field(default_factory=list)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Fraction of the peak learning rate: linear warmup, then cosine decay to a tenth."""
     warmup = max(1, min(50, cfg.steps // 10))
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return (step + 1) / warmup
     t = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on matrices only (GPT-2 practice); the mixers' bias logits and scales
-    # are 1-d and stay undecayed, like norms and biases.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+def make_schedule(model: nn.Module, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """AdamW on `hcpass.param_groups` (weight decay on matrices only, GPT-2 practice; the
+    mixers at ``cfg.mixer_lr_scale`` times the learning rate), scheduled by `lr_factor`."""
+    groups = hcpass.param_groups(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, mixer_lr_scale=cfg.mixer_lr_scale
+    )
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
 
 class Progress:
@@ -265,7 +266,8 @@ def train(
     Batches come from a generator seeded with --seed: every variant sees the same ones."""
     train_data, _ = data
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule(model, cfg)
+    optimizer = schedule.optimizer
     progress = Progress(name, cfg.steps)
     tokens = cfg.batch * gpt.context
     curve: list[float] = []
@@ -276,14 +278,13 @@ def train(
             0, len(train_data) - gpt.context - 1, (cfg.batch,), generator=generator
         )
         x, y = (t.to(cfg.device) for t in batch_at(train_data, starts, gpt.context))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
         begin = time.perf_counter()
         loss = F.cross_entropy(run(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         value = loss.item()  # also waits for the device, so the step time is complete
         times.append(time.perf_counter() - begin)
         curve.append(value)
@@ -515,10 +516,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--init",
-        choices=("identity", "paper"),
+        choices=INITS,
         help="mixer init (default: hcpass.convert's, identity). identity: every variant "
-        "starts out computing exactly what the plain model does; paper: the papers' init "
-        "for training from scratch",
+        "starts out computing exactly what the plain model does, its H_res already mixing "
+        "the streams; identity-sharp: the same with H_res ~ I (the papers' H_res init, "
+        "which barely moves in a short run); paper: the papers' init for training from "
+        "scratch",
+    )
+    parser.add_argument(
+        "--mixer-lr-scale",
+        type=float,
+        default=defaults.mixer_lr_scale,
+        help="the mixers' learning rate relative to --lr (default: %(default)s; "
+        "see hcpass.param_groups)",
     )
     parser.add_argument(
         "--seed",
@@ -579,6 +589,8 @@ def configs(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
     for flag in ("steps", "threads", "layers", "width", "heads", "context", "batch", "streams"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1")
+    if not args.mixer_lr_scale > 0:
+        raise ValueError("--mixer-lr-scale must be > 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch finds no CUDA device")
     gpt = GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)
@@ -588,6 +600,7 @@ def configs(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
         lr=args.lr,
         streams=args.streams,
         init=args.init,
+        mixer_lr_scale=args.mixer_lr_scale,
         seed=args.seed,
         device=args.device,
         threads=args.threads,
@@ -602,7 +615,8 @@ def describe(gpt: GPTConfig, cfg: TrainConfig, data: tuple[Tensor, Tensor]) -> s
         f"stdlib source: {len(data[0]) / 1e6:.1f} MB to train on, "
         f"{len(data[1]) / 1e6:.1f} MB of other files held out; "
         f"{cfg.steps} steps of {cfg.batch} sequences; "
-        f"streams={cfg.streams}, init={cfg.init or 'default'}; "
+        f"streams={cfg.streams}, init={cfg.init or 'default'}, "
+        f"mixer lr x{cfg.mixer_lr_scale:g}; "
         f"{'torch.compile' if cfg.compile else 'eager'} on {cfg.device}"
     )
 

@@ -14,16 +14,31 @@ from hcpass.capture import side_effect_free
 from hcpass.module import ConvertedModule
 
 
+def _stream_cosine(x: Tensor) -> Tensor:
+    """Mean cosine similarity over the pairs of streams of ``x [n, *pos, C]``, per position
+    (1 for n = 1: one stream is its own copy)."""
+    n = x.shape[0]
+    if n == 1:
+        return x.new_ones(x.shape[1:-1], dtype=torch.float32)
+    unit = torch.nn.functional.normalize(x.detach().float(), dim=-1)
+    gram = torch.einsum("i...c,j...c->...ij", unit, unit)
+    return (gram.sum((-2, -1)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+
+
 class _CoefficientRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[int, tuple[Tensor, Tensor, Tensor]]] = []
+        self.calls: list[tuple[int, dict[str, Tensor]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.hcpass.coeffs.default:
-            bias = args[3]
-            self.calls.append((bias.data_ptr(), tuple(t.detach().clone() for t in out)))
+            x, bias = args[0], args[3]
+            record = dict(
+                zip(("h_pre", "h_post", "h_res"), (t.detach().clone() for t in out), strict=True)
+            )
+            record["stream_cosine"] = _stream_cosine(x)
+            self.calls.append((bias.data_ptr(), record))
         return out
 
 
@@ -33,8 +48,11 @@ def mixers(
     example_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Per site, in forward order: the ``h_pre [*pos, n]``, ``h_post [*pos, n]`` and
-    ``h_res [*pos, n, n]`` used in one forward pass on the example inputs. A site that
-    runs twice (a weight-shared block) appears as ``name``, ``name#2``."""
+    ``h_res [*pos, n, n]`` used in one forward pass on the example inputs, and
+    ``stream_cosine [*pos]``, the mean cosine similarity between pairs of the site's input
+    streams (1 at init, where they are copies; how far below 1 says how much the streams
+    have diverged). A site that runs twice (a weight-shared block) appears as ``name``,
+    ``name#2``."""
     if not isinstance(model, ConvertedModule):
         raise TypeError("hcpass.mixers needs a model returned by hcpass.convert")
     key_of = {mixer.bias.data_ptr(): key for key, mixer in model.mixers.items()}
@@ -42,13 +60,13 @@ def mixers(
     with side_effect_free(model):
         model.observed_forward(recorder, *tuple(example_inputs), **(example_kwargs or {}))
     result: dict[str, dict[str, Tensor]] = {}
-    for pointer, (h_pre, h_post, h_res) in recorder.calls:
+    for pointer, record in recorder.calls:
         key = key_of[pointer]
         name, count = key, 1
         while name in result:
             count += 1
             name = f"{key}#{count}"
-        result[name] = {"h_pre": h_pre, "h_post": h_post, "h_res": h_res}
+        result[name] = record
     return result
 
 

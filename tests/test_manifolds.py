@@ -24,6 +24,7 @@ from torch import Tensor
 
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.manifolds import Manifold, available, create, resolve
+from hcpass.manifolds.base import MIXED_DIAGONAL
 from hcpass.mixer import Mixer
 
 # `hcpass.manifolds` the attribute may be shadowed by `hcpass.manifolds()` the function.
@@ -295,13 +296,14 @@ def test_init_bias_and_phi_shapes(name: str, n: int, opts: dict[str, Any], init:
         assert torch.equal(bias, create(name, n, **opts).init_bias(site_index=7))
 
 
+@pytest.mark.parametrize("init", ["identity", "identity-sharp"])
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
 def test_identity_init_preserves_function(
-    name: str, n: int, opts: dict[str, Any], dynamic: bool
+    name: str, n: int, opts: dict[str, Any], dynamic: bool, init: str
 ) -> None:
     channels = 16
-    mixer = Mixer(create(name, n, dynamic=dynamic, **opts), channels, site_index=5)
+    mixer = Mixer(create(name, n, dynamic=dynamic, init=init, **opts), channels, site_index=5)
     gen = torch.Generator().manual_seed(3)
     copy = torch.randn(2, 3, channels, generator=gen)
     y = torch.randn(2, 3, channels, generator=gen)
@@ -315,6 +317,21 @@ def test_identity_init_preserves_function(
     assert max_err(u, copy) < FP32_TOL * copy.abs().max().item()
     expected = (copy + y).expand(n, *copy.shape)
     assert max_err(out, expected) < FP32_TOL * expected.abs().max().item()
+
+
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES))
+def test_default_init_mixes_where_rows_sum_to_one(name: str, n: int, opts: dict[str, Any]) -> None:
+    """The default H_res is off the identity (diagonal MIXED_DIAGONAL) wherever its rows sum
+    to 1, so its map is not saturated; identity-sharp keeps the near-identity bias."""
+    m = create(name, n, **opts)
+    h_res = m.res_map(m.split(m.init_bias(0))[2])
+    sharp = create(name, n, init="identity-sharp", **opts)
+    torch.testing.assert_close(sharp.split(sharp.init_bias(0))[2], sharp.res_identity_bias())
+    if name in ("hc", "stiefel", "grassmann"):  # H_res = I is what keeps their rows summing to 1
+        torch.testing.assert_close(h_res, torch.eye(n))
+    else:
+        torch.testing.assert_close(h_res.diagonal(), torch.full((n,), MIXED_DIAGONAL))
+        torch.testing.assert_close(h_res.sum(-1), torch.ones(n))
 
 
 def test_bf16_streams_give_finite_fp32_coefficients() -> None:

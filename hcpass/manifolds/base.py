@@ -2,10 +2,11 @@
 
 Every variant in the literature (HC, mHC, mHC-lite, KromHC, sHC, JPmHC) is one subclass.
 A subclass declares how many logits H_res needs (`res_logits`), how those logits become an
-n x n matrix (`res_map`), and the identity-preserving bias for them (`res_identity_bias`).
-Everything else -- the projection of the flattened n*C state, the sigmoid maps of H_pre
-and H_post, the function-preserving and paper inits -- is shared here and can be
-overridden where a paper differs (HC overrides `project` and `coefficients`).
+n x n matrix (`res_map`), the near-identity bias for them (`res_identity_bias`) and, where
+rows sum to 1 away from I too, a default bias that already mixes the streams
+(`res_init_bias`). Everything else -- the projection of the flattened n*C state, the
+sigmoid maps of H_pre and H_post, the function-preserving and paper inits -- is shared here
+and can be overridden where a paper differs (HC overrides `project` and `coefficients`).
 
 Conventions (see docs/math.md):
 - stream states are stream-major, ``x[n, *positions, C]``;
@@ -22,13 +23,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-INITS = ("identity", "paper")
+# identity: function preserving, H_res starts mixing the streams (see `res_init_bias`);
+# identity-sharp: function preserving, H_res ~ I (the papers' H_res bias; the default before);
+# paper: the papers' init for training from scratch.
+INITS = ("identity", "identity-sharp", "paper")
 
 # RMSNorm epsilon of the flattened n*C state ("tiny" in the mHC paper).
 RMS_EPS = 1e-6
 
 # sigmoid(PRE_LOGIT_CAP) rounds to 1.0 in fp32; used for n = 1 where logit(1) is +inf.
 PRE_LOGIT_CAP = 30.0
+
+# Diagonal of H_res under the default init, for the manifolds whose rows sum to 1 (so any
+# value keeps the function): the off-diagonal (1 - d) / (n - 1) is where the maps' gradients
+# are not saturated. Chosen with benchmarks/learning.py, see docs/training.md.
+MIXED_DIAGONAL = 0.7
 
 # H_pre weight of the favoured stream in the identity init (the others share the rest).
 FAVOURED_PRE_WEIGHT = 0.75
@@ -96,6 +105,15 @@ class Manifold:
     def res_identity_bias(self) -> Tensor:
         """Logits (shape ``[res_logits]``) whose H_res is (close to) the identity."""
         raise NotImplementedError
+
+    def res_init_bias(self) -> Tensor:
+        """H_res logits of the default ``init="identity"``. Any H_res whose rows sum to 1
+        keeps n identical streams identical, so a manifold with that property overrides this
+        with logits that already mix the streams: near the identity its map saturates
+        (off-diagonal gradients ~exp(-8)) and H_res would not move in a training run. The
+        base returns `res_identity_bias`, for maps whose rows do not sum to 1 off I
+        (orthogonal ones) and for HC, whose H_res is linear in its logits."""
+        return self.res_identity_bias()
 
     def triton_res_map(self) -> str | None:
         """Triton source of `res_map` fused into the coefficient kernels (hcpass.codegen),
@@ -175,15 +193,17 @@ class Manifold:
     def init_bias(self, site_index: int) -> Tensor:
         """Bias logits ``[num_logits]`` at init.
 
-        identity: sum(H_pre) = 1, H_post = 1, H_res ~ I, so a model whose n streams start as
-        copies computes exactly what the original did. H_pre favours stream ``site_index mod
-        n`` (weight 3/4, the rest share 1/4): uniform weights would make the n streams a
-        symmetric fixed point of training (identical gradients), and they would never diverge.
+        identity: sum(H_pre) = 1, H_post = 1 and rows of H_res summing to 1 (`res_init_bias`),
+        so a model whose n streams start as copies computes exactly what the original did.
+        identity-sharp: the same with H_res ~ I (`res_identity_bias`). H_pre favours stream
+        ``site_index mod n`` (weight 3/4, the rest share 1/4): uniform weights would make the
+        n streams a symmetric fixed point of training (identical gradients), and they would
+        never diverge.
         paper: the mHC-lite / KromHC / sHC init (+1 on stream ``site_index mod n``, -1
-        elsewhere), meant for training from scratch.
+        elsewhere, H_res ~ I), meant for training from scratch.
         """
         n = self.streams
-        if self.init == "identity":
+        if self.init != "paper":
             if n == 1:
                 b_pre = torch.full((1,), PRE_LOGIT_CAP)
             else:
@@ -195,7 +215,8 @@ class Manifold:
             b_pre = torch.full((n,), -1.0)
             b_pre[site_index % n] = 1.0
             b_post = b_pre.clone()
-        return torch.cat([b_pre, b_post, self.res_identity_bias().float()])
+        b_res = self.res_init_bias() if self.init == "identity" else self.res_identity_bias()
+        return torch.cat([b_pre, b_post, b_res.float()])
 
     # ---------------------------------------------------------------------- identity
     @property

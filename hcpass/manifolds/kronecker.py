@@ -10,11 +10,13 @@ n = 1 is K = 0: the empty product, H_res = [[1]] with no logits.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from hcpass.manifolds import register_manifold
-from hcpass.manifolds.base import Manifold, compute_dtype
+from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # Per-factor identity bias [0, -8]: p = sigmoid(8) ~ 0.99966 (KromHC's init).
 SWAP_LOGIT = -8.0
@@ -111,6 +113,13 @@ class Kronecker(Manifold):
 
     def res_identity_bias(self) -> Tensor:
         return torch.tensor([0.0, SWAP_LOGIT]).repeat(self.factors)
+
+    def res_init_bias(self) -> Tensor:
+        # Every factor keeps p = MIXED_DIAGONAL ** (1 / K): the diagonal of the product is p^K.
+        if self.factors == 0:
+            return self.res_identity_bias()
+        p = MIXED_DIAGONAL ** (1 / self.factors)
+        return torch.tensor([0.0, math.log((1 - p) / p)]).repeat(self.factors)
 
     triton_res_layout = "flat"
 

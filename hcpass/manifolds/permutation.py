@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds import register_manifold
-from hcpass.manifolds.base import Manifold, compute_dtype
+from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # n! logits per position (and n! * n * n FLOPs): 8! = 40320 is already far past practical.
 MAX_STREAMS = 8
@@ -116,6 +116,19 @@ class Permutation(Manifold):
 
     def res_identity_bias(self) -> Tensor:
         bias = torch.full((self.res_logits,), OTHER_PERMUTATION_LOGIT)
+        bias[0] = 0.0
+        return bias
+
+    def res_init_bias(self) -> Tensor:
+        # Identity logit 0, every other permutation a: H_res[i, i] is the weight of the
+        # (n - 1)! permutations fixing i, (1 + ((n - 1)! - 1) e^a) / (1 + (n! - 1) e^a);
+        # solved for MIXED_DIAGONAL. By symmetry the off-diagonal entries are all equal.
+        n = self.streams
+        if n == 1:
+            return self.res_identity_bias()
+        fixing, total = math.factorial(n - 1), math.factorial(n)
+        weight = (1 - MIXED_DIAGONAL) / (MIXED_DIAGONAL * (total - 1) - (fixing - 1))
+        bias = torch.full((total,), math.log(weight))
         bias[0] = 0.0
         return bias
 

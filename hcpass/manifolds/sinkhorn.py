@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hcpass.manifolds import register_manifold
-from hcpass.manifolds.base import Manifold, compute_dtype
+from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # Off-diagonal logit of the near-identity init: exp(-8) ~ 3e-4 (the mHC implementations' choice).
 OFF_DIAGONAL_LOGIT = -8.0
@@ -165,6 +166,16 @@ class Sinkhorn(Manifold):
         n = self.streams
         eye = torch.eye(n)
         return (eye * 0.0 + (1 - eye) * OFF_DIAGONAL_LOGIT).flatten()
+
+    def res_init_bias(self) -> Tensor:
+        # exp of [[0, a], [a, 0]]-shaped logits is symmetric with equal row sums, so already
+        # doubly stochastic: diagonal 1 / (1 + (n - 1) e^a) = MIXED_DIAGONAL.
+        n = self.streams
+        if n == 1:
+            return self.res_identity_bias()
+        off = math.log((1 - MIXED_DIAGONAL) / ((n - 1) * MIXED_DIAGONAL))
+        eye = torch.eye(n)
+        return ((1 - eye) * off).flatten()
 
     def triton_res_map(self) -> str | None:
         # The implicit (fixed-point) backward has no Triton version: it runs in PyTorch.

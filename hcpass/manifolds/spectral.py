@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hcpass.manifolds import register_manifold
 from hcpass.manifolds._orthogonal import cayley, skew, upper_pairs
-from hcpass.manifolds.base import Manifold, compute_dtype
+from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # b_S at init: s = tanh(4) ~ 0.99933, so H_res ~ I (exact row sums 1 keep it function preserving).
 SINGULAR_VALUE_BIAS = 4.0
@@ -72,5 +72,16 @@ class Spectral(Manifold):
         return 1.0 / n + basis @ core @ basis.T
 
     def res_identity_bias(self) -> Tensor:
+        return self._bias(SINGULAR_VALUE_BIAS)
+
+    def res_init_bias(self) -> Tensor:
+        # U = V = I and equal s: H_res = J + s (I - J), diagonal 1/n + s (n - 1)/n, solved for
+        # MIXED_DIAGONAL. tanh(4) also sits where tanh's slope is 1e-3; atanh(s) does not.
+        n = self.streams
+        if n == 1:
+            return self.res_identity_bias()
+        return self._bias(math.atanh((n * MIXED_DIAGONAL - 1) / (n - 1)))
+
+    def _bias(self, singular_value_logit: float) -> Tensor:
         m = self.streams - 1
-        return torch.cat([torch.zeros(m * (m - 1)), torch.full((m,), SINGULAR_VALUE_BIAS)])
+        return torch.cat([torch.zeros(m * (m - 1)), torch.full((m,), singular_value_logit)])

@@ -1,0 +1,343 @@
+"""Does hcpass help a model learn? Plain vs every manifold on the demo's byte corpus.
+
+    python benchmarks/learning.py                       # 8 blocks, 3 seeds, all manifolds
+    python benchmarks/learning.py --width 64 --context 32 --batch 16 --steps 1000 --jobs 8
+    python benchmarks/learning.py --from-plain 150      # convert a trained plain model
+
+The model, corpus, batches, optimizer and schedule are `hcpass demo`'s (`hcpass.demo`), at
+a depth where depth matters (8 blocks: 16 residual sites) but narrower and shorter (width
+32, context 16, batch 8, 150 steps), because converted models train in eager PyTorch on CPU
+at 5-10x plain's step time: 24 runs at this size are ~20 min of 2 CPU cores (an estimate
+from runs on a loaded machine). Every variant of a seed starts
+from the same initial weights and sees the same batches for the same number of steps; the
+only difference is `hcpass.convert` with that manifold and its defaults (init, mixer
+learning-rate scale). Runs go to --jobs processes of one thread each.
+
+Per variant, over the seeds: held-out loss (mean +- sample std), steps until the mean
+smoothed training loss reaches the plain model's final one, how far the position-mean
+H_res moved from its init and from the identity (L1 per row, mean over rows and sites), the
+mean cosine between the streams entering the last site (1 = copies), the composite Amax gain
+(`hcpass.gain`) at the last depth and its maximum over depth, and the median step time.
+
+--from-plain N trains the plain model N steps, then continues it for --steps more beside a
+converted copy of it (fresh optimizers, the same new batches): does conversion pay on a
+model that has already learnt something?
+
+Writes a table, benchmarks/results/learning-<date>.json (one section per mode) and, with
+matplotlib, loss and gain plots to --plots (docs/images by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+from torch import Tensor, nn
+
+import hcpass
+from hcpass import demo, plot
+
+BASELINE = demo.BASELINE
+DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+
+
+@dataclass(frozen=True)
+class Task:
+    variant: str  # BASELINE or a manifold name
+    gpt: demo.GPTConfig
+    cfg: demo.TrainConfig  # its seed is the run's seed
+    pretrain: int  # plain steps before conversion; 0: convert the freshly initialised model
+
+
+@cache
+def corpus(max_bytes: int) -> tuple[Tensor, Tensor]:
+    return demo.load_corpus(max_bytes)
+
+
+def position_mean_h_res(model: nn.Module, example: Tensor) -> list[Tensor]:
+    return [
+        site["h_res"].flatten(0, -3).mean(0) for site in hcpass.mixers(model, (example,)).values()
+    ]
+
+
+def row_l1(a: list[Tensor], b: list[Tensor]) -> float:
+    """L1 distance per row, averaged over rows and sites."""
+    return statistics.fmean((x - y).abs().sum(-1).mean().item() for x, y in zip(a, b, strict=True))
+
+
+def mixer_state(model: nn.Module, example: Tensor) -> dict[str, Any]:
+    """H_res movement, stream similarity and composite gain of a trained converted model."""
+    trained = position_mean_h_res(model, example)
+    # With phi = 0 at init, H_res is the map of the init bias (the same at every site).
+    manifold = next(iter(model.mixers.values())).manifold
+    start = manifold.res_map(manifold.split(manifold.init_bias(0))[2]).double()
+    eye = torch.eye(manifold.streams, dtype=torch.float64)
+    sites = list(hcpass.mixers(model, (example,)).values())
+    return {
+        "h_res_from_init": row_l1(trained, [start] * len(trained)),
+        "h_res_from_identity": row_l1(trained, [eye] * len(trained)),
+        "last_site_stream_cosine": sites[-1]["stream_cosine"].mean().item(),
+        "gain": hcpass.gain(model, (example,)),
+    }
+
+
+def run_task(task: Task) -> dict[str, Any]:
+    """One variant, one seed (in a worker process)."""
+    cfg, gpt = task.cfg, task.gpt
+    with demo.torch_threads(cfg.threads):
+        data = corpus(cfg.corpus_bytes)
+        held_out = demo.validation_batches(data[1], gpt, cfg)
+        torch.manual_seed(cfg.seed)
+        base = demo.GPT(gpt)
+        if task.pretrain:
+            # The same plain run in every task of this seed (deterministic on one thread);
+            # the continuation then draws other batches (seed + 1).
+            pre = replace(cfg, steps=task.pretrain)
+            demo.train(f"{BASELINE}@0", base, base, data, gpt, pre)
+            cfg = replace(cfg, seed=cfg.seed + 1)
+        manifold = None if task.variant == BASELINE else task.variant
+        result, model = demo.run_variant(task.variant, manifold, base, data, held_out, cfg)
+        record = {"variant": task.variant, "seed": task.cfg.seed, **asdict(result)}
+        if manifold is not None:
+            record.update(mixer_state(model, held_out[0][0]))
+    return record
+
+
+def smoothed(curve: list[float]) -> list[float]:
+    window = demo.TRAIN_LOSS_WINDOW
+    return [statistics.fmean(curve[max(0, i + 1 - window) : i + 1]) for i in range(len(curve))]
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[float]:
+    return [
+        statistics.fmean(step) for step in zip(*(smoothed(r["curve"]) for r in runs), strict=True)
+    ]
+
+
+def mean_gain(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    return [
+        {
+            "depth": rows[0]["depth"],
+            "forward": statistics.fmean(r["forward"] for r in rows),
+            "backward": statistics.fmean(r["backward"] for r in rows),
+        }
+        for rows in zip(*(r["gain"] for r in runs), strict=True)
+    ]
+
+
+def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    by_variant = {v: [r for r in runs if r["variant"] == v] for v in variants}
+    plain = by_variant[BASELINE]
+    target = mean_curve(plain)[-1]
+    plain_ms = statistics.fmean(r["ms_per_step"] for r in plain)
+    rows = []
+    for variant, group in by_variant.items():
+        losses = [r["val_loss"] for r in group]
+        curve = mean_curve(group)
+        reached = next((i + 1 for i, v in enumerate(curve) if v <= target), None)
+        row: dict[str, Any] = {
+            "variant": variant,
+            "seeds": len(group),
+            "val_loss_mean": statistics.fmean(losses),
+            "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "steps_to_plain_final": reached,
+            "ms_per_step": statistics.fmean(r["ms_per_step"] for r in group),
+            "step_time_vs_plain": statistics.fmean(r["ms_per_step"] for r in group) / plain_ms,
+            "params": group[0]["params"],
+        }
+        if variant != BASELINE:
+            gain = mean_gain(group)
+            row.update(
+                {
+                    key: statistics.fmean(r[key] for r in group)
+                    for key in ("h_res_from_init", "h_res_from_identity", "last_site_stream_cosine")
+                }
+            )
+            row["gain_last"] = gain[-1]["forward"]
+            row["gain_max"] = max(max(g["forward"], g["backward"]) for g in gain)
+            row["gain"] = gain
+        rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[dict[str, Any]], steps: int) -> None:
+    plain = rows[0]
+    header = [
+        "variant",
+        "held-out loss",
+        "vs plain",
+        "steps to plain",
+        "H_res moved",
+        "from I",
+        "stream cos",
+        "gain last/max",
+        "ms/step",
+        "x plain",
+    ]
+    table = []
+    for r in rows:
+        mixer = r["variant"] != BASELINE
+        table.append(
+            [
+                r["variant"],
+                f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}",
+                f"{r['val_loss_mean'] - plain['val_loss_mean']:+.4f}" if mixer else "-",
+                str(r["steps_to_plain_final"] or f"> {steps}"),
+                f"{r['h_res_from_init']:.3f}" if mixer else "-",
+                f"{r['h_res_from_identity']:.3f}" if mixer else "-",
+                f"{r['last_site_stream_cosine']:.3f}" if mixer else "-",
+                f"{r['gain_last']:.2f}/{r['gain_max']:.2f}" if mixer else "-",
+                f"{r['ms_per_step']:.0f}",
+                f"{r['step_time_vs_plain']:.1f}",
+            ]
+        )
+    common.print_table(header, table)
+
+
+def verdict(rows: list[dict[str, Any]], default: str) -> str:
+    """The goal of issue 10: the default manifold beats plain by more than 2 plain stds."""
+    plain = rows[0]
+    row = next((r for r in rows if r["variant"] == default), None)
+    if row is None:
+        return f"default manifold {default!r} not run"
+    margin = plain["val_loss_mean"] - row["val_loss_mean"]
+    bar = 2 * plain["val_loss_std"]
+    word = "beats" if margin > bar else "does NOT beat"
+    return (
+        f"{default} {word} {BASELINE} by more than 2 plain seed stds: "
+        f"{margin:+.4f} lower held-out loss vs 2 x std = {bar:.4f}"
+    )
+
+
+def write_json(path: Path, section: str, payload: dict[str, Any]) -> Path:
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[section] = payload
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def write_plots(directory: Path, stem: str, runs: list[dict], rows: list[dict]) -> list[Path]:
+    if not demo.have_matplotlib():
+        print(f"plots skipped: {plot.INSTALL_HINT}")
+        return []
+    variants = [r["variant"] for r in rows]
+    curves = {v: mean_curve([r for r in runs if r["variant"] == v]) for v in variants}
+    written = [
+        plot.losses(curves, directory / f"{stem}-loss.png", title="Training loss (mean of seeds)")
+    ]
+    gains = {r["variant"]: r["gain"] for r in rows if "gain" in r}
+    if gains:
+        written.append(plot.gains(gains, directory / f"{stem}-gain.png"))
+    return written
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    train, model = demo.TrainConfig(), demo.GPTConfig()
+    parser.add_argument("--manifolds", help="comma-separated (default: every registered one)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=model.heads)
+    parser.add_argument("--context", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=train.lr)
+    parser.add_argument("--streams", type=int, default=train.streams)
+    parser.add_argument("--init", choices=hcpass.manifolds.base.INITS)
+    parser.add_argument("--mixer-lr-scale", type=float, default=train.mixer_lr_scale)
+    parser.add_argument(
+        "--from-plain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train plain N steps first, then continue plain and converted (default: off)",
+    )
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--plots", type=Path, default=DOCS_IMAGES, help="(default: docs/images)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.RESULTS_DIR / f"learning-{datetime.date.today().isoformat()}.json",
+        help="results file, a section per mode (default: benchmarks/results/learning-<date>.json)",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    names = args.manifolds.split(",") if args.manifolds else hcpass.manifolds.manifold_names()
+    if args.from_plain and not args.manifolds:
+        names = ["sinkhorn"]  # hcpass.convert's default
+    variants = [BASELINE, *names]
+    gpt = demo.GPTConfig(
+        context=args.context, width=args.width, layers=args.layers, heads=args.heads
+    )
+    cfg = demo.TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        streams=args.streams,
+        init=args.init,
+        mixer_lr_scale=args.mixer_lr_scale,
+        threads=1,
+    )
+    tasks = [
+        Task(v, gpt, replace(cfg, seed=seed), args.from_plain)
+        for seed in range(args.seeds)
+        for v in variants
+    ]
+    begin = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        runs = list(pool.map(run_task, tasks))
+    seconds = time.perf_counter() - begin
+
+    rows = summarise(runs, variants)
+    mode = f"from plain trained {args.from_plain} steps" if args.from_plain else "from init"
+    print(
+        f"\n{args.layers} blocks, width {args.width}, context {args.context}, batch "
+        f"{args.batch}, {args.steps} steps, {args.seeds} seeds, streams {args.streams}, "
+        f"{mode}; {seconds / 60:.1f} min on {args.jobs} processes\n"
+    )
+    print_summary(rows, args.steps)
+    line = verdict(rows, names[0] if args.from_plain else "sinkhorn")
+    print(f"\n{line}")
+    section = f"from_plain_{args.from_plain}" if args.from_plain else "from_init"
+    path = write_json(
+        args.out,
+        section,
+        {
+            "git_revision": common.git_revision(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "jobs": args.jobs,
+            "seconds": seconds,
+            "model": asdict(gpt),
+            "train": asdict(cfg),
+            "pretrain_steps": args.from_plain,
+            "verdict": line,
+            "summary": rows,
+            "runs": runs,
+        },
+    )
+    stem = "learning-from-plain" if args.from_plain else "learning"
+    written = write_plots(args.plots, stem, runs, rows)
+    print(f"wrote {path}" + "".join(f", {p}" for p in written))
+
+
+if __name__ == "__main__":
+    main()
