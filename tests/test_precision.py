@@ -173,3 +173,30 @@ def test_double_widens_the_mixers_for_gradcheck():
     assert {p.dtype for p in converted.mixers.parameters()} == {torch.float64}
     converted.float()
     assert {p.dtype for p in converted.mixers.parameters()} == {torch.float32}
+
+
+def test_hf_mamba_residual_in_fp32_sites_are_found():
+    """The issue's reproduction: 0 of 2 sites were found, "operands are independent"."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    models._quiet_hf()
+    config = MambaConfig(
+        vocab_size=models.VOCAB,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        expand=2,
+        residual_in_fp32=True,
+    )
+    model = MambaForCausalLM(config)
+    (ids,), _ = models.token_inputs()
+    kwargs = {"use_cache": False}
+    report = hcpass.explain(model, (ids,), kwargs)
+    assert [s.name for s in report.rewritten] == [
+        "backbone.layers.0.mixer",
+        "backbone.layers.1.mixer",
+    ]
+    converted = hcpass.convert(model, (ids,), kwargs, streams=4)
+    torch.testing.assert_close(
+        converted(ids, **kwargs).logits, model(ids, **kwargs).logits, rtol=1e-5, atol=1e-6
+    )
