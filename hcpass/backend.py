@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hcpass import logs
+from hcpass import handoff, logs
 from hcpass.capture import annotate_parameters
 from hcpass.module import current_owner
 from hcpass.passes import PassManager
@@ -71,8 +71,9 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
         for index, inputs in mixed.mixers
         for p in owner.mixer_parameters(example_inputs[index], inputs)
     ]
-    compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params])
-    return replace(mixed, fn=compiled)
+    states = handoff.examples(mixed.stream_inputs, example_inputs)
+    compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params, *states])
+    return replace(mixed, fn=compiled, dense=True)
 
 
 def _log_plain_model(gm: fx.GraphModule) -> None:

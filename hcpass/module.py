@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hcpass import logs
+from hcpass import handoff, logs
 from hcpass.capture import (
     annotate_parameters,
     fresh_function,
@@ -45,6 +45,7 @@ class _Run:
     owner: ConvertedModule
     mixers_ran: int = 0
     observer: TorchDispatchMode | None = None  # sees the mixer ops (hcpass.mixers)
+    handoffs: handoff.Handoffs = field(default_factory=handoff.Handoffs)
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("hcpass_run", default=None)
@@ -63,6 +64,10 @@ class MixedGraph:
     fn: Callable[..., Any]
     mixers: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
     sites: int
+    # Chains crossing the graph's boundary with their n streams (hcpass.handoff).
+    stream_inputs: tuple[handoff.StreamInput, ...] = ()
+    stream_outputs: tuple[handoff.StreamOutput, ...] = ()
+    dense: bool = False  # fn was compiled for contiguous n-stream inputs
 
     def __call__(self, *args: Any) -> Any:
         run = _RUN.get()
@@ -75,11 +80,14 @@ class MixedGraph:
         params: list[torch.Tensor] = []
         for index, inputs in self.mixers:
             params += run.owner.mixer_parameters(args[index], inputs)
+        states = handoff.enter(run.handoffs, run.owner, self.stream_inputs, args, self.dense)
         run.mixers_ran += self.sites
         if run.observer is not None:
             with run.observer:
-                return self.fn(*args, *params)
-        return self.fn(*args, *params)
+                result = self.fn(*args, *params, *states)
+        else:
+            result = self.fn(*args, *params, *states)
+        return handoff.leave(run.handoffs, run.owner, self.stream_outputs, args, result)
 
 
 class ConvertedModule(nn.Module):
@@ -110,6 +118,8 @@ class ConvertedModule(nn.Module):
         self.report: Report = plan.report
         self._runs_per_forward = plan.runs
         self._key_of = {site.anchor: site.key for site in plan.sites}
+        self._follows = {site.key: site.follows for site in plan.sites}
+        self._label_of = {site.key: site.name for site in plan.sites}
         self._names_by_id: dict[int, str] = {}
         self._entry = fresh_trampoline("entry")
         self._probe = fresh_function(_tracing, "probe")
@@ -187,12 +197,21 @@ class ConvertedModule(nn.Module):
         annotate_parameters(gm, self._names_by_id)
         graph, analysis = analyse(gm, keep=self._keep)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
-        result = rewrite_chains(graph, analysis, slots)
+        result = rewrite_chains(graph, analysis, slots, handoff=True)
         rewritten = fx.GraphModule(gm, graph, class_name="HcpassGraph")
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}
         anchors = tuple((index_of[m.anchor.name], m) for m in result.mixers)
-        return rewritten, MixedGraph(rewritten, anchors, result.sites)
+        stream_inputs = tuple(
+            handoff.StreamInput(index_of[x.name], index_of[site.anchor.name], slots[site].streams)
+            for x, _, site in result.stream_inputs
+        )
+        stream_outputs = tuple(
+            handoff.StreamOutput(position, index_of[site.anchor.name])
+            for position, site in result.stream_outputs
+        )
+        mixed = MixedGraph(rewritten, anchors, result.sites, stream_inputs, stream_outputs)
+        return rewritten, mixed
 
     def _keep(self, site) -> str | None:
         if site.anchor_name in self._key_of:
@@ -204,8 +223,8 @@ class ConvertedModule(nn.Module):
         mixer: Mixer = self.mixers[key]
         return MixerSlot(key, mixer.streams, mixer.spec, mixer.manifold.dynamic)
 
-    def mixer_parameters(self, anchor: torch.Tensor, inputs: MixerInputs) -> list[torch.Tensor]:
-        """The parameters of the mixer keyed on `anchor`, checked against the graph's slot."""
+    def site_key(self, anchor: torch.Tensor) -> str:
+        """The mixer key of the site whose mixer is keyed on the parameter `anchor`."""
         # Called per mixer per forward: scan the parameters again only on a miss.
         name = self._names_by_id.get(id(anchor))
         if name is None:
@@ -217,6 +236,18 @@ class ConvertedModule(nn.Module):
                 "hcpass: a rewritten graph was called with a parameter no mixer of this "
                 "model is keyed on; call torch._dynamo.reset() and run again"
             )
+        return key
+
+    def follows(self, key: str) -> str | None:
+        """The site before `key`'s in its planned chain (None where the chain starts)."""
+        return self._follows[key]
+
+    def site_label(self, key: str) -> str:
+        return self._label_of[key]
+
+    def mixer_parameters(self, anchor: torch.Tensor, inputs: MixerInputs) -> list[torch.Tensor]:
+        """The parameters of the mixer keyed on `anchor`, checked against the graph's slot."""
+        key = self.site_key(anchor)
         mixer: Mixer = self.mixers[key]
         if mixer.spec != inputs.slot.spec or mixer.channels != inputs.channels:
             raise RuntimeError(
