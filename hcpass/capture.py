@@ -158,7 +158,12 @@ def annotate_parameters(gm: fx.GraphModule, names: dict[int, str] | None) -> Non
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    """Parameter names by tensor identity, as the unwrapped model spells them: a submodule
+    compiled and assigned back (``torch.compile(block)``) adds ``_orig_mod.`` to its names."""
+    return {
+        id(p): name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
 
 
 def parameter_name(node: fx.Node) -> str | None:

@@ -173,6 +173,20 @@ def leave(
     return visible
 
 
+def compiled_regions(model: torch.nn.Module) -> list[str]:
+    """Submodules compiled on their own (``block.compile(...)``, or ``torch.compile(block)``
+    assigned back): the regional-compile pattern, in which each region is a graph of its own
+    and chains cross from region to region."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, OptimizedModule)
+        or getattr(module, "_compiled_call_impl", None) is not None
+    ]
+
+
 def examples(inputs: Sequence[StreamInput], example_inputs: Sequence[Any]) -> list[torch.Tensor]:
     """Example n-stream states for compiling a graph (contiguous, as `enter(dense=True)`)."""
     return [

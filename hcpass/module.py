@@ -153,19 +153,39 @@ class ConvertedModule(nn.Module):
         """forward, with `observer` active while the rewritten graphs run (eager only)."""
         run = _Run(self, observer=observer)
         token = _RUN.set(run)
+        regions: list[str] = []
         try:
             with visible_residuals():
                 if self._probe(self.mixers_anchor):
                     # An outer torch.compile is tracing: let it trace the original forward;
                     # the hcpass backend finds this module through the context variable.
                     out = self._entry(self._model, args, kwargs)
+                elif regions := handoff.compiled_regions(self._model):
+                    # Regional compile: under our own Dynamo run the regions would be inlined
+                    # (not compiled). Run the code around them as plain Python instead; each
+                    # region's graph goes to its backend, and chains cross between regions
+                    # through hcpass.handoff.
+                    out = self._model(*args, **kwargs)
                 else:
                     with torch._dynamo.config.patch(recompile_limit=64):
                         out = self._eager(self._model, args, kwargs)
         finally:
             _RUN.reset(token)
+        self._check_regions_ran(run, regions)
         self._check_ran(run)
         return out
+
+    def _check_regions_ran(self, run: _Run, regions: list[str]) -> None:
+        """With compiled regions, a site outside them runs without its mixer: an error."""
+        if regions and run.mixers_ran < self._runs_per_forward:
+            raise RuntimeError(
+                f"hcpass: {run.mixers_ran} of {self._runs_per_forward} mixer runs happened "
+                f"with compiled regions {regions}: each residual site must lie inside a "
+                "region compiled with backend='hcpass' (a site outside them, or in a region "
+                "compiled by another backend, runs without its mixer). Compile every block "
+                "with backend='hcpass', or the whole model: "
+                "torch.compile(converted, backend='hcpass')."
+            )
 
     @property
     def mixers_anchor(self) -> torch.Tensor:
