@@ -47,14 +47,14 @@ class CapturedGraph:
     gm: fx.GraphModule
     index: int  # order in which the forward reached it
     graph_break: str | None  # why Dynamo ended this graph early, if it did
-    # input position -> (graph index, output position): inputs that, on the graph's first
-    # call, were an earlier graph's output (the tensor itself or a same-layout view of it)
+    # input position -> (graph index, output position): inputs that an earlier call returned
+    # (the tensor itself, or a view of it with the same layout and version)
     inputs_from: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[CapturedGraph]:
-    """Run `model` once under Dynamo (no grad, RNG and buffers restored) and return its
-    graphs, parameter placeholders annotated with their names."""
+    """Run `model` once under Dynamo (RNG and buffers restored) and return its graphs, one
+    per call, parameter placeholders annotated with the names of the parameters passed."""
     calls = _Calls(parameter_names(model))
 
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
