@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from hcpass import logs
-from hcpass.capture import PARAMETER, annotate_parameters, parameter_names
+from hcpass import handoff, logs
+from hcpass.capture import annotate_call, annotate_parameters, parameter_names
 from hcpass.module import MixedGraph, current_owner
 from hcpass.passes import PassManager
 from hcpass.passes.fuse_across_sites import FuseAcrossSites
@@ -75,8 +75,9 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
         for index, inputs in mixed.mixers
         for p in owner.mixer_parameters(example_inputs[index], inputs)[1]
     ]
-    compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params])
-    return replace(mixed, fn=compiled)
+    states = handoff.examples(mixed.stream_inputs, example_inputs)
+    compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params, *states])
+    return replace(mixed, fn=compiled, dense=True)
 
 
 @dataclass
@@ -97,11 +98,7 @@ class PlainGraph:
         if owner is None:
             return self.compiled(*args)
         if self.mixed is None:
-            names = parameter_names(owner.original)
-            placeholders = [n for n in self.captured.graph.nodes if n.op == "placeholder"]
-            for node, arg in zip(placeholders, args, strict=True):
-                if isinstance(arg, torch.Tensor) and id(arg) in names:
-                    node.meta[PARAMETER] = names[id(arg)]
+            annotate_call(self.captured, args, parameter_names(owner.original))
             self.mixed = owner.rewrite(self.captured)[1]
         return self.mixed(*args)
 

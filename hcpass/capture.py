@@ -9,14 +9,18 @@ keeps at most `recompile_limit` entries per code object and silently runs eager 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import itertools
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+
+from hcpass.handoff import Layout, layout
 
 _counter = itertools.count()
 
@@ -43,34 +47,66 @@ class CapturedGraph:
     gm: fx.GraphModule
     index: int  # order in which the forward reached it
     graph_break: str | None  # why Dynamo ended this graph early, if it did
-    calls: int = 1  # how often the forward ran it (a resumed frame may run once per layer)
+    # input position -> (graph index, output position): inputs that an earlier call returned
+    # (the tensor itself, or a view of it with the same layout and version)
+    inputs_from: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[CapturedGraph]:
-    """Run `model` once under Dynamo (no grad, RNG and buffers restored) and return its
-    graphs, parameter placeholders annotated with their names."""
-    found: list[tuple[fx.GraphModule, str | None]] = []
-    calls: list[int] = []
-    names = parameter_names(model)
+    """Run `model` once under Dynamo (RNG and buffers restored) and return its graphs, one
+    per call, parameter placeholders annotated with the names of the parameters passed."""
+    calls = _Calls(parameter_names(model))
 
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        annotate_parameters(gm, names)
         reason = getattr(gm, "compile_subgraph_reason", None)
         broke = reason.reason.strip().splitlines()[0] if reason and reason.graph_break else None
-        index = len(found)
-        found.append((gm, broke))
-        calls.append(0)
-
-        def counted(*inputs: Any) -> Any:
-            calls[index] += 1
-            return gm.forward(*inputs)
-
-        return counted
+        return functools.partial(calls.run, gm, broke)
 
     compiled = torch.compile(fresh_trampoline("capture"), backend=record)
     with side_effect_free(model):
         compiled(model, tuple(args), dict(kwargs))
-    return [CapturedGraph(gm, i, broke, calls[i]) for i, (gm, broke) in enumerate(found)]
+    return calls.graphs
+
+
+class _Calls:
+    """Records each call of a captured graph as a `CapturedGraph` of its own.
+
+    Dynamo reuses one graph for every instance of a module class (parameters are inputs):
+    when a graph break in the model's forward makes each block its own frame, one graph runs
+    once per block, and each call has its own parameters, hence its own sites. Each call also
+    records which inputs an earlier call returned (`CapturedGraph.inputs_from`)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.graphs: list[CapturedGraph] = []
+        # layout of each tensor a call returned -> (graph index, output position); outputs
+        # are held until the capture ends, so their memory is not reused by other tensors.
+        self.returned: dict[Layout, tuple[int, int]] = {}
+        self.held: list[Any] = []
+
+    def run(self, gm: fx.GraphModule, graph_break: str | None, *args: Any) -> Any:
+        called = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        annotate_call(called, args, self.names)
+        captured = CapturedGraph(called, len(self.graphs), graph_break)
+        self.graphs.append(captured)
+        for i, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor) and layout(arg) in self.returned:
+                captured.inputs_from[i] = self.returned[layout(arg)]
+        outputs = gm.forward(*args)
+        self.held.append(outputs)
+        for i, out in enumerate(outputs):
+            if isinstance(out, torch.Tensor):
+                self.returned.setdefault(layout(out), (captured.index, i))
+        return outputs
+
+
+def annotate_call(gm: fx.GraphModule, args: Sequence[Any], names: dict[int, str]) -> None:
+    """Name each parameter placeholder after the parameter this call passes it."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, arg in zip(placeholders, args, strict=True):
+        name = names.get(id(arg)) if isinstance(arg, nn.Parameter) else None
+        if name is not None:
+            node.meta[PARAMETER] = name
 
 
 @contextlib.contextmanager
@@ -122,7 +158,12 @@ def annotate_parameters(gm: fx.GraphModule, names: dict[int, str] | None) -> Non
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    """Parameter names by tensor identity, as the unwrapped model spells them: a submodule
+    compiled and assigned back (``torch.compile(block)``) adds ``_orig_mod.`` to its names."""
+    return {
+        id(p): name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
 
 
 def parameter_name(node: fx.Node) -> str | None:

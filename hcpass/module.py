@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch._C._dynamo.eval_frame import reset_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hcpass import logs
+from hcpass import handoff, logs
 from hcpass.capture import (
     CapturedGraph,
     annotate_parameters,
@@ -50,9 +50,10 @@ class _Run:
     compiled: bool = False  # an outer torch.compile traced this forward
     graphs: int = 0  # rewritten graphs that ran
     mixers_ran: int = 0  # site executions
-    chains: int = 0  # chain executions (expand ... collapse)
     keys: set[str] = field(default_factory=set)  # mixers that ran
+    cuts: list[str] = field(default_factory=list)  # sites that restarted a planned chain
     notes: list[str] = field(default_factory=list)  # why a re-capture rewrote fewer sites
+    handoffs: handoff.Handoffs = field(default_factory=handoff.Handoffs)
 
 
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("hcpass_run", default=None)
@@ -71,11 +72,16 @@ class MixedGraph:
     fn: Callable[..., Any]
     mixers: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
     sites: int
-    chains: int = 0
     # The graph as captured: Dynamo caches a graph per code object, so a frame resumed
     # after a graph break also runs it for plain instances of the converted model's class.
     plain: Callable[..., Any] | None = None
     notes: tuple[str, ...] = ()  # candidate adds this capture did not rewrite, and why
+    # Anchor inputs of the first sites of chains that start inside the graph (expand).
+    starts: tuple[int, ...] = ()
+    # Chains crossing the graph's boundary with their n streams (hcpass.handoff).
+    stream_inputs: tuple[handoff.StreamInput, ...] = ()
+    stream_outputs: tuple[handoff.StreamOutput, ...] = ()
+    dense: bool = False  # fn was compiled for contiguous n-stream inputs
 
     def __call__(self, *args: Any) -> Any:
         run = _RUN.get()
@@ -91,14 +97,20 @@ class MixedGraph:
             key, mixer_params = run.owner.mixer_parameters(args[index], inputs)
             run.keys.add(key)
             params += mixer_params
+        for index in self.starts:
+            cut = run.owner.restarted(args[index])
+            if cut is not None and cut not in run.cuts:
+                run.cuts.append(cut)
+        states = handoff.enter(run.handoffs, run.owner, self.stream_inputs, args, self.dense)
         run.graphs += 1
         run.mixers_ran += self.sites
-        run.chains += self.chains
         run.notes += [note for note in self.notes if note not in run.notes]
         if run.observer is not None:
             with run.observer:
-                return self.fn(*args, *params)
-        return self.fn(*args, *params)
+                result = self.fn(*args, *params, *states)
+        else:
+            result = self.fn(*args, *params, *states)
+        return handoff.leave(run.handoffs, run.owner, self.stream_outputs, args, result)
 
 
 # Rebuilt, never pickled or copied: each holds Dynamo state tied to its code object.
@@ -165,16 +177,12 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         self.mixers = nn.ModuleDict(mixers)
         self.report: Report = plan.report
         self._key_of = {site.anchor: site.key for site in plan.sites}
+        self._follows = {site.key: site.follows for site in plan.sites}
+        self._label_of = {site.key: site.name for site in plan.sites}
+        self._expected_runs = plan.runs
         self._fresh_runtime()
-        # What one forward runs, as captured with the example inputs; every call is checked.
-        self.graph_modules: list[fx.GraphModule] = []
-        self._expected_runs = 0
-        self._expected_chains = 0
-        for captured in graphs:
-            rewritten, mixed = self.rewrite(captured.gm)
-            self.graph_modules.append(rewritten)
-            self._expected_runs += captured.calls * mixed.sites
-            self._expected_chains += captured.calls * mixed.chains
+        # What one forward runs, as captured with the example inputs.
+        self.graph_modules: list[fx.GraphModule] = [self.rewrite(g.gm)[0] for g in graphs]
         self.train(model.training)
 
     @torch._dynamo.disable
@@ -249,6 +257,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         """forward, with `observer` active while the rewritten graphs run (eager only)."""
         run = _Run(self, observer=observer)
         token = _RUN.set(run)
+        regions: list[str] = []
         try:
             with visible_residuals():
                 run.compiled = self._probe(self.mixers_anchor)
@@ -256,6 +265,12 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # An outer torch.compile is tracing: let it trace the original forward;
                     # the hcpass backend finds this module through the context variable.
                     out = self._entry(self._model, args, kwargs)
+                elif regions := handoff.compiled_regions(self._model):
+                    # Regional compile: under our own Dynamo run the regions would be inlined
+                    # (not compiled). Run the code around them as plain Python instead; each
+                    # region's graph goes to its backend, and chains cross between regions
+                    # through hcpass.handoff.
+                    out = self._model(*args, **kwargs)
                 else:
                     with torch._dynamo.config.patch(recompile_limit=64):
                         out = self._eager(self._model, args, kwargs)
@@ -264,8 +279,21 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             raise
         finally:
             _RUN.reset(token)
+        self._check_regions_ran(run, regions)
         self._check_ran(run)
         return out
+
+    def _check_regions_ran(self, run: _Run, regions: list[str]) -> None:
+        """With compiled regions, a site outside them runs without its mixer: an error."""
+        if regions and run.mixers_ran < self._expected_runs:
+            raise RuntimeError(
+                f"hcpass: {run.mixers_ran} of {self._expected_runs} mixer runs happened "
+                f"with compiled regions {regions}: each residual site must lie inside a "
+                "region compiled with backend='hcpass' (a site outside them, or in a region "
+                "compiled by another backend, runs without its mixer). Compile every block "
+                "with backend='hcpass', or the whole model: "
+                "torch.compile(converted, backend='hcpass')."
+            )
 
     @property
     def mixers_anchor(self) -> torch.Tensor:
@@ -279,10 +307,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             problems.append(f"site(s) {', '.join(missing)} ran without their mixers")
         elif run.mixers_ran < self._expected_runs:
             problems.append(f"{run.mixers_ran} of {self._expected_runs} site runs had their mixers")
-        if run.chains > self._expected_chains:
+        if run.cuts:
             problems.append(
-                f"{run.chains} residual chains ran where the converted model has "
-                f"{self._expected_chains}: a chain was cut (each piece collapses its streams)"
+                f"residual chain(s) cut at {', '.join(run.cuts)}: each piece collapsed its "
+                "streams"
             )
         if not problems:
             return
@@ -309,10 +337,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                 "control flow) and these adds were no longer residual sites:\n  "
                 + "\n  ".join(run.notes)
             )
-        if run.chains > self._expected_chains:
+        if run.cuts:
             return (
-                "Dynamo re-captured the forward for these inputs with a graph break inside a "
-                "residual chain (TORCH_LOGS=graph_breaks shows where)."
+                "Dynamo re-captured the forward for these inputs and a chain's stream no "
+                "longer passes through every site (an op between two sites that cannot run "
+                "per stream at these inputs)."
             )
         return "Dynamo re-captured the forward for these inputs and took another path."
 
@@ -325,7 +354,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         annotate_parameters(gm, parameter_names(self._model))
         graph, analysis = analyse(gm, keep=self._keep)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
-        result = rewrite_chains(graph, analysis, slots)
+        result = rewrite_chains(graph, analysis, slots, handoff=True)
         rewritten = graph_module(gm, graph, result)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}
@@ -335,8 +364,28 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             for skipped in analysis.skipped
             if skipped.reason != _NOT_PLANNED
         )
+        starts = tuple(
+            index_of[chain.sites[0].anchor.name]
+            for chain in analysis.chains
+            if chain.input.op != "placeholder"
+        )
+        stream_inputs = tuple(
+            handoff.StreamInput(index_of[x.name], index_of[site.anchor.name], slots[site].streams)
+            for x, _, site in result.stream_inputs
+        )
+        stream_outputs = tuple(
+            handoff.StreamOutput(position, index_of[site.anchor.name])
+            for position, site in result.stream_outputs
+        )
         mixed = MixedGraph(
-            rewritten, anchors, result.sites, len(analysis.chains), gm.forward, notes
+            rewritten,
+            anchors,
+            result.sites,
+            plain=gm.forward,
+            notes=notes,
+            starts=starts,
+            stream_inputs=stream_inputs,
+            stream_outputs=stream_outputs,
         )
         return rewritten, mixed
 
@@ -360,11 +409,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             hit = self._names_by_id.get(id(anchor))
         return hit[0] if hit is not None else None
 
-    def mixer_parameters(
-        self, anchor: torch.Tensor, inputs: MixerInputs
-    ) -> tuple[str, list[torch.Tensor]]:
-        """The key and parameters of the mixer keyed on `anchor`, checked against the
-        graph's slot."""
+    def site_key(self, anchor: torch.Tensor) -> str:
+        """The mixer key of the site whose mixer is keyed on the parameter `anchor`."""
         name = self._anchor_name(anchor)
         key = self._key_of.get(name) if name is not None else None
         if key is None:
@@ -374,6 +420,28 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                 f"{type(self._model).__name__} is keyed on: Dynamo reused a graph across "
                 "models with different residual sites"
             )
+        return key
+
+    def follows(self, key: str) -> str | None:
+        """The site before `key`'s in its planned chain (None where the chain starts)."""
+        return self._follows[key]
+
+    def site_label(self, key: str) -> str:
+        return self._label_of[key]
+
+    def restarted(self, anchor: torch.Tensor) -> str | None:
+        """If the site keyed on `anchor` starts a chain that the plan continues from an
+        earlier site, that cut ("site (after earlier site)")."""
+        key = self.site_key(anchor)
+        before = self._follows[key]
+        return None if before is None else f"{self._label_of[key]} (after {self._label_of[before]})"
+
+    def mixer_parameters(
+        self, anchor: torch.Tensor, inputs: MixerInputs
+    ) -> tuple[str, list[torch.Tensor]]:
+        """The key and parameters of the mixer keyed on `anchor`, checked against the
+        graph's slot."""
+        key = self.site_key(anchor)
         mixer: Mixer = self.mixers[key]
         if mixer.spec != inputs.slot.spec or mixer.channels != inputs.channels:
             raise RuntimeError(

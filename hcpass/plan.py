@@ -117,6 +117,7 @@ class PlannedSite:
     anchor: str  # full name of the parameter the mixer is keyed on
     channels: int
     position: int  # index of the site in its chain (the paper init favours stream position % n)
+    follows: str | None  # key of the site before it in its chain, across graph breaks
 
 
 @dataclass(frozen=True)
@@ -126,24 +127,29 @@ class Plan:
     runs: int  # site executions per forward (a weight-shared block counts each call)
 
 
+@dataclass(frozen=True)
+class _ChainEnd:
+    """A chain whose last stream value a graph returns: a later graph may continue it."""
+
+    key: str  # the last site's mixer key
+    name: str
+    sites: int  # sites in the chain so far, across graphs
+
+
 def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
     rows: list[SiteReport] = []
     planned: dict[str, PlannedSite] = {}
     keys: set[str] = set()
     runs = 0
-    stream_left_at_break = False
+    ends: dict[tuple[int, int], _ChainEnd] = {}  # (graph, output position) -> chain end
     for captured in graphs:
         graph, analysis = analyse(captured.gm)
-        split, left = _split_chains(graph, analysis, captured, stream_left_at_break)
-        stream_left_at_break |= left
         graph_rows: list[tuple[fx.Node, SiteReport]] = []
         for chain in analysis.chains:
-            for position, site in enumerate(chain.sites):
+            before = _continued(graph, chain, captured, ends)
+            follows = before.key if before else None
+            for i, site in enumerate(chain.sites):
                 name = site_name(model, site.anchor_name)
-                if chain in split:
-                    row = SiteReport(name, SKIPPED, split[chain], captured.index, site.node.name)
-                    graph_rows.append((site.node, row))
-                    continue
                 if site.anchor_name not in planned:
                     key = mixer_key(name)
                     suffix = 1
@@ -151,12 +157,24 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
                         suffix += 1
                         key = f"{mixer_key(name)}_{suffix}"
                     keys.add(key)
+                    position = i + (before.sites if before else 0)
                     planned[site.anchor_name] = PlannedSite(
-                        key, name, site.anchor_name, site.channels, position
+                        key, name, site.anchor_name, site.channels, position, follows
                     )
+                follows = planned[site.anchor_name].key
                 runs += 1
-                row = SiteReport(name, REWRITTEN, "", captured.index, site.node.name)
+                reason = ""
+                if i == 0 and before is not None:
+                    reason = (
+                        f"continues the chain of {before.name} across a graph break "
+                        "(its n streams are handed over)"
+                    )
+                row = SiteReport(name, REWRITTEN, reason, captured.index, site.node.name)
                 graph_rows.append((site.node, row))
+            total = len(chain.sites) + (before.sites if before else 0)
+            end = _ChainEnd(follows, planned[chain.sites[-1].anchor_name].name, total)
+            for position in _returned_at(graph, chain.stream_values[-1]):
+                ends[(captured.index, position)] = end
         for skipped in analysis.skipped:
             label = _node_label(skipped.node)
             row = SiteReport(label, SKIPPED, skipped.reason, captured.index, skipped.node.name)
@@ -181,26 +199,19 @@ def _clean_path(path: str) -> str:
     return path.replace("']", "").strip(".") or "root"
 
 
-def _split_chains(
-    graph: fx.Graph, analysis: SiteAnalysis, captured: CapturedGraph, stream_left_before: bool
-) -> tuple[dict[Chain, str], bool]:
-    """Chains a graph break cuts, with the reason, and whether a stream left this graph.
+def _continued(
+    graph: fx.Graph, chain: Chain, captured: CapturedGraph, ends: dict[tuple[int, int], _ChainEnd]
+) -> _ChainEnd | None:
+    """The earlier graph's chain this chain continues: its input is a graph input that was
+    the last stream value of that chain (hcpass.handoff carries the n streams across)."""
+    if chain.input.op != "placeholder":
+        return None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    source = captured.inputs_from.get(placeholders.index(chain.input))
+    return ends.get(source) if source is not None else None
 
-    A chain is cut when its stream leaves a graph that ended at a break (Python code runs
-    on it before the next graph), or when, after such a break, a chain starts at an input
-    of a later graph (it may be the same stream coming back)."""
-    split: dict[Chain, str] = {}
-    left = False
-    returned = set(next(n for n in graph.nodes if n.op == "output").all_input_nodes)
-    for chain in analysis.chains:
-        if captured.graph_break and returned & set(chain.stream_values):
-            split[chain] = (
-                f"a graph break ({captured.graph_break}) splits this chain: "
-                "its stream leaves the graph"
-            )
-            left = True
-        elif stream_left_before and chain.input.op == "placeholder":
-            split[chain] = (
-                "a graph break splits this chain: its stream enters from an earlier graph"
-            )
-    return split, left
+
+def _returned_at(graph: fx.Graph, value: fx.Node) -> list[int]:
+    """The output positions at which `graph` returns `value`."""
+    values = graph.output_node().args[0]
+    return [i for i, v in enumerate(values) if v is value]

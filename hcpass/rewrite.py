@@ -56,6 +56,12 @@ class RewriteResult:
     mixers: list[MixerInputs]
     sites: int
     bodies: dict[str, fx.GraphModule]  # checkpoint bodies the graph's get_attr nodes read
+    # With `handoff` (hcpass.handoff): per chain starting at a graph input, that input, the
+    # placeholder for its n-stream state (after the mixer placeholders) and the chain's first
+    # site; per chain whose last stream value the graph returns, the output's position and
+    # the chain's last site (its n-stream state is appended to the outputs, in this order).
+    stream_inputs: list[tuple[fx.Node, fx.Node, Site]]
+    stream_outputs: list[tuple[int, Site]]
 
 
 def graph_module(root: fx.GraphModule, graph: fx.Graph, result: RewriteResult) -> fx.GraphModule:
@@ -89,18 +95,31 @@ class _Cursor:
 
 
 def rewrite_chains(
-    graph: fx.Graph, analysis: SiteAnalysis, slot_of: dict[Site, MixerSlot]
+    graph: fx.Graph,
+    analysis: SiteAnalysis,
+    slot_of: dict[Site, MixerSlot],
+    handoff: bool = False,
 ) -> RewriteResult:
-    return _Rewriter(graph, analysis, slot_of).run()
+    """Rewrite `graph` in place. With `handoff`, chains may cross the graph's boundary with
+    their n streams: see `RewriteResult.stream_inputs`/`stream_outputs`."""
+    return _Rewriter(graph, analysis, slot_of, handoff).run()
 
 
 class _Rewriter:
     def __init__(
-        self, graph: fx.Graph, analysis: SiteAnalysis, slot_of: dict[Site, MixerSlot]
+        self,
+        graph: fx.Graph,
+        analysis: SiteAnalysis,
+        slot_of: dict[Site, MixerSlot],
+        handoff: bool,
     ) -> None:
         self.graph = graph
         self.analysis = analysis
         self.slot_of = slot_of
+        self.handoff = handoff
+        self.stream_inputs: list[tuple[fx.Node, fx.Node, Site]] = []
+        # n-stream node, its collapse, the chain's last site
+        self.stream_outputs: list[tuple[fx.Node, fx.Node, Site]] = []
         self.mixers: dict[str, MixerInputs] = {}
         # branch nodes some site already rewired -> their inputs before that
         self.claimed: dict[fx.Node, tuple[tuple, dict]] = {}
@@ -120,9 +139,25 @@ class _Rewriter:
                 self.mixers[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
         for chain in self.analysis.chains:
             self._chain(chain)
+        returned = self._return_states()
         bodies = outline_checkpoints(self.graph)
         self.graph.lint()
-        return RewriteResult(list(self.mixers.values()), len(self.analysis.sites), bodies)
+        return RewriteResult(
+            list(self.mixers.values()),
+            len(self.analysis.sites),
+            bodies,
+            self.stream_inputs,
+            returned,
+        )
+
+    def _return_states(self) -> list[tuple[int, Site]]:
+        """Append the n-stream states of returned chain ends to the graph's outputs."""
+        if not self.stream_outputs:
+            return []
+        output = self.graph.output_node()
+        values = output.args[0]
+        output.args = ((*values, *(multi for multi, _, _ in self.stream_outputs)),)
+        return [(values.index(collapsed), site) for _, collapsed, site in self.stream_outputs]
 
     def _last_placeholder(self) -> fx.Node:
         return [n for n in self.graph.nodes if n.op == "placeholder"][-1]
@@ -139,11 +174,20 @@ class _Rewriter:
         lifted = set(chain.stream_ops)
         multi: dict[fx.Node, fx.Node] = {}  # stream value -> its n-stream node
 
-        start = self._last_placeholder() if chain.input.op == "placeholder" else chain.input
-        cursor = _Cursor(self.graph, start, region_of(chain.input))
-        copies = cursor.call("call_method", "unsqueeze", (chain.input, 0))
-        rank = _rank(chain.input)
-        multi[chain.input] = cursor.call("call_method", "expand", (copies, streams, *[-1] * rank))
+        if self.handoff and chain.input.op == "placeholder":
+            # The caller passes the n-stream state: kept from an earlier graph, or n copies.
+            with self.graph.inserting_after(self._last_placeholder()):
+                state = self.graph.placeholder(f"{chain.input.name}_streams")
+            self.stream_inputs.append((chain.input, state, chain.sites[0]))
+            multi[chain.input] = state
+        else:
+            start = self._last_placeholder() if chain.input.op == "placeholder" else chain.input
+            cursor = _Cursor(self.graph, start, region_of(chain.input))
+            copies = cursor.call("call_method", "unsqueeze", (chain.input, 0))
+            rank = _rank(chain.input)
+            multi[chain.input] = cursor.call(
+                "call_method", "expand", (copies, streams, *[-1] * rank)
+            )
 
         readers: dict[fx.Node, list[Site]] = {}
         for site in chain.sites:
@@ -158,7 +202,11 @@ class _Rewriter:
                 cursor.region = region_of(site.node)
                 self._pre(cursor, site, multi[value])
 
-        self._collapse_side_readers(chain, multi, site_of, lifted)
+        collapsed = self._collapse_side_readers(chain, multi, site_of, lifted)
+        last = chain.stream_values[-1]
+        if self.handoff and last in collapsed:
+            if self.graph.output_node() in collapsed[last].users:
+                self.stream_outputs.append((multi[last], collapsed[last], chain.sites[-1]))
         for value in reversed(chain.stream_values):
             if value is not chain.input:
                 self.graph.erase_node(value)
@@ -236,8 +284,10 @@ class _Rewriter:
         applied = cursor.call(op.op, target, (folded, *op.args[1:]), kwargs)
         return cursor.call("call_method", "unflatten", (applied, 0, (streams, -1)))
 
-    def _collapse_side_readers(self, chain: Chain, multi, site_of, lifted) -> None:
-        """Readers of a stream value other than the chain itself get the mean of the streams."""
+    def _collapse_side_readers(self, chain: Chain, multi, site_of, lifted) -> dict:
+        """Readers of a stream value other than the chain itself get the mean of the streams.
+        Returns the mean node of each stream value that has such readers."""
+        means: dict[fx.Node, fx.Node] = {}
         for value in chain.stream_values:
             if value is chain.input:
                 continue  # its other readers already read the single stream
@@ -250,7 +300,9 @@ class _Rewriter:
                 if collapsed is None:
                     cursor = _Cursor(self.graph, multi[value], region_of(value))
                     collapsed = cursor.call("call_method", "mean", (multi[value], 0))
+                    means[value] = collapsed
                 user.replace_input_with(value, collapsed)
+        return means
 
 
 def _rank(node: fx.Node) -> int:

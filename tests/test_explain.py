@@ -109,13 +109,13 @@ def test_elementwise_expression_is_not_a_block():
     assert "reads no parameters" in report.sites[0].reason
 
 
-def test_graph_break_splitting_a_chain_skips_its_sites():
+def test_a_chain_continues_across_a_graph_break():
     report = hcpass.explain(GraphBreak(), (torch.randn(2, 8),))
     assert report.graphs == 2 and len(report.graph_breaks) == 1
-    assert [s.status for s in report.sites] == ["skipped", "skipped"]
-    assert all("graph break" in s.reason for s in report.sites)
-    with pytest.raises(ValueError, match="no residual sites"):
-        hcpass.convert(GraphBreak(), (torch.randn(2, 8),))
+    assert [(s.name, s.status) for s in report.sites] == [("a", "rewritten"), ("b", "rewritten")]
+    assert report.sites[1].reason == (
+        "continues the chain of a across a graph break (its n streams are handed over)"
+    )
 
 
 def test_graph_break_between_chains_keeps_both():

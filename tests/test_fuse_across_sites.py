@@ -47,16 +47,14 @@ class TestWhichBoundariesFuse(TestCase):
         self.assertExpectedInline(
             body(gm),
             """\
-unsqueeze = l_args_0_.unsqueeze(0)
-expand = unsqueeze.expand(2, -1, -1, -1)
-coeffs_default = torch.ops.hcpass.coeffs.default(expand, f_phi, f_alpha, f_bias, SPEC)
+coeffs_default = torch.ops.hcpass.coeffs.default(l_args_0__streams, f_phi, f_alpha, f_bias, SPEC)
 getitem = coeffs_default[0]
 getitem_1 = coeffs_default[1]
 getitem_2 = coeffs_default[2]
-pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+pre_default = torch.ops.hcpass.pre.default(l_args_0__streams, getitem)
 layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), l_self_modules_ln1_parameters_weight_, l_self_modules_ln1_parameters_bias_, 1e-05)
 linear = torch._C._nn.linear(layer_norm, l_self_modules_f_parameters_weight_, l_self_modules_f_parameters_bias_)
-post_res_coeffs_pre_default = torch.ops.hcpass.post_res_coeffs_pre.default(expand, linear, getitem_1, getitem_2, g_phi, g_alpha, g_bias, SPEC)
+post_res_coeffs_pre_default = torch.ops.hcpass.post_res_coeffs_pre.default(l_args_0__streams, linear, getitem_1, getitem_2, g_phi, g_alpha, g_bias, SPEC)
 getitem_6 = post_res_coeffs_pre_default[0]
 getitem_8 = post_res_coeffs_pre_default[2]
 getitem_9 = post_res_coeffs_pre_default[3]
@@ -65,7 +63,7 @@ layer_norm_1 = torch.nn.functional.layer_norm(getitem_10, (4,), l_self_modules_l
 linear_1 = torch._C._nn.linear(layer_norm_1, l_self_modules_g_parameters_weight_, l_self_modules_g_parameters_bias_)
 post_res_default_1 = torch.ops.hcpass.post_res.default(getitem_6, linear_1, getitem_8, getitem_9)
 mean = post_res_default_1.mean(0)
-return (mean,)""",
+return (mean, post_res_default_1)""",
         )
 
     def test_every_boundary_of_a_chain_fuses(self):

@@ -83,18 +83,16 @@ class TestRewrittenGraph(TestCase):
         self.assertExpectedInline(
             body(converted.graph_module),
             """\
-unsqueeze = l_args_0_.unsqueeze(0)
-expand = unsqueeze.expand(2, -1, -1, -1)
-coeffs_default = torch.ops.hcpass.coeffs.default(expand, mlp_phi, mlp_alpha, mlp_bias, SPEC)
+coeffs_default = torch.ops.hcpass.coeffs.default(l_args_0__streams, mlp_phi, mlp_alpha, mlp_bias, SPEC)
 getitem = coeffs_default[0]
 getitem_1 = coeffs_default[1]
 getitem_2 = coeffs_default[2]
-pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+pre_default = torch.ops.hcpass.pre.default(l_args_0__streams, getitem)
 layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), l_self_modules_ln_parameters_weight_, l_self_modules_ln_parameters_bias_, 1e-05)
 linear = torch._C._nn.linear(layer_norm, l_self_modules_mlp_parameters_weight_, l_self_modules_mlp_parameters_bias_)
-post_res_default = torch.ops.hcpass.post_res.default(expand, linear, getitem_1, getitem_2)
+post_res_default = torch.ops.hcpass.post_res.default(l_args_0__streams, linear, getitem_1, getitem_2)
 mean = post_res_default.mean(0)
-return (mean,)""",
+return (mean, post_res_default)""",
         )
 
     def test_post_norm_is_applied_per_stream(self):
@@ -103,15 +101,13 @@ return (mean,)""",
         self.assertExpectedInline(
             body(converted.graph_module),
             """\
-unsqueeze = l_args_0_.unsqueeze(0)
-expand = unsqueeze.expand(2, -1, -1, -1)
-coeffs_default = torch.ops.hcpass.coeffs.default(expand, f_phi, f_alpha, f_bias, SPEC)
+coeffs_default = torch.ops.hcpass.coeffs.default(l_args_0__streams, f_phi, f_alpha, f_bias, SPEC)
 getitem = coeffs_default[0]
 getitem_1 = coeffs_default[1]
 getitem_2 = coeffs_default[2]
-pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+pre_default = torch.ops.hcpass.pre.default(l_args_0__streams, getitem)
 linear = torch._C._nn.linear(pre_default, l_self_modules_f_parameters_weight_, l_self_modules_f_parameters_bias_)
-post_res_default = torch.ops.hcpass.post_res.default(expand, linear, getitem_1, getitem_2)
+post_res_default = torch.ops.hcpass.post_res.default(l_args_0__streams, linear, getitem_1, getitem_2)
 flatten = post_res_default.flatten(0, 1)
 layer_norm = torch.nn.functional.layer_norm(flatten, (4,), l_self_modules_ln1_parameters_weight_, l_self_modules_ln1_parameters_bias_, 1e-05)
 unflatten = layer_norm.unflatten(0, (2, -1))
@@ -133,15 +129,13 @@ return (layer_norm_1,)""",
         self.assertExpectedInline(
             body(converted.graph_module),
             """\
-unsqueeze = l_args_0_.unsqueeze(0)
-expand = unsqueeze.expand(2, -1, -1, -1)
-coeffs_default = torch.ops.hcpass.coeffs.default(expand, f_phi, f_alpha, f_bias, SPEC)
+coeffs_default = torch.ops.hcpass.coeffs.default(l_args_0__streams, f_phi, f_alpha, f_bias, SPEC)
 getitem = coeffs_default[0]
 getitem_1 = coeffs_default[1]
 getitem_2 = coeffs_default[2]
-pre_default = torch.ops.hcpass.pre.default(expand, getitem)
+pre_default = torch.ops.hcpass.pre.default(l_args_0__streams, getitem)
 linear = torch._C._nn.linear(pre_default, l_self_modules_f_parameters_weight_, l_self_modules_f_parameters_bias_)
-post_res_default = torch.ops.hcpass.post_res.default(expand, linear, getitem_1, getitem_2)
+post_res_default = torch.ops.hcpass.post_res.default(l_args_0__streams, linear, getitem_1, getitem_2)
 mean = post_res_default.mean(0)
 coeffs_default_1 = torch.ops.hcpass.coeffs.default(post_res_default, g_phi, g_alpha, g_bias, SPEC)
 getitem_3 = coeffs_default_1[0]
@@ -151,7 +145,7 @@ pre_default_1 = torch.ops.hcpass.pre.default(post_res_default, getitem_3)
 linear_1 = torch._C._nn.linear(pre_default_1, l_self_modules_g_parameters_weight_, l_self_modules_g_parameters_bias_)
 post_res_default_1 = torch.ops.hcpass.post_res.default(post_res_default, linear_1, getitem_4, getitem_5)
 mean_1 = post_res_default_1.mean(0)
-return (mean_1, mean)""",
+return (mean_1, mean, post_res_default_1)""",
         )
         out, hidden = converted(x)
         ref_out, ref_hidden = converted.original(x)
