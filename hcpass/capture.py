@@ -13,7 +13,7 @@ import copy
 import functools
 import itertools
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,13 +157,16 @@ def annotate_parameters(gm: fx.GraphModule, names: dict[int, str] | None) -> Non
                 node.meta[PARAMETER] = name
 
 
+def unwrapped_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """`model`'s parameters named as the unwrapped model spells them: a submodule compiled
+    and assigned back (``torch.compile(block)``) adds ``_orig_mod.`` to its names."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        yield name.replace("._orig_mod.", ".").removeprefix("_orig_mod."), p
+
+
 def parameter_names(model: nn.Module) -> dict[int, str]:
-    """Parameter names by tensor identity, as the unwrapped model spells them: a submodule
-    compiled and assigned back (``torch.compile(block)``) adds ``_orig_mod.`` to its names."""
-    return {
-        id(p): name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
-        for name, p in model.named_parameters(remove_duplicate=False)
-    }
+    """Parameter names by tensor identity (`unwrapped_parameters`)."""
+    return {id(p): name for name, p in unwrapped_parameters(model)}
 
 
 def parameter_name(node: fx.Node) -> str | None:

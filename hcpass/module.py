@@ -33,6 +33,7 @@ from hcpass.capture import (
     fresh_function,
     fresh_trampoline,
     parameter_names,
+    unwrapped_parameters,
     visible_residuals,
 )
 from hcpass.mixer import Mixer
@@ -309,8 +310,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             problems.append(f"{run.mixers_ran} of {self._expected_runs} site runs had their mixers")
         if run.cuts:
             problems.append(
-                f"residual chain(s) cut at {', '.join(run.cuts)}: each piece collapsed its "
-                "streams"
+                f"residual chain(s) cut at {', '.join(run.cuts)}: each piece collapsed its streams"
             )
         if not problems:
             return
@@ -403,9 +403,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         # (ids are reused once load_state_dict(assign=True) frees the old parameters).
         hit = self._names_by_id.get(id(anchor))
         if hit is None or hit[1] is not anchor:
-            self._names_by_id = {
-                id(p): (name, p) for name, p in self._model.named_parameters(remove_duplicate=False)
-            }
+            self._names_by_id = {id(p): (name, p) for name, p in unwrapped_parameters(self._model)}
             hit = self._names_by_id.get(id(anchor))
         return hit[0] if hit is not None else None
 

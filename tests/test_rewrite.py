@@ -186,14 +186,12 @@ return (mean_1, mean, post_res_default_1)""",
         self.assertExpectedInline(
             body(converted.graph_module),
             """\
-unsqueeze = l_args_0_.unsqueeze(0)
-expand = unsqueeze.expand(2, -1, -1, -1)
-coeffs_default = torch.ops.hcpass.coeffs.default(expand, mlp_phi, mlp_alpha, mlp_bias, SPEC)
+coeffs_default = torch.ops.hcpass.coeffs.default(l_args_0__streams, mlp_phi, mlp_alpha, mlp_bias, SPEC)
 getitem = coeffs_default[0]
 getitem_1 = coeffs_default[1]
 getitem_2 = coeffs_default[2]
-pre_default = torch.ops.hcpass.pre.default(expand, getitem)
-flatten = expand.flatten(0, 1)
+pre_default = torch.ops.hcpass.pre.default(l_args_0__streams, getitem)
+flatten = l_args_0__streams.flatten(0, 1)
 to = flatten.to(torch.float32)
 unflatten = to.unflatten(0, (2, -1))
 layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), l_self_modules_ln_parameters_weight_, l_self_modules_ln_parameters_bias_, 1e-05)
@@ -201,7 +199,7 @@ linear = torch._C._nn.linear(layer_norm, l_self_modules_mlp_parameters_weight_, 
 to_1 = linear.to(torch.float32)
 post_res_default = torch.ops.hcpass.post_res.default(unflatten, to_1, getitem_1, getitem_2)
 mean = post_res_default.mean(0)
-return (mean,)""",
+return (mean, post_res_default)""",
         )
 
     def test_checkpoint_regions_carry_the_streams_and_the_mixers(self):
@@ -212,15 +210,14 @@ return (mean,)""",
         self.assertExpectedInline(
             body(gm),
             """\
-unsqueeze = l_args_0_.unsqueeze(0)
-expand = unsqueeze.expand(2, -1, -1, -1)
 hcpass_checkpoint_body_0 = self.hcpass_checkpoint_body_0
-tag_activation_checkpoint_2 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_0, expand, blocks_0_phi, blocks_0_alpha, blocks_0_bias, l_self_modules_blocks_modules_0_modules_ln_parameters_weight_, l_self_modules_blocks_modules_0_modules_ln_parameters_bias_, l_self_modules_blocks_modules_0_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_0_modules_mlp_parameters_bias_, use_reentrant = False)
+tag_activation_checkpoint_2 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_0, l_args_0__streams, blocks_0_phi, blocks_0_alpha, blocks_0_bias, l_self_modules_blocks_modules_0_modules_ln_parameters_weight_, l_self_modules_blocks_modules_0_modules_ln_parameters_bias_, l_self_modules_blocks_modules_0_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_0_modules_mlp_parameters_bias_, use_reentrant = False)
 getitem_6 = tag_activation_checkpoint_2[0]
 hcpass_checkpoint_body_1 = self.hcpass_checkpoint_body_1
 tag_activation_checkpoint_3 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_1, getitem_6, blocks_1_phi, blocks_1_alpha, blocks_1_bias, l_self_modules_blocks_modules_1_modules_ln_parameters_weight_, l_self_modules_blocks_modules_1_modules_ln_parameters_bias_, l_self_modules_blocks_modules_1_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_1_modules_mlp_parameters_bias_, use_reentrant = False)
 getitem_7 = tag_activation_checkpoint_3[0]
-return (getitem_7,)""",
+getitem_8 = tag_activation_checkpoint_3[1]
+return (getitem_8, getitem_7)""",
         )
         self.assertExpectedInline(
             body(gm.hcpass_checkpoint_body_1),
@@ -234,5 +231,5 @@ layer_norm_1 = torch.nn.functional.layer_norm(pre_default_1, (4,), l_self_module
 linear_1 = torch._C._nn.linear(layer_norm_1, l_self_modules_blocks_modules_1_modules_mlp_parameters_weight_, l_self_modules_blocks_modules_1_modules_mlp_parameters_bias_)
 post_res_default_1 = torch.ops.hcpass.post_res.default(getitem_6, linear_1, getitem_4, getitem_5)
 mean = post_res_default_1.mean(0)
-return (mean,)""",
+return (post_res_default_1, mean)""",
         )
