@@ -1,9 +1,7 @@
 """The ``hcpass::`` custom ops: one schema, a reference kernel, fake kernels, autograd.
 
-The stream ops' CPU kernels are `hcpass.ops.eager` (batched matmuls, the fast eager path);
-the coefficient ops' are the references. Forward and backward are separate ops so a back
-end can replace each (the CUDA path registers generated Triton kernels for all of them);
-autograd wires them together.
+Forward and backward are separate ops so a back end can replace each (the CUDA path
+registers generated Triton kernels for all of them); autograd wires them together.
 `post_res_coeffs_pre` fuses the boundary between two sites (the CUDA lowering's
 `FuseAcrossSites` pass puts it in); its backward is the three ops' backward ops in sequence.
 """
@@ -14,7 +12,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds.base import compute_dtype
-from hcpass.ops import eager, reference
+from hcpass.ops import reference
 
 
 @torch.library.custom_op("hcpass::coeffs", mutates_args=())
@@ -40,24 +38,24 @@ def coeffs_backward(
 
 @torch.library.custom_op("hcpass::pre", mutates_args=())
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
-    return eager.pre(x, h_pre)
+    return reference.pre(x, h_pre)
 
 
 @torch.library.custom_op("hcpass::pre_backward", mutates_args=())
 def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    return eager.pre_backward(grad_u, x, h_pre)
+    return reference.pre_backward(grad_u, x, h_pre)
 
 
 @torch.library.custom_op("hcpass::post_res", mutates_args=())
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    return eager.post_res(x, y, h_post, h_res)
+    return reference.post_res(x, y, h_post, h_res)
 
 
 @torch.library.custom_op("hcpass::post_res_backward", mutates_args=())
 def post_res_backward(
     grad_out: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return eager.post_res_backward(grad_out, x, y, h_post, h_res)
+    return reference.post_res_backward(grad_out, x, y, h_post, h_res)
 
 
 @torch.library.custom_op("hcpass::post_res_coeffs_pre", mutates_args=())
