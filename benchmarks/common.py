@@ -58,6 +58,13 @@ def git_revision() -> str:
 
 
 def environment() -> dict[str, Any]:
+    if not torch.cuda.is_available():  # the CPU benchmarks (compile_time.py, cpu_step.py)
+        return {
+            "device": f"cpu-{len(os.sched_getaffinity(0))}-cores",
+            "git_revision": git_revision(),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+        }
     import triton
 
     return {

@@ -229,7 +229,7 @@ class _Rewriter:
         )
         u = cursor.call("call_function", torch.ops.hcpass.pre.default, (x, h_pre))
         if moved:
-            u = cursor.call("call_method", "movedim", (u, -1, site.channel_dim))
+            u = _channels_back(cursor, u, -1, site.channel_dim)
         self.coefficients[site] = (h_post, h_res)
 
         env = {site.read: u}
@@ -272,7 +272,7 @@ class _Rewriter:
             y = cursor.call("call_method", "movedim", (y, site.channel_dim, -1))
         out = cursor.call("call_function", torch.ops.hcpass.post_res.default, (x, y, h_post, h_res))
         if moved:
-            out = cursor.call("call_method", "movedim", (out, -1, site.channel_dim + 1))
+            out = _channels_back(cursor, out, -1, site.channel_dim + 1)
         return out
 
     def _lift(self, op: fx.Node, stream: fx.Node, streams: int) -> fx.Node:
@@ -303,6 +303,17 @@ class _Rewriter:
                     means[value] = collapsed
                 user.replace_input_with(value, collapsed)
         return means
+
+
+def _channels_back(cursor: _Cursor, value: fx.Node, source: int, channel_dim: int) -> fx.Node:
+    """Move the channels of an op's channels-last output back to `channel_dim`, in the
+    original (contiguous, e.g. NCHW) layout. A bare movedim would hand the model's convs a
+    channels-last view whose strides, once Inductor makes the sizes symbolic, cannot tell
+    channels-last from contiguous where a spatial size may be 1 (the conv lowering then
+    fails: "cannot determine truth value of Relational"). Under Inductor the copy fuses into
+    the op's own kernel."""
+    moved = cursor.call("call_method", "movedim", (value, source, channel_dim))
+    return cursor.call("call_method", "contiguous", (moved,))
 
 
 def _rank(node: fx.Node) -> int:

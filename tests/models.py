@@ -114,6 +114,38 @@ class ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7 in NCHW, LayerNorm + MLP channels-last, the residual
+    add back in NCHW."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.dwconv(x).permute(0, 2, 3, 1))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """Two stages with a downsampling layer (LayerNorm + strided conv) between them."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, 2)
+        self.stage1 = nn.Sequential(ConvNeXtBlock(8), ConvNeXtBlock(8))
+        self.down = nn.Conv2d(8, 16, 2, 2)
+        self.stage2 = nn.Sequential(ConvNeXtBlock(16), ConvNeXtBlock(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
 def _quiet_hf():
     import transformers
 
@@ -274,6 +306,7 @@ ZOO = {
     "bert": (bert, token_inputs, _TOKEN_SHAPES),
     "t5": (t5, seq2seq_inputs, _TOKEN_SHAPES),
     "resnet": (ResNet, image_inputs, [(1, 6), (3, 10), (2, 12)]),
+    "convnext": (ConvNeXt, image_inputs, [(1, 8), (3, 12), (2, 16)]),
     "vit": (vit, lambda b=2, s=16: image_inputs(b, s), [(1, 16), (3, 16), (5, 16)]),
     "mlp_mixer": (MLPMixer, lambda b=2, s=16: image_inputs(b, s), [(1, 16), (3, 16), (5, 16)]),
     "parallel": (ParallelBlocks, token_inputs, _TOKEN_SHAPES),

@@ -282,6 +282,42 @@ def test_coeffs_op_gradcheck_static(name: str) -> None:
     assert torch.autograd.gradcheck(op, (bias.requires_grad_(),))
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_coefficients_backward_matches_vjp(
+    name: str, n: int, opts: dict[str, Any], dynamic: bool
+) -> None:
+    # The closed-form backward (sigmoid maps, RMS-norm + projection, res_map_backward)
+    # against torch.func.vjp of the forward, fp64.
+    m = create(name, n, dynamic=dynamic, **opts)
+    x, phi, alpha, bias = coeffs_inputs(m)
+    if not dynamic:
+        phi = alpha = None
+    gen = torch.Generator().manual_seed(4)
+    grads = [
+        torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        for t in m.coefficients(x, phi, alpha, bias)
+    ]
+    analytic = m.coefficients_backward(*grads, x, phi, alpha, bias)
+    expected = m._coefficients_vjp(*grads, x, phi, alpha, bias)
+    for got, want in zip(analytic, expected, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_res_map_backward_matches_vjp(name: str, n: int, opts: dict[str, Any]) -> None:
+    m = create(name, n, **opts)
+    logits = random_logits(m, 1.0, torch.float64, batch=8)
+    grad = torch.randn(8, n, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _, vjp = torch.func.vjp(m.res_map, logits)
+    torch.testing.assert_close(
+        m.res_map_backward(logits, grad), vjp(grad)[0], rtol=1e-9, atol=1e-9
+    )
+
+
 # ------------------------------------------------------------ function preservation
 @pytest.mark.parametrize("init", ["identity", "paper"])
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))

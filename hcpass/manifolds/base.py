@@ -130,6 +130,13 @@ class Manifold:
         """
         return None
 
+    def res_map_backward(self, logits: Tensor, grad: Tensor) -> Tensor:
+        """Gradient of the loss w.r.t. the ``[..., res_logits]`` logits given H_res's,
+        ``grad`` (``[..., n, n]``). Optional: this fallback differentiates `res_map` by
+        `torch.func.vjp` (recomputing it); a manifold overrides it with a closed form."""
+        _, vjp = torch.func.vjp(self.res_map, logits)
+        return vjp(grad)[0]
+
     # How `triton_res_map`'s functions receive the res logits: "square", a ``[BLOCK, S, S]``
     # tile with entry ``[b, i, j]`` = logit ``i * n + j`` (only for res_logits == n * n;
     # padding reads 0), or "flat", a ``[BLOCK, RW]`` tile with column r = logit r (RW >= 16
@@ -186,6 +193,122 @@ class Manifold:
             h_post.expand(*positions, n),
             h_res.expand(*positions, n, n),
         )
+
+    def coefficients_backward(
+        self,
+        grad_pre: Tensor,
+        grad_post: Tensor,
+        grad_res: Tensor,
+        x: Tensor,
+        phi: Tensor | None,
+        alpha: Tensor | None,
+        bias: Tensor,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """Gradients of (x, phi, alpha, bias) given those of (H_pre, H_post, H_res),
+        recomputing the forward from the inputs (nothing else is saved).
+
+        With ``f = vec X`` (``[*pos, nC]``), ``s = (mean f^2 + eps)^-1/2``, ``d = (f @ phi) s``,
+        logits ``l = a * d + b`` (a per slice), the closed form is
+        ``dl_pre = g_pre h(1 - h)``, ``dl_post = g_post h_post (1 - h_post / 2)``,
+        ``dl_res = res_map_backward``; ``db = sum_pos dl``, ``da_k = sum dl_k * d_k``; with
+        ``dd = a * dl``: ``dphi = f^T (dd s)`` and
+        ``df = (dd s) @ phi^T - (sum dd * d) s^2 f / nC``.
+        A subclass that overrides `coefficients` or `project` gets the vjp of its forward.
+        """
+        if (
+            type(self).coefficients is not Manifold.coefficients
+            or type(self).project is not Manifold.project
+        ):
+            return self._coefficients_vjp(grad_pre, grad_post, grad_res, x, phi, alpha, bias)
+        dtype = compute_dtype(x.dtype)
+        g_pre, g_post, g_res = grad_pre.to(dtype), grad_post.to(dtype), grad_res.to(dtype)
+        b_pre, b_post, b_res = self.split(bias.to(dtype))
+        if phi is None:
+            # Static: one set of logits broadcast to every position.
+            positions = tuple(range(g_pre.dim() - 1))
+            dl = self._logit_grads(
+                b_pre,
+                b_post,
+                b_res,
+                g_pre.sum(positions),
+                g_post.sum(positions),
+                g_res.sum(positions),
+            )
+            return torch.zeros_like(x), None, None, dl.to(bias.dtype)
+        flat = x.to(dtype).movedim(0, -2).flatten(-2)
+        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        w = phi.to(dtype)
+        d = (flat @ w) * inv_rms
+        a = alpha.to(dtype)
+        d_pre, d_post, d_res = self.split(d)
+        dl = self._logit_grads(
+            a[0] * d_pre + b_pre,
+            a[1] * d_post + b_post,
+            a[2] * d_res + b_res,
+            g_pre,
+            g_post,
+            g_res,
+        )
+        n = self.streams
+        scale = a.repeat_interleave(torch.tensor([n, n, self.res_logits], device=a.device))
+        rows = dl.flatten(0, -2)
+        g_bias = rows.sum(0)
+        g_alpha = torch.stack([s.sum() for s in self.split((dl * d).flatten(0, -2).sum(0))])
+        dd = dl * scale
+        d_proj = dd * inv_rms
+        g_phi = flat.flatten(0, -2).transpose(0, 1) @ d_proj.flatten(0, -2)
+        norm_share = (dd * d).sum(-1, keepdim=True) * inv_rms.square() / flat.shape[-1]
+        g_flat = d_proj @ w.transpose(0, 1) - norm_share * flat
+        g_x = g_flat.unflatten(-1, (n, -1)).movedim(-2, 0)
+        return g_x.to(x.dtype), g_phi.to(phi.dtype), g_alpha.to(alpha.dtype), g_bias.to(bias.dtype)
+
+    def _logit_grads(
+        self,
+        l_pre: Tensor,
+        l_post: Tensor,
+        l_res: Tensor,
+        g_pre: Tensor,
+        g_post: Tensor,
+        g_res: Tensor,
+    ) -> Tensor:
+        """``[..., num_logits]`` gradient of the logits through the sigmoid maps and res_map."""
+        h_pre = torch.sigmoid(l_pre)
+        s_post = torch.sigmoid(l_post)
+        return torch.cat(
+            [
+                g_pre * h_pre * (1 - h_pre),
+                2.0 * g_post * s_post * (1 - s_post),
+                self.res_map_backward(l_res, g_res),
+            ],
+            dim=-1,
+        )
+
+    def _coefficients_vjp(
+        self,
+        grad_pre: Tensor,
+        grad_post: Tensor,
+        grad_res: Tensor,
+        x: Tensor,
+        phi: Tensor | None,
+        alpha: Tensor | None,
+        bias: Tensor,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """`coefficients_backward` by differentiating `coefficients` with `torch.func.vjp`
+        (torch.func rather than torch.autograd: this runs inside a custom-op kernel, below
+        the Autograd dispatch key, where the autograd engine is switched off)."""
+        present = [t for t in (x, phi, alpha, bias) if t is not None]
+
+        def forward(*tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            it = iter(tensors)
+            args = [next(it) if t is not None else None for t in (x, phi, alpha, bias)]
+            return self.coefficients(*args)
+
+        _, vjp = torch.func.vjp(forward, *present)
+        grads = iter(vjp((grad_pre, grad_post, grad_res)))
+        g_x, g_phi, g_alpha, g_bias = (
+            next(grads) if t is not None else None for t in (x, phi, alpha, bias)
+        )
+        return g_x, g_phi, g_alpha, g_bias
 
     def init_alpha(self) -> Tensor:
         return torch.full((3,), self.alpha)

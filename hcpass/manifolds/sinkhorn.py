@@ -30,6 +30,29 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return m
 
 
+def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    """Gradient of `sinkhorn` w.r.t. its logits given ``grad = dL/dH``: the forward again,
+    keeping each step's matrix and sums (2 * iters n x n per position), then back through
+    ``out = m / max(s, eps)``: ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``, the sum
+    along the step's axis. The max subtracted before exp gets no gradient (the map is
+    shift-invariant, its share sums to 0); ``dlogits = dm0 * m0``."""
+    dtype = compute_dtype(logits.dtype)
+    logits = logits.to(dtype)
+    m0 = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    steps = []
+    m = m0
+    for _ in range(iters):
+        for axis in (-2, -1):
+            total = m.sum(axis, keepdim=True)
+            m = m / total.clamp_min(1e-30)
+            steps.append((axis, total, m))
+    g = grad.to(dtype)
+    for axis, total, out in reversed(steps):
+        share = torch.where(total >= 1e-30, (g * out).sum(axis, keepdim=True), 0.0)
+        g = (g - share) / total.clamp_min(1e-30)
+    return g * m0
+
+
 # `sinkhorn` and its backward as the Triton epilogue of the fused coefficient kernels (see
 # Manifold.triton_res_map). The backward recomputes instead of storing the 2 * iters
 # intermediate matrices: before stepping back through iteration t it rebuilds t's input from
@@ -161,6 +184,14 @@ class Sinkhorn(Manifold):
             matrix = matrix.to(compute_dtype(matrix.dtype))
             return ImplicitSinkhorn.apply(matrix, self.options["sinkhorn_iters"])
         return sinkhorn(matrix, self.options["sinkhorn_iters"])
+
+    def res_map_backward(self, logits: Tensor, grad: Tensor) -> Tensor:
+        n = self.streams
+        matrix = logits.unflatten(-1, (n, n))
+        iters = self.options["sinkhorn_iters"]
+        if self.options["sinkhorn_backward"] == "implicit":
+            return sinkhorn_fixed_point_vjp(sinkhorn(matrix, iters), grad).flatten(-2)
+        return sinkhorn_vjp(matrix, grad, iters).flatten(-2)
 
     def res_identity_bias(self) -> Tensor:
         n = self.streams

@@ -12,7 +12,6 @@ contiguous, as the ops' fake kernels promise Inductor.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from hcpass.manifolds import resolve
@@ -97,20 +96,10 @@ def coeffs_backward(
     bias: Tensor,
     manifold: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of (x, phi, alpha, bias) by recomputing the forward (nothing is saved but
-    the inputs). A missing phi/alpha gets an empty gradient."""
-    manifold_map = resolve(manifold)
-    present = [t for t in (x, phi, alpha, bias) if t is not None]
-
-    def forward(*tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        it = iter(tensors)
-        args = [next(it) if t is not None else None for t in (x, phi, alpha, bias)]
-        return manifold_map.coefficients(*args)
-
-    # torch.func rather than torch.autograd: this runs inside a custom-op kernel, below
-    # the Autograd dispatch key, where the autograd engine is switched off.
-    _, vjp = torch.func.vjp(forward, *present)
-    grads = iter(vjp((grad_pre, grad_post, grad_res)))
-    return tuple(
-        next(grads).contiguous() if t is not None else x.new_empty(0) for t in (x, phi, alpha, bias)
+    """Gradients of (x, phi, alpha, bias), recomputing the forward from the inputs (nothing
+    else is saved): the closed form of `Manifold.coefficients_backward`, whose docstring
+    derives it. A missing phi/alpha gets an empty gradient."""
+    grads = resolve(manifold).coefficients_backward(
+        grad_pre, grad_post, grad_res, x, phi, alpha, bias
     )
+    return tuple(g.contiguous() if g is not None else x.new_empty(0) for g in grads)
