@@ -75,7 +75,8 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
         for index, inputs in mixed.mixers
         for p in owner.mixer_parameters(example_inputs[index], inputs)[1]
     ]
-    states = handoff.examples(mixed.stream_inputs, example_inputs)
+    traced = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+    states = handoff.examples(mixed.stream_inputs, traced)
     compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params, *states])
     return replace(mixed, fn=compiled, dense=True)
 

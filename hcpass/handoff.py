@@ -187,12 +187,13 @@ def compiled_regions(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def examples(inputs: Sequence[StreamInput], example_inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """Example n-stream states for compiling a graph (contiguous, as `enter(dense=True)`)."""
+def examples(inputs: Sequence[StreamInput], values: Sequence[Any]) -> list[torch.Tensor]:
+    """Example n-stream states for compiling a graph (contiguous, as `enter(dense=True)`).
+
+    `values` are the graph inputs' fake values as Dynamo traced them: a state built from a
+    real tensor would give the compiled graph static sizes (a recompile per length under
+    dynamic shapes), one built from the fake value shares its symbolic sizes."""
     return [
-        example_inputs[e.index]
-        .unsqueeze(0)
-        .expand(e.streams, *example_inputs[e.index].shape)
-        .contiguous()
+        values[e.index].unsqueeze(0).expand(e.streams, *values[e.index].shape).contiguous()
         for e in inputs
     ]

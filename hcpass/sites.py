@@ -379,6 +379,10 @@ def _build(
     convolutional = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in branch_nodes)
     channel_dim = 1 if convolutional else value.dim() - 1
     channels = value.shape[channel_dim]
+    if isinstance(channels, torch.SymInt) and channels.node.has_hint():
+        # Under dynamic=True every size is symbolic; a mixer has a fixed width, so the
+        # channel count is specialised (Dynamo guards on it and recompiles for another).
+        channels = int(channels)
     if not isinstance(channels, int):
         return f"channel dimension {channel_dim} is dynamic ({channels})"
     site = Site(

@@ -14,7 +14,7 @@ import torch
 from op_inputs import OP_NAMES
 
 import hcpass
-from hcpass.backend import lowering
+from hcpass.backend import hcpass_backend, lowering
 from hcpass.ops import REFERENCE
 
 HCPASS_OPS = {
@@ -120,3 +120,26 @@ def test_compiled_converted_model_runs_the_fused_kernels_and_matches_eager(dtype
     for g, w in zip(got, want, strict=True):
         scale = w.float().abs().max().clamp_min(1.0)
         torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * scale)
+
+
+def test_dynamic_true_specialises_the_channels_and_matches_eager_at_every_length():
+    """Under dynamic=True every size is symbolic; the mixer's width is specialised while the
+    sequence length stays symbolic (one graph for every length)."""
+    block = models.PreNormBlock(16)
+    converted = hcpass.convert(block, (torch.randn(2, 5, 16),), streams=4)
+    with torch.no_grad():
+        for p in converted.mixers.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # a dropped mixer would show
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return hcpass_backend(gm, example_inputs)
+
+    compiled = torch.compile(converted, backend=count, dynamic=True)
+    compiled_first = None
+    for length in (5, 7, 9):
+        x = torch.randn(2, length, 16)
+        torch.testing.assert_close(compiled(x), converted(x), rtol=1e-5, atol=1e-5)
+        compiled_first = compiled_first or len(graphs)
+    assert len(graphs) == compiled_first  # no recompile for a new length

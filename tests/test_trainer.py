@@ -25,9 +25,6 @@ def test_trainer_with_bf16_and_gradient_checkpointing(tmp_path):
         bf16=True,
         gradient_checkpointing=True,
         use_cpu=True,
-        # ConvertedModule.forward takes *args/**kwargs: the Trainer cannot read the column
-        # names off its signature
-        remove_unused_columns=False,
         save_strategy="no",
         report_to=[],
     )
