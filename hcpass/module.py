@@ -354,7 +354,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         annotate_parameters(gm, parameter_names(self._model))
         graph, analysis = analyse(gm, keep=self._keep)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
-        result = rewrite_chains(graph, analysis, slots, handoff=True)
+        result = rewrite_chains(graph, analysis, slots)
         rewritten = graph_module(gm, graph, result)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}

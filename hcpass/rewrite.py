@@ -5,7 +5,9 @@ Input: a graph (normalised by `sites.normalize_inplace`), its `SiteAnalysis`, an
 gained for mixer parameters (`RewriteResult`).
 
 Per chain (stream-major ``X[n, *x.shape]``, docs/math.md):
-- the chain input x becomes ``X = x.unsqueeze(0).expand(n, ...)`` (n copies);
+- the chain input x becomes ``X = x.unsqueeze(0).expand(n, ...)`` (n copies); a chain that
+  starts at a graph input takes X as an extra input instead, and a graph that returns a
+  chain's last value also returns its X (the hand-off across graph breaks, `hcpass.handoff`);
 - per site ``s + alpha*y`` with branch read r:
   ``h_pre, h_post, h_res = hcpass.coeffs(R, ...)``, the branch reads ``u = hcpass.pre(R, h_pre)``
   instead of r, and the add becomes ``hcpass.post_res(S, alpha*y, h_post, h_res)``, with S
@@ -56,7 +58,7 @@ class RewriteResult:
     mixers: list[MixerInputs]
     sites: int
     bodies: dict[str, fx.GraphModule]  # checkpoint bodies the graph's get_attr nodes read
-    # With `handoff` (hcpass.handoff): per chain starting at a graph input, that input, the
+    # Hand-off (hcpass.handoff): per chain starting at a graph input, that input, the
     # placeholder for its n-stream state (after the mixer placeholders) and the chain's first
     # site; per chain whose last stream value the graph returns, the output's position and
     # the chain's last site (its n-stream state is appended to the outputs, in this order).
@@ -98,11 +100,10 @@ def rewrite_chains(
     graph: fx.Graph,
     analysis: SiteAnalysis,
     slot_of: dict[Site, MixerSlot],
-    handoff: bool = False,
 ) -> RewriteResult:
-    """Rewrite `graph` in place. With `handoff`, chains may cross the graph's boundary with
-    their n streams: see `RewriteResult.stream_inputs`/`stream_outputs`."""
-    return _Rewriter(graph, analysis, slot_of, handoff).run()
+    """Rewrite `graph` in place. Chains cross the graph's boundary with their n streams
+    (hcpass.handoff): see `RewriteResult.stream_inputs`/`stream_outputs`."""
+    return _Rewriter(graph, analysis, slot_of).run()
 
 
 class _Rewriter:
@@ -111,12 +112,10 @@ class _Rewriter:
         graph: fx.Graph,
         analysis: SiteAnalysis,
         slot_of: dict[Site, MixerSlot],
-        handoff: bool,
     ) -> None:
         self.graph = graph
         self.analysis = analysis
         self.slot_of = slot_of
-        self.handoff = handoff
         self.stream_inputs: list[tuple[fx.Node, fx.Node, Site]] = []
         # n-stream node, its collapse, the chain's last site
         self.stream_outputs: list[tuple[fx.Node, fx.Node, Site]] = []
@@ -174,7 +173,7 @@ class _Rewriter:
         lifted = set(chain.stream_ops)
         multi: dict[fx.Node, fx.Node] = {}  # stream value -> its n-stream node
 
-        if self.handoff and chain.input.op == "placeholder":
+        if chain.input.op == "placeholder":
             # The caller passes the n-stream state: kept from an earlier graph, or n copies.
             with self.graph.inserting_after(self._last_placeholder()):
                 state = self.graph.placeholder(f"{chain.input.name}_streams")
@@ -204,7 +203,7 @@ class _Rewriter:
 
         collapsed = self._collapse_side_readers(chain, multi, site_of, lifted)
         last = chain.stream_values[-1]
-        if self.handoff and last in collapsed:
+        if last in collapsed:
             if self.graph.output_node() in collapsed[last].users:
                 self.stream_outputs.append((multi[last], collapsed[last], chain.sites[-1]))
         for value in reversed(chain.stream_values):
