@@ -34,7 +34,7 @@ sys.path.insert(0, {here!r})
 import gpt, hcpass
 torch.manual_seed(0)
 ids, targets = gpt.batch({batch}, {seq})
-model = gpt.GPT({dim}, {layers}, {heads})
+model = gpt.model({dim}, {layers}, {heads}, {seq})
 if {converted}:
     model = torch.compile(hcpass.convert(model, (ids,), streams={streams}), backend="hcpass")
 else:

@@ -28,7 +28,7 @@ import hcpass
 
 def build(variant: str, args: argparse.Namespace, ids: torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
-    model = gpt.GPT(args.dim, args.layers, args.heads)
+    model = gpt.model(args.dim, args.layers, args.heads, args.seq)
     if variant in ("eager converted", "hcpass"):
         model = hcpass.convert(model, (ids,), streams=args.streams, manifold=args.manifold)
     if variant == "inductor":
