@@ -313,9 +313,7 @@ def test_res_map_backward_matches_vjp(name: str, n: int, opts: dict[str, Any]) -
     logits = random_logits(m, 1.0, torch.float64, batch=8)
     grad = torch.randn(8, n, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     _, vjp = torch.func.vjp(m.res_map, logits)
-    torch.testing.assert_close(
-        m.res_map_backward(logits, grad), vjp(grad)[0], rtol=1e-9, atol=1e-9
-    )
+    torch.testing.assert_close(m.res_map_backward(logits, grad), vjp(grad)[0], rtol=1e-9, atol=1e-9)
 
 
 # ------------------------------------------------------------ function preservation
