@@ -75,7 +75,7 @@ class MixedGraph:
     sites: int
     # The graph as captured: Dynamo caches a graph per code object, so a frame resumed
     # after a graph break also runs it for plain instances of the converted model's class.
-    plain: Callable[..., Any] | None = None
+    plain: Callable[..., Any]
     notes: tuple[str, ...] = ()  # candidate adds this capture did not rewrite, and why
     # Anchor inputs of the first sites of chains that start inside the graph (expand).
     starts: tuple[int, ...] = ()
@@ -87,11 +87,6 @@ class MixedGraph:
     def __call__(self, *args: Any) -> Any:
         run = _RUN.get()
         if run is None:
-            if self.plain is None:
-                raise RuntimeError(
-                    "hcpass: a graph rewritten for a converted model was called outside its "
-                    "forward, and the graph as captured was not kept"
-                )
             return self.plain(*args)
         params: list[torch.Tensor] = []
         for index, inputs in self.mixers:
@@ -381,7 +376,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             rewritten,
             anchors,
             result.sites,
-            plain=gm.forward,
+            gm.forward,
             notes=notes,
             starts=starts,
             stream_inputs=stream_inputs,
