@@ -137,6 +137,35 @@ def test_a_compile_in_another_thread_does_not_change_an_eager_forward():
     torch.testing.assert_close(out, expected, **FP32)
 
 
+def test_two_threads_each_running_their_own_converted_model():
+    models_and_inputs = [_converted() for _ in range(2)]
+    expected = [converted(ids) for converted, ids in models_and_inputs]
+    for converted, _ in models_and_inputs:
+        converted._fresh_runtime()  # both threads capture at once on their first call
+    outputs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        converted, ids = models_and_inputs[i]
+        try:
+            start.wait(timeout=60)
+            outputs[i] += [converted(ids) for _ in range(5)]
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i in range(2):
+        assert len(outputs[i]) == 5
+        for out in outputs[i]:
+            torch.testing.assert_close(out, expected[i], **FP32)
+
+
 def test_load_state_dict_assign_keeps_every_mixer_on_its_site():
     converted, ids = _converted()
     expected = converted(ids)
