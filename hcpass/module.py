@@ -240,7 +240,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """HF models' switch (the HF `Trainer` calls it): checkpoints the original blocks;
-        their sites are rewritten inside the checkpoint regions (`hcpass.regions`)."""
+        their sites are rewritten inside the checkpoint regions (`hcpass.regions`).
+
+        Called on the original, not through the attribute fall-through: bound to this module,
+        HF's method would walk `self.modules()`, which lacks the original root, and set its
+        flags here, where the original's forward never reads them."""
         self._model.gradient_checkpointing_enable(*args, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
