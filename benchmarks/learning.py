@@ -4,7 +4,7 @@
     python benchmarks/learning.py --width 64 --context 32 --batch 16 --steps 1000 --jobs 8
     python benchmarks/learning.py --from-plain 150      # convert a trained plain model
 
-The model, corpus, batches, optimizer and schedule are `hcpass demo`'s (`hcpass.demo`), at
+The model, corpus, batches, optimizer and schedule are `hcpass demo`'s (`hcpass.tools.demo`), at
 a depth where depth matters (8 blocks: 16 residual sites) but narrower and shorter (width
 32, context 16, batch 8, 150 steps), because converted models train in eager PyTorch on CPU
 at 5-10x plain's step time: 24 runs at this size are ~20 min of 2 CPU cores (an estimate
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 import hcpass
-from hcpass import demo, plot
+from hcpass.tools import demo, plot
 
 BASELINE = demo.BASELINE
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"

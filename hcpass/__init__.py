@@ -6,14 +6,16 @@ compiled = torch.compile(model2, backend="hcpass")
 """
 
 from hcpass import logs as _logs
-from hcpass import manifolds, plot, training
+from hcpass import manifolds, training
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
-from hcpass.inspection import gain, mixers
+from hcpass.frontend.plan import Report, SiteReport
 from hcpass.manifolds import Manifold, register_manifold
-from hcpass.mixer import Mixer
-from hcpass.module import ConvertedModule
-from hcpass.plan import Report, SiteReport
+from hcpass.manifolds import available as available_manifolds
+from hcpass.runtime.mixer import Mixer
+from hcpass.runtime.module import ConvertedModule
+from hcpass.tools import plot
+from hcpass.tools.inspection import gain, mixers
 from hcpass.training import param_groups
 
 _logs.register()
@@ -24,6 +26,7 @@ __all__ = [
     "Mixer",
     "Report",
     "SiteReport",
+    "available_manifolds",
     "compile",
     "convert",
     "explain",

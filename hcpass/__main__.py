@@ -1,7 +1,7 @@
-"""``python -m hcpass ...``: the same command as ``hcpass ...`` (see `hcpass.cli`)."""
+"""``python -m hcpass ...``: the same command as ``hcpass ...`` (see `hcpass.tools.cli`)."""
 
 import sys
 
-from hcpass.cli import main
+from hcpass.tools.cli import main
 
 sys.exit(main())

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from hcpass import manifolds
-from hcpass.capture import capture
-from hcpass.mixer import Mixer
-from hcpass.module import ConvertedModule
-from hcpass.plan import WHAT_IS_A_SITE, Report, plan
+from hcpass.frontend.capture import capture
+from hcpass.frontend.plan import WHAT_IS_A_SITE, Report, plan
+from hcpass.runtime.mixer import Mixer
+from hcpass.runtime.module import ConvertedModule
 
 
 def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwargs) -> tuple:

@@ -18,12 +18,9 @@ DEBUG adds the rewritten graph's code (``TORCH_LOGS="+hcpass"``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from torch import fx
-
-if TYPE_CHECKING:
-    from hcpass.module import MixedGraph
 
 LOGGER = "hcpass"
 
@@ -38,17 +35,16 @@ def register() -> None:
         _internal.register_log(LOGGER, LOGGER)
 
 
-def rewritten_graph(gm: fx.GraphModule, mixed: MixedGraph, where: str) -> None:
-    """Log a graph hcpass rewrote (`ConvertedModule.rewrite`'s two results): its mixers at
-    INFO, its code at DEBUG. `where` names the caller, e.g. ``"hcpass backend"``."""
+def rewritten_graph(gm: fx.GraphModule, mixers: Sequence[str], site_count: int, where: str) -> None:
+    """Log a graph hcpass rewrote: the `mixers` it reads and its `site_count` at INFO, its
+    code at DEBUG. `where` names the caller, e.g. ``"hcpass backend"``."""
     if not log.isEnabledFor(logging.INFO):
         return  # print_readable is not free: skip it unless someone listens
-    names = [inputs.slot.key for _, inputs in mixed.mixers]
     log.info(
         "%s: rewrote a graph: %d site run(s), mixers %s",
         where,
-        mixed.sites,
-        ", ".join(names) or "-",
+        site_count,
+        ", ".join(mixers) or "-",
     )
     if log.isEnabledFor(logging.DEBUG):
         code = gm.print_readable(print_output=False, include_stride=False, colored=False)

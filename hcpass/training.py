@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from hcpass.module import ConvertedModule
+from hcpass.runtime.module import ConvertedModule
 
 # The mixers' learning rate relative to the model's. Their bias logits start where a step of
 # the model's learning rate is a small change of H_res, and a run is a few thousand Adam

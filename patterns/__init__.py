@@ -5,7 +5,7 @@
 - `stream_op`: per-position ops a residual stream may pass through between two sites
   (post-norm, post-activation, dropout, dtype casts), which the rewrite applies to every stream.
 
-Each pattern is a small class listed in its module's ``PATTERNS``; `hcpass.sites` consults
+Each pattern is a small class listed in its module's ``PATTERNS``; `hcpass.frontend.sites` consults
 those lists, so adding a spelling is one class in one file.
 """
 

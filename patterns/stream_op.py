@@ -66,7 +66,7 @@ class ActivationMethod(StreamOpPattern):
 class Cast(StreamOpPattern):
     """Dtype conversions. Besides sitting between sites, a cast may stand between a chain's
     input and its first add: Mamba's ``residual = x.to(torch.float32)`` keeps the residual
-    in fp32 while the branch reads ``x`` (`hcpass.sites` looks through casts there)."""
+    in fp32 while the branch reads ``x`` (`hcpass.frontend.sites` looks through casts there)."""
 
     op = "call_method"
     targets = frozenset({"to", "type", "type_as", "float", "double", "half", "bfloat16"})

@@ -13,9 +13,9 @@ import torch
 from torch import fx, nn
 
 import hcpass
-from hcpass.capture import capture
-from hcpass.demo import GPT, GPTConfig
-from hcpass.module import MixedGraph
+from hcpass.frontend.capture import capture
+from hcpass.runtime.module import MixedGraph
+from hcpass.tools.demo import GPT, GPTConfig
 
 TINY = GPTConfig(context=8, width=16, layers=1, heads=2)
 

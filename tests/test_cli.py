@@ -14,7 +14,8 @@ import pytest
 from factories import rewritten_tiny_gpt
 
 import hcpass
-from hcpass import cli, logs
+from hcpass import logs
+from hcpass.tools import cli
 
 TESTS = Path(__file__).parent
 
@@ -89,7 +90,7 @@ def test_manifolds_lists_names_and_descriptions(capsys):
     code, out, _ = run_cli(capsys, "manifolds")
     assert code == 0
     lines = out.splitlines()
-    assert len(lines) == len(hcpass.manifolds())
+    assert len(lines) == len(hcpass.available_manifolds())
     assert any(line.startswith("sinkhorn") and "Sinkhorn" in line for line in lines)
 
 
@@ -132,12 +133,12 @@ def test_rewritten_graph_logs_sites_at_info_and_code_at_debug(caplog):
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hcpass"):
-        logs.rewritten_graph(gm, mixed, "test")
+        logs.rewritten_graph(gm, mixed.mixer_names, mixed.site_count, "test")
     assert [r.levelno for r in ours()] == [logging.INFO]
     assert "blocks_0_attn, blocks_0_mlp" in ours()[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="hcpass"):
-        logs.rewritten_graph(gm, mixed, "test")
+        logs.rewritten_graph(gm, mixed.mixer_names, mixed.site_count, "test")
     assert [r.levelno for r in ours()] == [logging.INFO, logging.DEBUG]
     assert "torch.ops.hcpass.post_res" in ours()[1].getMessage()
 
@@ -157,7 +158,8 @@ def test_torch_logs_plus_hcpass_shows_the_rewritten_graph(tmp_path):
         f"sys.path.insert(0, {str(TESTS)!r})\n"
         "from factories import rewritten_tiny_gpt\n"
         "from hcpass import logs\n"
-        "logs.rewritten_graph(*rewritten_tiny_gpt(), 'check')\n"
+        "gm, mixed = rewritten_tiny_gpt()\n"
+        "logs.rewritten_graph(gm, mixed.mixer_names, mixed.site_count, 'check')\n"
     )
     done = subprocess.run(
         [sys.executable, str(script)],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hcpass
-from hcpass import cli, demo
+from hcpass.tools import cli, demo
 
 TINY_ARGS = [
     "--steps", "3", "--layers", "1", "--width", "16", "--heads", "2", "--context", "8",
@@ -74,7 +74,7 @@ def test_unknown_manifold_is_a_usage_error(tmp_path, capsys):
 
 
 def test_default_manifolds_skip_what_is_not_registered(monkeypatch):
-    monkeypatch.setattr(hcpass, "manifolds", lambda: {"sinkhorn (mhc)": "mHC"})
+    monkeypatch.setattr(hcpass, "available_manifolds", lambda: {"sinkhorn (mhc)": "mHC"})
     chosen, notes = demo.choose_manifolds(None)
     assert chosen == ["sinkhorn"]
     assert any("'hc' is not registered" in n for n in notes)

@@ -204,7 +204,7 @@ def test_streams_one_is_the_plain_residual():
 
 
 def test_manifolds_lists_names_and_descriptions():
-    names = hcpass.manifolds()
+    names = hcpass.available_manifolds()
     assert "sinkhorn (mhc)" in names and all(isinstance(d, str) and d for d in names.values())
     import hcpass.manifolds as registry
 

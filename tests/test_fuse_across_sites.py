@@ -1,4 +1,4 @@
-"""The CUDA lowering's cross-site fusion (`hcpass.passes.fuse_across_sites`): which site
+"""The CUDA lowering's cross-site fusion (`hcpass.lowering.passes.fuse_across_sites`): which site
 boundaries become one ``hcpass::post_res_coeffs_pre``, and that the fused graph computes the
 same values and gradients (on CPU the fused op runs its reference)."""
 
@@ -13,9 +13,9 @@ from test_rewrite import PostNorm, SideReader
 from torch import fx, nn
 
 import hcpass
+from hcpass.lowering.passes import PassManager
+from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.manifolds import create
-from hcpass.passes import PassManager
-from hcpass.passes.fuse_across_sites import FuseAcrossSites
 
 OPS = torch.ops.hcpass
 
@@ -162,11 +162,11 @@ def test_backend_on_the_cuda_path_matches_eager(name, monkeypatch):
     """backend="hcpass" lowering a converted model as it does for CUDA inputs -- boundaries
     fused, ops left to Inductor as extern kernels -- here on CPU, where the ops run their
     references: forward and gradients equal the eager run."""
-    import hcpass.backend
+    import hcpass.lowering.backend
 
-    monkeypatch.setattr(hcpass.backend, "_on_cuda", lambda example_inputs: True)
+    monkeypatch.setattr(hcpass.lowering.backend, "_on_cuda", lambda example_inputs: True)
     lowered = []
-    monkeypatch.setattr(hcpass.backend, "_compile_fx", recording_compile_fx(lowered))
+    monkeypatch.setattr(hcpass.lowering.backend, "_compile_fx", recording_compile_fx(lowered))
     factory, inputs, _ = models.ZOO[name]
     args, kwargs = inputs()
     converted = hcpass.convert(factory(), args, kwargs, streams=4, sinkhorn_iters=4)
@@ -189,10 +189,10 @@ def test_backend_on_the_cuda_path_matches_eager(name, monkeypatch):
 
 
 def recording_compile_fx(graphs: list[fx.GraphModule]):
-    """hcpass.backend's compile step, keeping the graph it is handed."""
-    import hcpass.backend
+    """hcpass.lowering.backend's compile step, keeping the graph it is handed."""
+    import hcpass.lowering.backend
 
-    compile_fx = hcpass.backend._compile_fx
+    compile_fx = hcpass.lowering.backend._compile_fx
 
     def compile_and_record(gm: fx.GraphModule, example_inputs):
         graphs.append(gm)

@@ -11,7 +11,6 @@ vs unrolled Sinkhorn gradients agree to 1e-10 in fp64 and 1e-5 in fp32 at 200 it
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -25,10 +24,9 @@ from torch import Tensor
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.manifolds import Manifold, available, create, resolve
 from hcpass.manifolds.base import MIXED_DIAGONAL
-from hcpass.mixer import Mixer
+from hcpass.runtime.mixer import Mixer
 
-# `hcpass.manifolds` the attribute may be shadowed by `hcpass.manifolds()` the function.
-registry = importlib.import_module("hcpass.manifolds")
+registry = hcpass.manifolds
 
 FP32_TOL = 1e-5
 EPS32 = torch.finfo(torch.float32).eps

@@ -11,8 +11,8 @@ import torch
 from factories import TINY
 
 import hcpass
-from hcpass import plot
-from hcpass.demo import GPT
+from hcpass.tools import plot
+from hcpass.tools.demo import GPT
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib (hcpass[plot])"

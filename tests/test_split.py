@@ -1,4 +1,4 @@
-"""A residual chain split across graphs keeps its n streams (hcpass.handoff).
+"""A residual chain split across graphs keeps its n streams (hcpass.runtime.handoff).
 
 Graph breaks between blocks -- an explicit `graph_break()`, every FSDP2 `fully_shard`ed
 block call -- split a converted model's forward into several graphs. The converted model must

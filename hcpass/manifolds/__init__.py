@@ -11,8 +11,6 @@ import functools
 import importlib
 import json
 import pkgutil
-import sys
-import types
 from typing import Any
 
 from hcpass.manifolds.base import Manifold
@@ -79,16 +77,6 @@ def _discover() -> None:
 
 _discover()
 
-
-class _CallableModule(types.ModuleType):
-    """Lets ``hcpass.manifolds()`` list the manifolds while ``hcpass.manifolds`` stays this
-    package (so ``import hcpass.manifolds as m`` and ``from hcpass.manifolds import ...`` work)."""
-
-    def __call__(self) -> dict[str, str]:
-        return available()
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
     "Manifold",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from hcpass.passes.manager import GraphPass
+from hcpass.lowering.passes.manager import GraphPass
 
 log = logging.getLogger(__name__)
 

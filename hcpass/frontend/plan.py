@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from hcpass.capture import CapturedGraph, parameter_name
-from hcpass.regions import inline_checkpoints
-from hcpass.sites import (
+from hcpass.frontend.capture import CapturedGraph, parameter_name
+from hcpass.frontend.regions import inline_checkpoints
+from hcpass.frontend.sites import (
     Chain,
     SiteAnalysis,
     SiteFilter,
@@ -80,7 +80,7 @@ class Report:
 
 def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Graph, SiteAnalysis]:
     """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits),
-    with activation-checkpoint bodies inlined (`hcpass.regions`) so their adds are searched.
+    with activation-checkpoint bodies inlined (`regions`) so their adds are searched.
     Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
     closed = inline_checkpoints(graph, gm)
@@ -133,7 +133,7 @@ class _ChainEnd:
 
     key: str  # the last site's mixer key
     name: str
-    sites: int  # sites in the chain so far, across graphs
+    length: int  # sites in the chain so far, across graphs
 
 
 def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
@@ -157,7 +157,7 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
                         suffix += 1
                         key = f"{mixer_key(name)}_{suffix}"
                     keys.add(key)
-                    position = i + (before.sites if before else 0)
+                    position = i + (before.length if before else 0)
                     planned[site.anchor_name] = PlannedSite(
                         key, name, site.anchor_name, site.channels, position, follows
                     )
@@ -171,7 +171,7 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
                     )
                 row = SiteReport(name, REWRITTEN, reason, captured.index, site.node.name)
                 graph_rows.append((site.node, row))
-            total = len(chain.sites) + (before.sites if before else 0)
+            total = len(chain.sites) + (before.length if before else 0)
             end = _ChainEnd(follows, planned[chain.sites[-1].anchor_name].name, total)
             for position in _returned_at(graph, chain.stream_values[-1]):
                 ends[(captured.index, position)] = end
@@ -203,7 +203,7 @@ def _continued(
     graph: fx.Graph, chain: Chain, captured: CapturedGraph, ends: dict[tuple[int, int], _ChainEnd]
 ) -> _ChainEnd | None:
     """The earlier graph's chain this chain continues: its input is a graph input that was
-    the last stream value of that chain (hcpass.handoff carries the n streams across)."""
+    the last stream value of that chain (hcpass.runtime.handoff carries the n streams across)."""
     if chain.input.op != "placeholder":
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

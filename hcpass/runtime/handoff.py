@@ -32,21 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-Layout = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, int]
-
-
-def layout(t: torch.Tensor) -> Layout:
-    """What makes two tensors hold the same values: the same memory, read the same way, and
-    not written to in between (views share their base's version counter)."""
-    return (
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        tuple(t.shape),
-        t.stride(),
-        t.dtype,
-        t.device,
-        t._version,
-    )
+from hcpass.frontend.capture import Layout, layout
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hcpass.capture import side_effect_free
-from hcpass.module import ConvertedModule
+from hcpass.frontend.capture import side_effect_free
+from hcpass.runtime.module import ConvertedModule
 
 
 def _stream_cosine(x: Tensor) -> Tensor:

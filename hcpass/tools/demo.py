@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hcpass
-from hcpass import plot
 from hcpass.manifolds.base import INITS
+from hcpass.tools import plot
 
 BASELINE = "plain"
 # Tried in order; the first registered of EXACT is added to the defaults, so the demo shows
@@ -390,10 +390,10 @@ def torch_threads(count: int) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- report
 def registered_manifolds() -> set[str]:
-    """Every registered manifold name and alias, from the labels of `hcpass.manifolds()`
+    """Every registered manifold name and alias, from the labels of `hcpass.available_manifolds()`
     (``"kronecker (kromhc)"``)."""
     names: set[str] = set()
-    for label in hcpass.manifolds():
+    for label in hcpass.available_manifolds():
         name, _, aliases = label.partition(" (")
         names.add(name)
         names.update(aliases.rstrip(")").split(", ") if aliases else ())

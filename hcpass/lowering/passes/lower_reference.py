@@ -11,8 +11,8 @@ import operator
 
 from torch import fx
 
+from hcpass.lowering.passes.manager import GraphPass
 from hcpass.ops import REFERENCE
-from hcpass.passes.manager import GraphPass
 
 
 class LowerToReference(GraphPass):
@@ -21,7 +21,7 @@ class LowerToReference(GraphPass):
             if node.op == "call_function" and node.target in REFERENCE:
                 node.target = REFERENCE[node.target]
             elif node.op == "get_attr" and graph.owning_module is not None:
-                # activation-checkpoint bodies hold mixer ops too (hcpass.regions)
+                # activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions)
                 body = operator.attrgetter(node.target)(graph.owning_module)
                 if isinstance(body, fx.GraphModule):
                     self(body.graph)

@@ -20,9 +20,24 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from hcpass.handoff import Layout, layout
-
 _counter = itertools.count()
+
+
+Layout = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, int]
+
+
+def layout(t: torch.Tensor) -> Layout:
+    """What makes two tensors hold the same values: the same memory, read the same way, and
+    not written to in between (views share their base's version counter)."""
+    return (
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        t.device,
+        t._version,
+    )
 
 
 def _call(self: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -1,7 +1,7 @@
 """Pictures of a converted model: H_res heatmaps, composite gain over depth, loss curves.
 
 matplotlib is an optional extra (``pip install 'hcpass[plot]'``); it is imported when a
-picture is drawn, not when this module is imported, so ``import hcpass.plot`` always works.
+picture is drawn, not when this module is imported, so ``import hcpass`` works without matplotlib.
 Every function writes one image to `path` (the format follows the suffix, e.g. ``.png``,
 ``.svg``) and returns the path.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcpass import inspection
+from hcpass.tools import inspection
 
 INSTALL_HINT = "hcpass.plot needs matplotlib: pip install 'hcpass[plot]'"
 

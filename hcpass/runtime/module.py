@@ -2,8 +2,8 @@
 
 A `ConvertedModule` owns the original model's parameters under their original names plus
 ``mixers.<site>``. Its forward runs the original model under Dynamo; every graph Dynamo
-captures is rewritten (`hcpass.plan` + `hcpass.rewrite`) and run eagerly -- or, when the
-module itself is under ``torch.compile(backend="hcpass")``, lowered by the backend.
+captures is rewritten (`hcpass.frontend.plan`, then `hcpass.rewrite.chains`) and run eagerly
+-- or, when the module itself is under ``torch.compile(backend="hcpass")``, lowered by the backend.
 
 Dynamo reuses a compiled graph for every module instance of the same class (parameters
 are graph inputs), so a rewritten graph looks its mixers up at call time, from the
@@ -26,8 +26,8 @@ from torch import fx, nn
 from torch._C._dynamo.eval_frame import reset_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hcpass import handoff, logs
-from hcpass.capture import (
+from hcpass import logs
+from hcpass.frontend.capture import (
     CapturedGraph,
     annotate_parameters,
     fresh_function,
@@ -36,10 +36,11 @@ from hcpass.capture import (
     unwrapped_parameters,
     visible_residuals,
 )
-from hcpass.mixer import Mixer
-from hcpass.plan import Plan, Report, analyse
-from hcpass.regions import checkpoint_eagerly
-from hcpass.rewrite import MixerInputs, MixerSlot, graph_module, rewrite_chains
+from hcpass.frontend.plan import Plan, Report, analyse
+from hcpass.rewrite.chains import MixerInputs, MixerSlot, graph_module, rewrite_chains
+from hcpass.rewrite.regions import checkpoint_eagerly
+from hcpass.runtime import handoff
+from hcpass.runtime.mixer import Mixer
 
 
 @dataclass
@@ -71,25 +72,29 @@ class MixedGraph:
     """A rewritten graph as Dynamo calls it: appends the running module's mixer parameters."""
 
     fn: Callable[..., Any]
-    mixers: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
-    sites: int
+    mixer_inputs: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
+    site_count: int
     # The graph as captured: Dynamo caches a graph per code object, so a frame resumed
     # after a graph break also runs it for plain instances of the converted model's class.
     plain: Callable[..., Any]
     notes: tuple[str, ...] = ()  # candidate adds this capture did not rewrite, and why
     # Anchor inputs of the first sites of chains that start inside the graph (expand).
     starts: tuple[int, ...] = ()
-    # Chains crossing the graph's boundary with their n streams (hcpass.handoff).
+    # Chains crossing the graph's boundary with their n streams (hcpass.runtime.handoff).
     stream_inputs: tuple[handoff.StreamInput, ...] = ()
     stream_outputs: tuple[handoff.StreamOutput, ...] = ()
     dense: bool = False  # fn was compiled for contiguous n-stream inputs
+
+    @property
+    def mixer_names(self) -> list[str]:
+        return [inputs.slot.key for _, inputs in self.mixer_inputs]
 
     def __call__(self, *args: Any) -> Any:
         run = _RUN.get()
         if run is None:
             return self.plain(*args)
         params: list[torch.Tensor] = []
-        for index, inputs in self.mixers:
+        for index, inputs in self.mixer_inputs:
             key, mixer_params = run.owner.mixer_parameters(args[index], inputs)
             run.keys.add(key)
             params += mixer_params
@@ -99,7 +104,7 @@ class MixedGraph:
                 run.cuts.append(cut)
         states = handoff.enter(run.handoffs, run.owner, self.stream_inputs, args, self.dense)
         run.graphs += 1
-        run.mixers_ran += self.sites
+        run.mixers_ran += self.site_count
         run.notes += [note for note in self.notes if note not in run.notes]
         if run.observer is not None:
             with run.observer:
@@ -240,7 +245,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """HF models' switch (the HF `Trainer` calls it): checkpoints the original blocks;
-        their sites are rewritten inside the checkpoint regions (`hcpass.regions`).
+        their sites are rewritten inside the checkpoint regions (`hcpass.rewrite.regions`).
 
         Called on the original, not through the attribute fall-through: bound to this module,
         HF's method would walk `self.modules()`, which lacks the original root, and set its
@@ -269,7 +274,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # Regional compile: under our own Dynamo run the regions would be inlined
                     # (not compiled). Run the code around them as plain Python instead; each
                     # region's graph goes to its backend, and chains cross between regions
-                    # through hcpass.handoff.
+                    # through hcpass.runtime.handoff.
                     out = self._model(*args, **kwargs)
                 else:
                     with torch._dynamo.config.patch(recompile_limit=64):
@@ -357,7 +362,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         rewritten = graph_module(gm, graph, result)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}
-        anchors = tuple((index_of[m.anchor.name], m) for m in result.mixers)
+        anchors = tuple((index_of[m.anchor.name], m) for m in result.mixer_inputs)
         notes = tuple(
             f"{skipped.node.name}: {skipped.reason}"
             for skipped in analysis.skipped
@@ -379,7 +384,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         mixed = MixedGraph(
             rewritten,
             anchors,
-            result.sites,
+            result.site_count,
             gm.forward,
             notes=notes,
             starts=starts,
@@ -479,7 +484,7 @@ def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callabl
     rewritten, mixed = owner.rewrite(gm)
     checkpoint_eagerly(rewritten.graph)
     rewritten.recompile()
-    logs.rewritten_graph(rewritten, mixed, "hcpass eager runtime")
+    logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass eager runtime")
     return mixed
 
 

@@ -7,7 +7,8 @@ gained for mixer parameters (`RewriteResult`).
 Per chain (stream-major ``X[n, *x.shape]``, docs/math.md):
 - the chain input x becomes ``X = x.unsqueeze(0).expand(n, ...)`` (n copies); a chain that
   starts at a graph input takes X as an extra input instead, and a graph that returns a
-  chain's last value also returns its X (the hand-off across graph breaks, `hcpass.handoff`);
+  chain's last value also returns its X (the hand-off across graph breaks,
+  `hcpass.runtime.handoff`);
 - per site ``s + alpha*y`` with branch read r:
   ``h_pre, h_post, h_res = hcpass.coeffs(R, ...)``, the branch reads ``u = hcpass.pre(R, h_pre)``
   instead of r, and the add becomes ``hcpass.post_res(S, alpha*y, h_post, h_res)``, with S
@@ -17,7 +18,7 @@ Per chain (stream-major ``X[n, *x.shape]``, docs/math.md):
   reads the collapsed stream ``X.mean(0)``.
 Branch nodes shared by two sites (the norm of a parallel block) are copied so each site's
 branch reads its own ``u``. Nodes made for a site belong to the activation-checkpoint region
-of its add (`hcpass.regions`); the regions are closed again at the end.
+of its add (`hcpass.frontend.regions`); the regions are closed again at the end.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 from torch import fx
 
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
-from hcpass.regions import REGION, Region, outline_checkpoints, region_of
-from hcpass.sites import Chain, Site, SiteAnalysis
+from hcpass.frontend.regions import REGION, Region, region_of
+from hcpass.frontend.sites import Chain, Site, SiteAnalysis
+from hcpass.rewrite.regions import outline_checkpoints
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,10 @@ class MixerInputs:
 
 @dataclass(frozen=True)
 class RewriteResult:
-    mixers: list[MixerInputs]
-    sites: int
+    mixer_inputs: list[MixerInputs]
+    site_count: int
     bodies: dict[str, fx.GraphModule]  # checkpoint bodies the graph's get_attr nodes read
-    # Hand-off (hcpass.handoff): per chain starting at a graph input, that input, the
+    # Hand-off (hcpass.runtime.handoff): per chain starting at a graph input, that input, the
     # placeholder for its n-stream state (after the mixer placeholders) and the chain's first
     # site; per chain whose last stream value the graph returns, the output's position and
     # the chain's last site (its n-stream state is appended to the outputs, in this order).
@@ -102,7 +104,7 @@ def rewrite_chains(
     slot_of: dict[Site, MixerSlot],
 ) -> RewriteResult:
     """Rewrite `graph` in place. Chains cross the graph's boundary with their n streams
-    (hcpass.handoff): see `RewriteResult.stream_inputs`/`stream_outputs`."""
+    (hcpass.runtime.handoff): see `RewriteResult.stream_inputs`/`stream_outputs`."""
     return _Rewriter(graph, analysis, slot_of).run()
 
 
@@ -119,7 +121,7 @@ class _Rewriter:
         self.stream_inputs: list[tuple[fx.Node, fx.Node, Site]] = []
         # n-stream node, its collapse, the chain's last site
         self.stream_outputs: list[tuple[fx.Node, fx.Node, Site]] = []
-        self.mixers: dict[str, MixerInputs] = {}
+        self.mixer_inputs: dict[str, MixerInputs] = {}
         # branch nodes some site already rewired -> their inputs before that
         self.claimed: dict[fx.Node, tuple[tuple, dict]] = {}
         self.coefficients: dict[Site, tuple[fx.Node, fx.Node]] = {}  # h_post, h_res
@@ -131,18 +133,18 @@ class _Rewriter:
         cursor = _Cursor(self.graph, self._last_placeholder())
         for site in self.analysis.sites:
             slot = self.slot_of[site]
-            if slot.key not in self.mixers:
+            if slot.key not in self.mixer_inputs:
                 names = ("phi", "alpha", "bias") if slot.dynamic else ("bias",)
                 prefix = slot.key if slot.key.isidentifier() else f"mixer_{slot.key}"
                 nodes = tuple(cursor.call("placeholder", f"{prefix}_{n}", ()) for n in names)
-                self.mixers[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
+                self.mixer_inputs[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
         for chain in self.analysis.chains:
             self._chain(chain)
         returned = self._return_states()
         bodies = outline_checkpoints(self.graph)
         self.graph.lint()
         return RewriteResult(
-            list(self.mixers.values()),
+            list(self.mixer_inputs.values()),
             len(self.analysis.sites),
             bodies,
             self.stream_inputs,
@@ -162,7 +164,7 @@ class _Rewriter:
         return [n for n in self.graph.nodes if n.op == "placeholder"][-1]
 
     def _mixer(self, site: Site) -> MixerInputs:
-        return self.mixers[self.slot_of[site].key]
+        return self.mixer_inputs[self.slot_of[site].key]
 
     def _chain(self, chain: Chain) -> None:
         counts = {self.slot_of[s].streams for s in chain.sites}

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from hcpass import handoff, logs
-from hcpass.capture import annotate_call, annotate_parameters, parameter_names
-from hcpass.module import MixedGraph, current_owner
-from hcpass.passes import PassManager
-from hcpass.passes.fuse_across_sites import FuseAcrossSites
-from hcpass.passes.lower_reference import LowerToReference
-from hcpass.plan import analyse
+from hcpass import logs
+from hcpass.frontend.capture import annotate_call, annotate_parameters, parameter_names
+from hcpass.frontend.plan import analyse
+from hcpass.lowering.passes import PassManager
+from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
+from hcpass.lowering.passes.lower_reference import LowerToReference
+from hcpass.runtime import handoff
+from hcpass.runtime.module import MixedGraph, current_owner
 
 log = logging.getLogger("hcpass")
 
@@ -67,12 +68,12 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
             node.meta.pop("grapharg", None)  # its weak reference dies when this returns
         return PlainGraph(captured, _compile_fx(gm, example_inputs))
     rewritten, mixed = owner.rewrite(gm)
-    logs.rewritten_graph(rewritten, mixed, "hcpass backend")
+    logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass backend")
     lowering(_on_cuda(example_inputs))(rewritten.graph)
     rewritten.recompile()
     mixer_params = [
         p
-        for index, inputs in mixed.mixers
+        for index, inputs in mixed.mixer_inputs
         for p in owner.mixer_parameters(example_inputs[index], inputs)[1]
     ]
     traced = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import hcpass
-from hcpass import demo
+from hcpass.tools import demo
 
 FACTORY_HELP = (
     "MODULE:FACTORY, e.g. mymodels:make_gpt; FACTORY() returns (model, example_inputs) or "
@@ -87,7 +87,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_manifolds(args: argparse.Namespace) -> int:
-    available = hcpass.manifolds()
+    available = hcpass.available_manifolds()
     width = max(map(len, available), default=0)
     for label, description in available.items():
         print(f"{label:<{width}}  {description}")
