@@ -50,14 +50,17 @@ def test_other_backends_cannot_drop_the_mixers():
         torch.compile(converted, backend="aot_eager")(*x)
 
 
-def test_cpu_lowering_replaces_the_ops_by_their_references():
+def test_cpu_lowering_inlines_the_stream_ops_and_keeps_coeffs_an_op():
     converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
     graph = converted.graph_module.graph
     assert HCPASS_OPS <= {n.target for n in graph.nodes}
     lowering(cuda=False)(graph)
     targets = {n.target for n in graph.nodes}
-    assert not targets & HCPASS_OPS
-    assert {REFERENCE[op] for op in HCPASS_OPS} <= targets
+    ops = torch.ops.hcpass
+    # pre/post_res fuse with their neighbours; coeffs' unrolled Sinkhorn would be traced
+    # again at every site (compile time), so it stays one extern call per site.
+    assert targets & HCPASS_OPS == {ops.coeffs.default}
+    assert {REFERENCE[ops.pre.default], REFERENCE[ops.post_res.default]} <= targets
 
 
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():

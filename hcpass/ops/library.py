@@ -1,4 +1,8 @@
-"""The ``hcpass::`` custom ops: one schema, a reference kernel, fake kernels, autograd.
+"""The ``hcpass::`` custom ops: one schema, a CPU kernel, fake kernels, autograd.
+
+The CPU kernels are the references (`reference`), except the stream ops (``pre``,
+``post_res`` and their backward), which run as batched matmuls over positions (`batched`):
+eagerly, the references' broadcast products would be materialised at n^2 times the state.
 
 Forward and backward are separate ops so a back end can replace each (the CUDA path
 registers generated Triton kernels for all of them); autograd wires them together.
@@ -16,7 +20,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds.base import compute_dtype
-from hcpass.ops import reference
+from hcpass.ops import batched, reference
 
 _F = TypeVar("_F", bound=Callable[..., tuple[Tensor, ...]])
 
@@ -62,24 +66,24 @@ def coeffs_backward(
 
 @torch.library.custom_op("hcpass::pre", mutates_args=())
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
-    return reference.pre(x, h_pre)
+    return batched.pre(x, h_pre)
 
 
 @torch.library.custom_op("hcpass::pre_backward", mutates_args=())
 def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    return reference.pre_backward(grad_u, x, h_pre)
+    return batched.pre_backward(grad_u, x, h_pre)
 
 
 @torch.library.custom_op("hcpass::post_res", mutates_args=())
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    return reference.post_res(x, y, h_post, h_res)
+    return batched.post_res(x, y, h_post, h_res)
 
 
 @torch.library.custom_op("hcpass::post_res_backward", mutates_args=())
 def post_res_backward(
     grad_out: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return reference.post_res_backward(grad_out, x, y, h_post, h_res)
+    return batched.post_res_backward(grad_out, x, y, h_post, h_res)
 
 
 @torch.library.custom_op("hcpass::post_res_coeffs_pre", mutates_args=())
