@@ -1,9 +1,10 @@
 """Template of the coefficient kernels: forward, and the two passes of the backward.
 
 `generate.py` reads this file as text, replaces the block between the ``EPILOGUE`` markers
-with the manifold's `Manifold.triton_res_map()` source and loads the result as a kernel
-module. It is plain Python so that it is linted and read like code; never import it to run
-kernels (its placeholder epilogue refuses to compile).
+with the manifold's `Manifold.triton_res_map()` source and the one between the ``SHARED``
+markers with the helpers of `jit_helpers.py`, and loads the result as a kernel module. It is
+plain Python so that it is linted and read like code; never import it to run kernels (its
+placeholder epilogue refuses to compile).
 
 Layouts. x is stream-major ``[N, P, C]``; phi ``[N * C, K]`` with K = 2N + R logit columns
 (pre | post | res). Per block of BLOCK_P positions the projection is three tl.dot
@@ -17,6 +18,11 @@ epilogue receives and what the kernels return without an epilogue (FUSED false).
 
 import triton
 import triton.language as tl
+
+# >>> SHARED (generate.py replaces this import with the definitions in jit_helpers.py)
+from .jit_helpers import merge_streams
+
+# <<< SHARED
 
 # >>> EPILOGUE (replaced by generate.py)
 
@@ -498,18 +504,7 @@ def post_res_coeffs_pre_fwd(
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        pc_ok = p_ok[:, None] & c_ok[None, :]
-        mixed = tl.zeros((NP, BLOCK_P, BLOCK_C), ACC)
-        for j in range(N):
-            xj = tl.load(x_ptr + (j * P + p[:, None]) * C + c[None, :], mask=pc_ok, other=0.0)
-            hj = tl.load(
-                hres_ptr + p[None, :] * (N * N) + s[:, None] * N + j, mask=sp_ok, other=0.0
-            )
-            mixed += hj.to(ACC)[:, :, None] * xj.to(ACC)[None, :, :]
-        y = tl.load(y_ptr + p[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
-        out = (mixed + hpost[:, :, None] * y[None, :, :]).to(out_ptr.dtype.element_ty)
-        spc = (s[:, None, None] * P + p[None, :, None]) * C + c[None, None, :]
-        tl.store(out_ptr + spc, out, mask=s_ok[:, None, None] & pc_ok[None, :, :])
+        out = merge_streams(x_ptr, y_ptr, hres_ptr, hpost, out_ptr, p, c, P, N, C)
         if HAS_PHI:
             xo = out.to(ACC)  # padded streams hold zeros: no H_res or H_post weight reaches them
             sumsq += tl.sum(tl.sum(xo * xo, axis=2), axis=0)
