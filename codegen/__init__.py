@@ -1,6 +1,8 @@
 """Generated Triton kernels for the ``hcpass::`` mixer ops (installed as ``hcpass.codegen``).
 
 - `coeffs_template.py`, `streams_template.py`: the kernels, as templates (see their docs);
+- `jit_helpers.py`: the ``@triton.jit`` helpers both templates use (the residual merge),
+  spliced into each;
 - `generate.py`: builds a kernel module per (template, manifold epilogue), caches and
   autotunes the kernels;
 - `kernels.py`: launchers with exactly the signatures of `hcpass.ops.reference`.

@@ -1,9 +1,15 @@
 """Template of the coefficient kernels: forward, and the two passes of the backward.
 
 `generate.py` reads this file as text, replaces the block between the ``EPILOGUE`` markers
-with the manifold's `Manifold.triton_res_map()` source and loads the result as a kernel
-module. It is plain Python so that it is linted and read like code; never import it to run
-kernels (its placeholder epilogue refuses to compile).
+with the manifold's `Manifold.triton_res_map()` source and the one between the ``SHARED``
+markers with the helpers of `jit_helpers.py`, and loads the result as a kernel module. It is
+plain Python so that it is linted and read like code; never import it to run kernels (its
+placeholder epilogue refuses to compile).
+
+The logits ``alpha * (vec(x) @ phi) / rms(vec(x)) + bias`` are computed in steps that the
+kernels call in turn: `_project` (one pass over x: the projections divided by rms, and rms),
+`_alpha` and `_logits`; the site-boundary kernel, which projects its merged X' itself,
+shares `_load_phi` and `_normalise` with `_project`.
 
 Layouts. x is stream-major ``[N, P, C]``; phi ``[N * C, K]`` with K = 2N + R logit columns
 (pre | post | res). Per block of BLOCK_P positions the projection is three tl.dot
@@ -17,6 +23,11 @@ epilogue receives and what the kernels return without an epilogue (FUSED false).
 
 import triton
 import triton.language as tl
+
+# >>> SHARED (generate.py replaces this import with the definitions in jit_helpers.py)
+from .jit_helpers import merge_streams
+
+# <<< SHARED
 
 # >>> EPILOGUE (replaced by generate.py)
 
@@ -54,11 +65,22 @@ def _res_columns(
 
 
 @triton.jit
-def _logits(
+def _load_phi(rows, rows_ok, res_col, res_ok, N: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
+    """phi's pre, post and res tiles (``[..., W]``, ``[..., W]``, ``[..., RW]``) of the rows
+    at `rows`, pointers to the first column of each row with a trailing axis of 1 (masked by
+    `rows_ok`, of the same shape)."""
+    k = tl.arange(0, W)
+    k_ok = k < N
+    phi_pre = tl.load(rows + k, mask=rows_ok & k_ok, other=0.0).to(ACC)
+    phi_post = tl.load(rows + N + k, mask=rows_ok & k_ok, other=0.0).to(ACC)
+    phi_res = tl.load(rows + res_col, mask=rows_ok & res_ok, other=0.0).to(ACC)
+    return phi_pre, phi_post, phi_res
+
+
+@triton.jit
+def _project(
     x_ptr,
     phi_ptr,
-    alpha_ptr,
-    bias_ptr,
     p,
     P,
     res_col,
@@ -67,18 +89,16 @@ def _logits(
     C: tl.constexpr,
     K: tl.constexpr,
     W: tl.constexpr,
-    RW: tl.constexpr,
     HAS_PHI: tl.constexpr,
     EPS: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Logits ``alpha * (vec(x) @ phi) / rms(vec(x)) + bias`` of positions `p`, in one pass
-    over x, plus what the backward needs: the normalised projections, rms and alpha."""
+    """The normalised projections ``z = vec(x) @ phi / rms(vec(x))`` of positions `p` (pre,
+    post and res tiles) and rms, in one pass over x. Without phi: zeros, and rms 1."""
     BLOCK_P: tl.constexpr = p.shape[0]
-    k = tl.arange(0, W)
-    k_ok = k < N
+    RW: tl.constexpr = res_col.shape[0]
     z_pre = tl.zeros((BLOCK_P, W), ACC)
     z_post = tl.zeros((BLOCK_P, W), ACC)
     z_res = tl.zeros((BLOCK_P, RW), ACC)
@@ -96,64 +116,59 @@ def _logits(
                 ).to(ACC)
                 sumsq += tl.sum(xt * xt, axis=1)
                 rows = phi_ptr + (i * C + c)[:, None] * K
-                phi_pre = tl.load(
-                    rows + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0
-                ).to(ACC)
-                phi_post = tl.load(
-                    rows + N + k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0
-                ).to(ACC)
-                phi_res = tl.load(
-                    rows + res_col[None, :], mask=c_ok[:, None] & res_ok[None, :], other=0.0
-                ).to(ACC)
+                phi_pre, phi_post, phi_res = _load_phi(
+                    rows, c_ok[:, None], res_col, res_ok, N, W, ACC
+                )
                 z_pre += tl.dot(xt, phi_pre, input_precision=DOT, out_dtype=ACC)
                 z_post += tl.dot(xt, phi_post, input_precision=DOT, out_dtype=ACC)
                 z_res += tl.dot(xt, phi_res, input_precision=DOT, out_dtype=ACC)
-    return _scaled_logits(
-        z_pre, z_post, z_res, sumsq, alpha_ptr, bias_ptr, res_col, res_ok, N, C, W, HAS_PHI, EPS
-    )
+    return _normalise(z_pre, z_post, z_res, sumsq, N, C, HAS_PHI, EPS)
 
 
 @triton.jit
-def _scaled_logits(
-    z_pre,
-    z_post,
-    z_res,
-    sumsq,
-    alpha_ptr,
-    bias_ptr,
-    res_col,
-    res_ok,
-    N: tl.constexpr,
-    C: tl.constexpr,
-    W: tl.constexpr,
-    HAS_PHI: tl.constexpr,
-    EPS: tl.constexpr,
+def _normalise(
+    z_pre, z_post, z_res, sumsq, N: tl.constexpr, C: tl.constexpr, HAS_PHI: tl.constexpr, EPS
 ):
-    """From the raw projections ``vec(x) @ phi`` and the sum of squares of vec(x): the
-    logits, the normalised projections, rms and alpha (see `_logits`)."""
-    ACC: tl.constexpr = z_pre.dtype
-    k = tl.arange(0, W)
-    k_ok = k < N
-    b_pre = tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(ACC)
-    b_post = tl.load(bias_ptr + N + k, mask=k_ok, other=0.0).to(ACC)
-    b_res = tl.load(bias_ptr + res_col, mask=res_ok, other=0.0).to(ACC)
-    rms = tl.full(sumsq.shape, 1.0, ACC)
-    a_pre = tl.full((), 0.0, ACC)
-    a_post = tl.full((), 0.0, ACC)
-    a_res = tl.full((), 0.0, ACC)
+    """The raw projections ``vec(x) @ phi`` divided by ``rms = sqrt(sum(vec(x)^2) / (n C)
+    + eps)``, and rms (1 without phi)."""
+    rms = tl.full(sumsq.shape, 1.0, sumsq.dtype)
     if HAS_PHI:
         # the reference's order: mean of squares, + eps, sqrt; divide after the matmul
         rms = tl.sqrt(sumsq / (N * C) + EPS)
         z_pre = z_pre / rms[:, None]
         z_post = z_post / rms[:, None]
         z_res = z_res / rms[:, None]
+    return z_pre, z_post, z_res, rms
+
+
+@triton.jit
+def _alpha(alpha_ptr, HAS_PHI: tl.constexpr, ACC: tl.constexpr):
+    """The scales alpha of the pre, post and res logits (0 without phi)."""
+    a_pre = tl.full((), 0.0, ACC)
+    a_post = tl.full((), 0.0, ACC)
+    a_res = tl.full((), 0.0, ACC)
+    if HAS_PHI:
         a_pre = tl.load(alpha_ptr).to(ACC)
         a_post = tl.load(alpha_ptr + 1).to(ACC)
         a_res = tl.load(alpha_ptr + 2).to(ACC)
+    return a_pre, a_post, a_res
+
+
+@triton.jit
+def _logits(z_pre, z_post, z_res, a_pre, a_post, a_res, bias_ptr, res_col, res_ok, N: tl.constexpr):
+    """The logits ``alpha * z + bias`` of the normalised projections z (`_project`), with
+    the scales alpha of `_alpha`."""
+    ACC: tl.constexpr = z_pre.dtype
+    W: tl.constexpr = z_pre.shape[1]
+    k = tl.arange(0, W)
+    k_ok = k < N
+    b_pre = tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(ACC)
+    b_post = tl.load(bias_ptr + N + k, mask=k_ok, other=0.0).to(ACC)
+    b_res = tl.load(bias_ptr + res_col, mask=res_ok, other=0.0).to(ACC)
     l_pre = a_pre * z_pre + b_pre[None, :]
     l_post = a_post * z_post + b_post[None, :]
     l_res = a_res * z_res + b_res[None, :]
-    return l_pre, l_post, l_res, z_pre, z_post, z_res, rms, a_pre, a_post, a_res
+    return l_pre, l_post, l_res
 
 
 @triton.jit
@@ -166,18 +181,18 @@ def _store_coeffs(
     pre_ptr,
     post_ptr,
     res_ptr,
-    res_col,
-    res_ok,
     N: tl.constexpr,
     R: tl.constexpr,
     S: tl.constexpr,
-    W: tl.constexpr,
     FUSED: tl.constexpr,
     SQUARE: tl.constexpr,
 ):
     """Write H_pre = sigmoid, H_post = 2 sigmoid and H_res = the manifold's map of the
-    logits (or, unfused, the raw res logits ``[P, R]``) of positions `p`."""
+    logits (or, unfused, the raw res logits ``[P, R]``, from the flat res tile) of positions
+    `p`."""
     BLOCK_P: tl.constexpr = p.shape[0]
+    W: tl.constexpr = l_pre.shape[1]
+    RW: tl.constexpr = l_res.shape[1]
     p_ok = p < P
     k = tl.arange(0, W)
     nk = p[:, None] * N + k[None, :]
@@ -194,10 +209,9 @@ def _store_coeffs(
         ij_ok = p_ok[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
         tl.store(res_ptr + ij, h, mask=ij_ok)
     else:
+        r = tl.arange(0, RW)
         tl.store(
-            res_ptr + p[:, None] * R + (res_col - 2 * N)[None, :],
-            l_res,
-            mask=p_ok[:, None] & res_ok[None, :],
+            res_ptr + p[:, None] * R + r[None, :], l_res, mask=p_ok[:, None] & (r < R)[None, :]
         )
 
 
@@ -230,44 +244,14 @@ def coeffs_fwd(
     positions: one read of their n*C state, 4 * (2n + n^2) bytes written per position."""
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     res_col, res_ok = _res_columns(N, R, S, RW, SQUARE)
-    l_pre, l_post, l_res, _, _, _, _, _, _, _ = _logits(
-        x_ptr,
-        phi_ptr,
-        alpha_ptr,
-        bias_ptr,
-        p,
-        P,
-        res_col,
-        res_ok,
-        N,
-        C,
-        2 * N + R,
-        W,
-        RW,
-        HAS_PHI,
-        EPS,
-        ACC,
-        DOT,
-        BLOCK_C,
+    z_pre, z_post, z_res, _ = _project(
+        x_ptr, phi_ptr, p, P, res_col, res_ok, N, C, 2 * N + R, W, HAS_PHI, EPS, ACC, DOT, BLOCK_C
     )
-    _store_coeffs(
-        l_pre,
-        l_post,
-        l_res,
-        p,
-        P,
-        pre_ptr,
-        post_ptr,
-        res_ptr,
-        res_col,
-        res_ok,
-        N,
-        R,
-        S,
-        W,
-        FUSED,
-        SQUARE,
+    a_pre, a_post, a_res = _alpha(alpha_ptr, HAS_PHI, ACC)
+    l_pre, l_post, l_res = _logits(
+        z_pre, z_post, z_res, a_pre, a_post, a_res, bias_ptr, res_col, res_ok, N
     )
+    _store_coeffs(l_pre, l_post, l_res, p, P, pre_ptr, post_ptr, res_ptr, N, R, S, FUSED, SQUARE)
 
 
 @triton.jit
@@ -311,25 +295,12 @@ def coeffs_bwd_logits(
     p = (pid * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     p_ok = p < P
     res_col, res_ok = _res_columns(N, R, S, RW, SQUARE)
-    l_pre, l_post, l_res, z_pre, z_post, z_res, rms, a_pre, a_post, a_res = _logits(
-        x_ptr,
-        phi_ptr,
-        alpha_ptr,
-        bias_ptr,
-        p,
-        P,
-        res_col,
-        res_ok,
-        N,
-        C,
-        K,
-        W,
-        RW,
-        HAS_PHI,
-        EPS,
-        ACC,
-        DOT,
-        BLOCK_C,
+    z_pre, z_post, z_res, rms = _project(
+        x_ptr, phi_ptr, p, P, res_col, res_ok, N, C, K, W, HAS_PHI, EPS, ACC, DOT, BLOCK_C
+    )
+    a_pre, a_post, a_res = _alpha(alpha_ptr, HAS_PHI, ACC)
+    l_pre, l_post, l_res = _logits(
+        z_pre, z_post, z_res, a_pre, a_post, a_res, bias_ptr, res_col, res_ok, N
     )
     k = tl.arange(0, W)
     k_ok = k < N
@@ -489,7 +460,6 @@ def post_res_coeffs_pre_fwd(
     sp_ok = s_ok[:, None] & p_ok[None, :]
     res_col, res_ok = _res_columns(N, R, S, RW, SQUARE)
     k = tl.arange(0, W)
-    k_ok = k < N
     hpost = tl.load(hpost_ptr + p[None, :] * N + s[:, None], mask=sp_ok, other=0.0).to(ACC)
     z_pre = tl.zeros((NP, BLOCK_P, W), ACC)
     z_post = tl.zeros((NP, BLOCK_P, W), ACC)
@@ -497,67 +467,24 @@ def post_res_coeffs_pre_fwd(
     sumsq = tl.zeros((BLOCK_P,), ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        pc_ok = p_ok[:, None] & c_ok[None, :]
-        mixed = tl.zeros((NP, BLOCK_P, BLOCK_C), ACC)
-        for j in range(N):
-            xj = tl.load(x_ptr + (j * P + p[:, None]) * C + c[None, :], mask=pc_ok, other=0.0)
-            hj = tl.load(
-                hres_ptr + p[None, :] * (N * N) + s[:, None] * N + j, mask=sp_ok, other=0.0
-            )
-            mixed += hj.to(ACC)[:, :, None] * xj.to(ACC)[None, :, :]
-        y = tl.load(y_ptr + p[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
-        out = (mixed + hpost[:, :, None] * y[None, :, :]).to(out_ptr.dtype.element_ty)
-        spc = (s[:, None, None] * P + p[None, :, None]) * C + c[None, None, :]
-        tl.store(out_ptr + spc, out, mask=s_ok[:, None, None] & pc_ok[None, :, :])
+        out = merge_streams(x_ptr, y_ptr, hres_ptr, hpost, out_ptr, p, c, P, N, C)
         if HAS_PHI:
             xo = out.to(ACC)  # padded streams hold zeros: no H_res or H_post weight reaches them
             sumsq += tl.sum(tl.sum(xo * xo, axis=2), axis=0)
             rows = phi_ptr + (s[:, None] * C + c[None, :])[:, :, None] * K
-            sc_ok = (s_ok[:, None] & c_ok[None, :])[:, :, None]
-            phi_pre = tl.load(rows + k[None, None, :], mask=sc_ok & k_ok[None, None, :], other=0.0)
-            phi_post = tl.load(
-                rows + N + k[None, None, :], mask=sc_ok & k_ok[None, None, :], other=0.0
-            )
-            phi_res = tl.load(
-                rows + res_col[None, None, :], mask=sc_ok & res_ok[None, None, :], other=0.0
-            )
-            z_pre += tl.dot(xo, phi_pre.to(ACC), input_precision=DOT, out_dtype=ACC)
-            z_post += tl.dot(xo, phi_post.to(ACC), input_precision=DOT, out_dtype=ACC)
-            z_res += tl.dot(xo, phi_res.to(ACC), input_precision=DOT, out_dtype=ACC)
-    l_pre, l_post, l_res, _, _, _, _, _, _, _ = _scaled_logits(
-        tl.sum(z_pre, axis=0),
-        tl.sum(z_post, axis=0),
-        tl.sum(z_res, axis=0),
-        sumsq,
-        alpha_ptr,
-        bias_ptr,
-        res_col,
-        res_ok,
-        N,
-        C,
-        W,
-        HAS_PHI,
-        EPS,
+            sc_ok = (s_ok[:, None] & (c < C)[None, :])[:, :, None]
+            phi_pre, phi_post, phi_res = _load_phi(rows, sc_ok, res_col, res_ok, N, W, ACC)
+            z_pre += tl.dot(xo, phi_pre, input_precision=DOT, out_dtype=ACC)
+            z_post += tl.dot(xo, phi_post, input_precision=DOT, out_dtype=ACC)
+            z_res += tl.dot(xo, phi_res, input_precision=DOT, out_dtype=ACC)
+    z_pre, z_post, z_res, _ = _normalise(
+        tl.sum(z_pre, 0), tl.sum(z_post, 0), tl.sum(z_res, 0), sumsq, N, C, HAS_PHI, EPS
     )
-    _store_coeffs(
-        l_pre,
-        l_post,
-        l_res,
-        p,
-        P,
-        pre_ptr,
-        post_ptr,
-        res_ptr,
-        res_col,
-        res_ok,
-        N,
-        R,
-        S,
-        W,
-        FUSED,
-        SQUARE,
+    a_pre, a_post, a_res = _alpha(alpha_ptr, HAS_PHI, ACC)
+    l_pre, l_post, l_res = _logits(
+        z_pre, z_post, z_res, a_pre, a_post, a_res, bias_ptr, res_col, res_ok, N
     )
+    _store_coeffs(l_pre, l_post, l_res, p, P, pre_ptr, post_ptr, res_ptr, N, R, S, FUSED, SQUARE)
     # H_pre' as [stream, position]: column k of the [BLOCK_P, W] tile is stream k
     h_pre = tl.sum(tl.where(k[None, None, :] == s[:, None, None], tl.sigmoid(l_pre)[None], 0.0), 2)
     tl.debug_barrier()  # X' was written by other threads of this program

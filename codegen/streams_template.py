@@ -1,6 +1,6 @@
 """Template of the stream kernels: apply H_pre, apply H_res and H_post with the residual
-merge, and their backward. Loaded by `generate.py` like the coefficient template, with
-nothing spliced in (see there why).
+merge, and their backward. Loaded by `generate.py` like the coefficient template: the
+shared helpers of `jit_helpers.py` are spliced in, no epilogue (see there why).
 
 Every kernel holds the n streams of a ``[BLOCK_P, BLOCK_C]`` tile at once as a
 ``[NP, BLOCK_P, BLOCK_C]`` tile (NP = n padded to a power of two), so each stream element
@@ -11,6 +11,11 @@ coefficient gradients need no cross-program reduction.
 
 import triton
 import triton.language as tl
+
+# >>> SHARED (generate.py replaces this import with the definitions in jit_helpers.py)
+from .jit_helpers import merge_streams
+
+# <<< SHARED
 
 
 @triton.jit
@@ -99,25 +104,9 @@ def post_res_fwd(
     p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.arange(0, NP)
-    p_ok = p < P
-    pc_ok = p_ok[:, None] & (c < C)[None, :]
-    sp_ok = (s < N)[:, None] & p_ok[None, :]
-    mixed = tl.zeros((NP, BLOCK_P, BLOCK_C), ACC)
-    for j in range(N):
-        xj = tl.load(x_ptr + (j * P + p[:, None]) * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
-        hj = tl.load(
-            hres_ptr + p[None, :] * (N * N) + s[:, None] * N + j, mask=sp_ok, other=0.0
-        ).to(ACC)
-        mixed += hj[:, :, None] * xj[None, :, :]
-    y = tl.load(y_ptr + p[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
+    sp_ok = (s < N)[:, None] & (p < P)[None, :]
     hpost = tl.load(hpost_ptr + p[None, :] * N + s[:, None], mask=sp_ok, other=0.0).to(ACC)
-    out = mixed + hpost[:, :, None] * y[None, :, :]
-    spc = (s[:, None, None] * P + p[None, :, None]) * C + c[None, None, :]
-    tl.store(
-        out_ptr + spc,
-        out.to(out_ptr.dtype.element_ty),
-        mask=(s < N)[:, None, None] & pc_ok[None, :, :],
-    )
+    merge_streams(x_ptr, y_ptr, hres_ptr, hpost, out_ptr, p, c, P, N, C)
 
 
 @triton.jit
