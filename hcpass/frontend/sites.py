@@ -18,68 +18,21 @@ Sites are found in graph order, so each decision sees the chains formed before i
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from hcpass.patterns import AddMatch, is_cast, is_stream_op, match_residual_add
-
-# Ops whose output may alias their input: an in-place add on such a value would mutate
-# another tensor as well, so its site is skipped.
-_VIEW_METHODS = frozenset(
-    {
-        "view",
-        "reshape",
-        "transpose",
-        "permute",
-        "t",
-        "expand",
-        "narrow",
-        "select",
-        "unsqueeze",
-        "squeeze",
-        "flatten",
-        "unflatten",
-        "split",
-        "chunk",
-        "contiguous",
-        "detach",
-        "to",
-        "as_strided",
-        "unbind",
-        "view_as",
-        "expand_as",
-        "movedim",
-        "__getitem__",
-    }
+from hcpass.patterns.node_sets import (
+    is_cast,
+    is_convolution,
+    is_stream_op,
+    is_view,
+    mutates_first_arg,
 )
-_VIEW_FUNCTIONS = frozenset(
-    {
-        operator.getitem,
-        torch.reshape,
-        torch.transpose,
-        torch.permute,
-        torch.narrow,
-        torch.select,
-        torch.unsqueeze,
-        torch.squeeze,
-        torch.flatten,
-        torch.split,
-        torch.chunk,
-        torch.unbind,
-        torch.movedim,
-        torch.t,
-        torch.detach,
-    }
-)
-_CONVOLUTIONS = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution}
-)
+from hcpass.patterns.residual_add import AddMatch, match_residual_add
 
 ParamName = Callable[[fx.Node], "str | None"]
 SiteFilter = Callable[["Site"], "str | None"]
@@ -146,20 +99,6 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _is_view(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
-
-
-def _mutates_first_arg(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is operator.iadd:
-        return True
-    if node.op == "call_method" and isinstance(node.target, str):
-        return node.target.endswith("_") and not node.target.startswith("__")
-    return node.kwargs.get("inplace") is True
-
-
 class _Graph:
     """Index and ancestor bitsets of a graph (bit i set: node i is an ancestor)."""
 
@@ -190,10 +129,10 @@ def normalize_inplace(graph: fx.Graph) -> None:
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     for node in nodes:
-        if not (_mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node)):
+        if not (mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node)):
             continue
         target = node.args[0]
-        if target.op == "placeholder" or _is_view(target):
+        if target.op == "placeholder" or is_view(target):
             continue
         for user in list(target.users):
             if user is not node and position[user] > position[node]:
@@ -359,7 +298,7 @@ def _build(
 ) -> tuple[Site, Chain | None, list[fx.Node]] | str:
     if stream is found.rhs and found.alpha != 1.0:
         return f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch"
-    if found.inplace and (found.lhs.op == "placeholder" or _is_view(found.lhs)):
+    if found.inplace and (found.lhs.op == "placeholder" or is_view(found.lhs)):
         return "in-place add mutates a graph input or a view"
     value = _tensor(stream)
     if value.dim() < 2:
@@ -376,7 +315,7 @@ def _build(
         return "branch reads no parameters (an elementwise expression, not a block)"
     if isinstance(anchor, str):
         return anchor
-    convolutional = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in branch_nodes)
+    convolutional = any(is_convolution(n) for n in branch_nodes)
     channel_dim = 1 if convolutional else value.dim() - 1
     channels = value.shape[channel_dim]
     if isinstance(channels, torch.SymInt) and channels.node.has_hint():
