@@ -4,7 +4,8 @@
   dropouts, casts, views, convolutions) and predicates over them; which ops a residual stream
   may pass through between sites (`is_stream_op`), which may alias their input (`is_view`);
 - `residual_add`: the spellings of a tensor + tensor add (``a + b``, ``x += y``,
-  ``torch.add(.., alpha=)``, ``Tensor.add``) and `match_residual_add`.
+  ``torch.add(.., alpha=)``, ``Tensor.add``) and `match_residual_add`;
+- `result`: ``Match[T] | Skip``, a match or a skip with its reason.
 
 `hcpass.frontend.sites` consults these; adding a spelling is one line in one set. Nothing
 here imports the stages that use it.

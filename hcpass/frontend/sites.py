@@ -33,6 +33,7 @@ from hcpass.patterns.node_sets import (
     mutates_first_arg,
 )
 from hcpass.patterns.residual_add import AddMatch, match_residual_add
+from hcpass.patterns.result import Match, Skip
 
 ParamName = Callable[[fx.Node], "str | None"]
 SiteFilter = Callable[["Site"], "str | None"]
@@ -68,6 +69,10 @@ class Chain:
         values = [self.input, *(s.node for s in self.sites), *self.stream_ops]
         order = {n: i for i, n in enumerate(self.input.graph.nodes)}
         return sorted(values, key=order.__getitem__)
+
+
+# What `_classify` finds: a site, its chain (None: the site starts one), the stream ops to lift.
+_Found = tuple[Site, Chain | None, list[fx.Node]]
 
 
 @dataclass(frozen=True)
@@ -161,10 +166,10 @@ def find_sites(
         if a is None or b is None or not _same_shape(a, b) or not _compatible_dtypes(a, b):
             continue  # broadcasting adds (biases, masks, epsilons) are not candidates
         outcome = _classify(g, node, found, chain_of, anchors)
-        if isinstance(outcome, str):
-            skipped.append(Skipped(node, outcome))
+        if isinstance(outcome, Skip):
+            skipped.append(Skipped(node, outcome.reason))
             continue
-        site, chain, lifted = outcome
+        site, chain, lifted = outcome.value
         anchors.taken.add(site.anchor_name)
         anchors.nested.update(site.branch_nodes)
         veto = keep(site) if keep is not None else None
@@ -246,7 +251,7 @@ def _classify(
     found: AddMatch,
     chain_of: dict[fx.Node, Chain],
     anchors: _Anchors,
-) -> tuple[Site, Chain | None, list[fx.Node]] | str:
+) -> Match[_Found] | Skip:
     """A site (with its chain, None for a new one, and stream ops to lift) or a skip reason."""
     lhs, rhs = found.lhs, found.rhs
     # 1. Continue a chain: one operand is a stream value, the other reads that chain.
@@ -272,17 +277,17 @@ def _classify(
             return _build(g, node, found, stream, branch, read, anchors, None, casts)
     shared = [v for v in chain_of if g.depends(lhs, v) and g.depends(rhs, v)]
     if shared:
-        return (
+        return Skip(
             f"both operands are computed from stream {shared[-1].name!r} but neither is "
             "the stream (a projection shortcut, which ends the chain, or an add inside a branch)"
         )
     common = [n for n in g.nodes if g.depends(lhs, n) and g.depends(rhs, n)]
     if common:
-        return (
+        return Skip(
             f"neither operand is computed from the other (both read {common[-1].name!r}): "
             "not a residual"
         )
-    return "the operands share no input (not a residual: e.g. an embedding sum)"
+    return Skip("the operands share no input (not a residual: e.g. an embedding sum)")
 
 
 def _build(
@@ -295,25 +300,23 @@ def _build(
     anchors: _Anchors,
     chain: Chain | None,
     lifted: list[fx.Node],
-) -> tuple[Site, Chain | None, list[fx.Node]] | str:
+) -> Match[_Found] | Skip:
     if stream is found.rhs and found.alpha != 1.0:
-        return f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch"
+        return Skip(f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch")
     if found.inplace and (found.lhs.op == "placeholder" or is_view(found.lhs)):
-        return "in-place add mutates a graph input or a view"
+        return Skip("in-place add mutates a graph input or a view")
     value = _tensor(stream)
     if value.dim() < 2:
-        return "stream has no batch dimension (rank < 2)"
+        return Skip("stream has no batch dimension (rank < 2)")
     if branch is read:
-        return "adds two values of one stream (no branch in between)"
+        return Skip("adds two values of one stream (no branch in between)")
     branch_nodes = frozenset(
         n
         for i, n in enumerate(g.nodes[: g.index[branch] + 1])
         if (n is branch or g.ancestors[g.index[branch]] >> i & 1) and g.depends(n, read)
     )
     anchor = anchors.choose(g, branch_nodes)
-    if anchor is None:
-        return "branch reads no parameters (an elementwise expression, not a block)"
-    if isinstance(anchor, str):
+    if isinstance(anchor, Skip):
         return anchor
     convolutional = any(is_convolution(n) for n in branch_nodes)
     channel_dim = 1 if convolutional else value.dim() - 1
@@ -323,20 +326,20 @@ def _build(
         # channel count is specialised (Dynamo guards on it and recompiles for another).
         channels = int(channels)
     if not isinstance(channels, int):
-        return f"channel dimension {channel_dim} is dynamic ({channels})"
+        return Skip(f"channel dimension {channel_dim} is dynamic ({channels})")
     site = Site(
         node=node,
         stream=stream,
         branch=branch,
         read=read,
         alpha=found.alpha if stream is found.lhs else 1.0,
-        anchor=anchor,
-        anchor_name=anchors.param_name(anchor),
+        anchor=anchor.value,
+        anchor_name=anchors.param_name(anchor.value),
         branch_nodes=branch_nodes,
         channel_dim=channel_dim,
         channels=channels,
     )
-    return site, chain, lifted
+    return Match((site, chain, lifted))
 
 
 @dataclass(frozen=True)
@@ -351,7 +354,7 @@ class _Anchors:
     taken: set[str]
     nested: set[fx.Node]
 
-    def choose(self, g: _Graph, branch_nodes: frozenset[fx.Node]) -> fx.Node | None | str:
+    def choose(self, g: _Graph, branch_nodes: frozenset[fx.Node]) -> Match[fx.Node] | Skip:
         read_any = False
         own = [n for n in branch_nodes if n not in self.nested] or list(branch_nodes)
         for node in sorted(own, key=g.index.__getitem__, reverse=True):
@@ -361,7 +364,7 @@ class _Anchors:
                     continue
                 read_any = True
                 if name not in self.taken:
-                    return parent
+                    return Match(parent)
         if read_any:
-            return "every parameter of its branch already keys another site's mixer"
-        return None
+            return Skip("every parameter of its branch already keys another site's mixer")
+        return Skip("branch reads no parameters (an elementwise expression, not a block)")
