@@ -1,15 +1,15 @@
-"""Graph patterns hcpass matches in Dynamo (torch-IR) graphs, one kind per module.
+"""Every graph pattern hcpass matches, as data, with the small matchers that read it.
 
-- `residual_add`: the residual-add spellings (``a + b``, ``x += f(x)``, ``torch.add(.., alpha=)``,
-  ``Tensor.add``);
-- `stream_op`: per-position ops a residual stream may pass through between two sites
-  (post-norm, post-activation, dropout, dtype casts), which the rewrite applies to every stream.
+- `node_sets`: single-node patterns -- named sets of ops (normalizations, activations,
+  dropouts, casts, views, convolutions) and predicates over them; which ops a residual stream
+  may pass through between sites (`is_stream_op`), which may alias their input (`is_view`);
+- `residual_add`: the spellings of a tensor + tensor add (``a + b``, ``x += y``,
+  ``torch.add(.., alpha=)``, ``Tensor.add``) and `match_residual_add`;
+- `site_boundary`: the multi-node pattern post_res -> coeffs -> pre between two sites of a
+  rewritten graph, which the CUDA lowering fuses into one op;
+- `matcher`: the matcher multi-node patterns are declared for;
+- `result`: ``Match[T] | Skip``, a match or a skip with its reason.
 
-Each pattern is a small class listed in its module's ``PATTERNS``; `hcpass.frontend.sites` consults
-those lists, so adding a spelling is one class in one file.
+`hcpass.frontend.sites` and `hcpass.lowering.passes.fuse_across_sites` consult these; adding
+a spelling is one line in one set. Nothing here imports the stages that use it.
 """
-
-from hcpass.patterns.residual_add import AddMatch, match_residual_add
-from hcpass.patterns.stream_op import is_cast, is_stream_op
-
-__all__ = ["AddMatch", "is_cast", "is_stream_op", "match_residual_add"]

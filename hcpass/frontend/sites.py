@@ -18,68 +18,22 @@ Sites are found in graph order, so each decision sees the chains formed before i
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from hcpass.patterns import AddMatch, is_cast, is_stream_op, match_residual_add
-
-# Ops whose output may alias their input: an in-place add on such a value would mutate
-# another tensor as well, so its site is skipped.
-_VIEW_METHODS = frozenset(
-    {
-        "view",
-        "reshape",
-        "transpose",
-        "permute",
-        "t",
-        "expand",
-        "narrow",
-        "select",
-        "unsqueeze",
-        "squeeze",
-        "flatten",
-        "unflatten",
-        "split",
-        "chunk",
-        "contiguous",
-        "detach",
-        "to",
-        "as_strided",
-        "unbind",
-        "view_as",
-        "expand_as",
-        "movedim",
-        "__getitem__",
-    }
+from hcpass.patterns.node_sets import (
+    is_cast,
+    is_convolution,
+    is_stream_op,
+    is_view,
+    mutates_first_arg,
 )
-_VIEW_FUNCTIONS = frozenset(
-    {
-        operator.getitem,
-        torch.reshape,
-        torch.transpose,
-        torch.permute,
-        torch.narrow,
-        torch.select,
-        torch.unsqueeze,
-        torch.squeeze,
-        torch.flatten,
-        torch.split,
-        torch.chunk,
-        torch.unbind,
-        torch.movedim,
-        torch.t,
-        torch.detach,
-    }
-)
-_CONVOLUTIONS = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution}
-)
+from hcpass.patterns.residual_add import AddMatch, match_residual_add
+from hcpass.patterns.result import Match, Skip
 
 ParamName = Callable[[fx.Node], "str | None"]
 SiteFilter = Callable[["Site"], "str | None"]
@@ -117,6 +71,10 @@ class Chain:
         return sorted(values, key=order.__getitem__)
 
 
+# What `_classify` finds: a site, its chain (None: the site starts one), the stream ops to lift.
+_Found = tuple[Site, Chain | None, list[fx.Node]]
+
+
 @dataclass(frozen=True)
 class Skipped:
     node: fx.Node
@@ -144,20 +102,6 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(
         statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)
     )
-
-
-def _is_view(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
-
-
-def _mutates_first_arg(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is operator.iadd:
-        return True
-    if node.op == "call_method" and isinstance(node.target, str):
-        return node.target.endswith("_") and not node.target.startswith("__")
-    return node.kwargs.get("inplace") is True
 
 
 class _Graph:
@@ -190,10 +134,10 @@ def normalize_inplace(graph: fx.Graph) -> None:
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     for node in nodes:
-        if not (_mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node)):
+        if not (mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node)):
             continue
         target = node.args[0]
-        if target.op == "placeholder" or _is_view(target):
+        if target.op == "placeholder" or is_view(target):
             continue
         for user in list(target.users):
             if user is not node and position[user] > position[node]:
@@ -222,10 +166,10 @@ def find_sites(
         if a is None or b is None or not _same_shape(a, b) or not _compatible_dtypes(a, b):
             continue  # broadcasting adds (biases, masks, epsilons) are not candidates
         outcome = _classify(g, node, found, chain_of, anchors)
-        if isinstance(outcome, str):
-            skipped.append(Skipped(node, outcome))
+        if isinstance(outcome, Skip):
+            skipped.append(Skipped(node, outcome.reason))
             continue
-        site, chain, lifted = outcome
+        site, chain, lifted = outcome.value
         anchors.taken.add(site.anchor_name)
         anchors.nested.update(site.branch_nodes)
         veto = keep(site) if keep is not None else None
@@ -307,7 +251,7 @@ def _classify(
     found: AddMatch,
     chain_of: dict[fx.Node, Chain],
     anchors: _Anchors,
-) -> tuple[Site, Chain | None, list[fx.Node]] | str:
+) -> Match[_Found] | Skip:
     """A site (with its chain, None for a new one, and stream ops to lift) or a skip reason."""
     lhs, rhs = found.lhs, found.rhs
     # 1. Continue a chain: one operand is a stream value, the other reads that chain.
@@ -333,17 +277,17 @@ def _classify(
             return _build(g, node, found, stream, branch, read, anchors, None, casts)
     shared = [v for v in chain_of if g.depends(lhs, v) and g.depends(rhs, v)]
     if shared:
-        return (
+        return Skip(
             f"both operands are computed from stream {shared[-1].name!r} but neither is "
             "the stream (a projection shortcut, which ends the chain, or an add inside a branch)"
         )
     common = [n for n in g.nodes if g.depends(lhs, n) and g.depends(rhs, n)]
     if common:
-        return (
+        return Skip(
             f"neither operand is computed from the other (both read {common[-1].name!r}): "
             "not a residual"
         )
-    return "the operands share no input (not a residual: e.g. an embedding sum)"
+    return Skip("the operands share no input (not a residual: e.g. an embedding sum)")
 
 
 def _build(
@@ -356,27 +300,25 @@ def _build(
     anchors: _Anchors,
     chain: Chain | None,
     lifted: list[fx.Node],
-) -> tuple[Site, Chain | None, list[fx.Node]] | str:
+) -> Match[_Found] | Skip:
     if stream is found.rhs and found.alpha != 1.0:
-        return f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch"
-    if found.inplace and (found.lhs.op == "placeholder" or _is_view(found.lhs)):
-        return "in-place add mutates a graph input or a view"
+        return Skip(f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch")
+    if found.inplace and (found.lhs.op == "placeholder" or is_view(found.lhs)):
+        return Skip("in-place add mutates a graph input or a view")
     value = _tensor(stream)
     if value.dim() < 2:
-        return "stream has no batch dimension (rank < 2)"
+        return Skip("stream has no batch dimension (rank < 2)")
     if branch is read:
-        return "adds two values of one stream (no branch in between)"
+        return Skip("adds two values of one stream (no branch in between)")
     branch_nodes = frozenset(
         n
         for i, n in enumerate(g.nodes[: g.index[branch] + 1])
         if (n is branch or g.ancestors[g.index[branch]] >> i & 1) and g.depends(n, read)
     )
     anchor = anchors.choose(g, branch_nodes)
-    if anchor is None:
-        return "branch reads no parameters (an elementwise expression, not a block)"
-    if isinstance(anchor, str):
+    if isinstance(anchor, Skip):
         return anchor
-    convolutional = any(n.op == "call_function" and n.target in _CONVOLUTIONS for n in branch_nodes)
+    convolutional = any(is_convolution(n) for n in branch_nodes)
     channel_dim = 1 if convolutional else value.dim() - 1
     channels = value.shape[channel_dim]
     if isinstance(channels, torch.SymInt) and channels.node.has_hint():
@@ -384,20 +326,20 @@ def _build(
         # channel count is specialised (Dynamo guards on it and recompiles for another).
         channels = int(channels)
     if not isinstance(channels, int):
-        return f"channel dimension {channel_dim} is dynamic ({channels})"
+        return Skip(f"channel dimension {channel_dim} is dynamic ({channels})")
     site = Site(
         node=node,
         stream=stream,
         branch=branch,
         read=read,
         alpha=found.alpha if stream is found.lhs else 1.0,
-        anchor=anchor,
-        anchor_name=anchors.param_name(anchor),
+        anchor=anchor.value,
+        anchor_name=anchors.param_name(anchor.value),
         branch_nodes=branch_nodes,
         channel_dim=channel_dim,
         channels=channels,
     )
-    return site, chain, lifted
+    return Match((site, chain, lifted))
 
 
 @dataclass(frozen=True)
@@ -412,7 +354,7 @@ class _Anchors:
     taken: set[str]
     nested: set[fx.Node]
 
-    def choose(self, g: _Graph, branch_nodes: frozenset[fx.Node]) -> fx.Node | None | str:
+    def choose(self, g: _Graph, branch_nodes: frozenset[fx.Node]) -> Match[fx.Node] | Skip:
         read_any = False
         own = [n for n in branch_nodes if n not in self.nested] or list(branch_nodes)
         for node in sorted(own, key=g.index.__getitem__, reverse=True):
@@ -422,7 +364,7 @@ class _Anchors:
                     continue
                 read_any = True
                 if name not in self.taken:
-                    return parent
+                    return Match(parent)
         if read_any:
-            return "every parameter of its branch already keys another site's mixer"
-        return None
+            return Skip("every parameter of its branch already keys another site's mixer")
+        return Skip("branch reads no parameters (an elementwise expression, not a block)")

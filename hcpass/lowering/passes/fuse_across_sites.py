@@ -10,95 +10,41 @@ becomes one ``hcpass.post_res_coeffs_pre`` whose kernel computes the coefficient
 merge's registers, so X' is read back once (for u') instead of twice (coeffs, pre). Its
 backward is the three ops' backward ops, so training sees the same gradients.
 
-Not fused, and left as they are: a chain's first site (its state comes from ``expand``, not a
-merge), a site whose stream passes through a per-stream op first (a post-norm's
-flatten / layer_norm / unflatten), and a boundary where no place in the graph comes after
-the coefficients' parameters and before every reader of the merge.
+The boundary is declared in `hcpass.patterns.site_boundary`; this pass matches it after each
+merge, checks there is a place for the fused op, and replaces the nodes. Not fused, and left
+as they are: what the pattern does not match (a chain's first site, a site whose stream
+passes through a per-stream op first), and a boundary where no place in the graph comes after
+the coefficients' parameters and before every reader of the merge. The log says which, for
+each merge.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from hcpass.lowering.passes.manager import GraphPass
+from hcpass.patterns.result import Skip
+from hcpass.patterns.site_boundary import SITE_BOUNDARY, SiteBoundary
 
 log = logging.getLogger(__name__)
 
 _OPS = torch.ops.hcpass
 
 
-@dataclass
-class SiteBoundary:
-    """The nodes one fused op replaces."""
-
-    merge: fx.Node  # post_res of site l
-    coeffs: fx.Node  # coeffs of site l+1, reading the merge's output
-    outputs: dict[int, list[fx.Node]]  # coeffs' getitem nodes by output index
-    pre: fx.Node  # pre of site l+1: (merge, H_pre')
-    place: fx.Node  # the fused op goes before this node: after its inputs, before any user
-
-    @classmethod
-    def match(cls, merge: fx.Node, position: dict[fx.Node, int]) -> SiteBoundary | str:
-        """The boundary after `merge`, or why there is none to fuse."""
-        reason = "no site reads its output directly" + _through(merge)
-        for coeffs in merge.users:
-            if not _calls(coeffs, _OPS.coeffs.default) or coeffs.args[0] is not merge:
-                continue
-            outputs = _getitems(coeffs)
-            if outputs is None:
-                reason = "the next site's coefficients are used whole, not indexed"
-                continue
-            place = _placement(merge, coeffs, position)
-            if place is None:
-                reason = "no place in the graph is after all its inputs and before its readers"
-                continue
-            for h_pre in outputs.get(0, []):
-                for pre in h_pre.users:
-                    if _calls(pre, _OPS.pre.default) and pre.args == (merge, h_pre):
-                        return cls(merge, coeffs, outputs, pre, place)
-            reason = "the next site's branch input is not pre(merge, H_pre)"
-        return reason
-
-    def fuse(self, graph: fx.Graph) -> fx.Node:
-        """Replace the three ops by one; returns the fused node."""
-        with graph.inserting_before(self.place):
-            fused = graph.call_function(
-                _OPS.post_res_coeffs_pre.default, (*self.merge.args, *self.coeffs.args[1:])
-            )
-            parts = [graph.call_function(operator.getitem, (fused, i)) for i in range(5)]
-        for index, getitems in self.outputs.items():
-            for getitem in getitems:
-                getitem.replace_all_uses_with(parts[1 + index])
-        self.pre.replace_all_uses_with(parts[4])
-        graph.erase_node(self.pre)
-        for getitems in self.outputs.values():
-            for getitem in getitems:
-                graph.erase_node(getitem)
-        graph.erase_node(self.coeffs)
-        self.merge.replace_all_uses_with(parts[0])
-        graph.erase_node(self.merge)
-        for part in parts:
-            if not part.users:
-                graph.erase_node(part)
-        return fused
-
-
 class FuseAcrossSites(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
-        merges = [n for n in graph.nodes if _calls(n, _OPS.post_res.default)]
+        merges = SITE_BOUNDARY.roots(graph)
         unfused = []
         for merge in merges:
-            position = {node: i for i, node in enumerate(graph.nodes)}
-            boundary = SiteBoundary.match(merge, position)
-            if isinstance(boundary, SiteBoundary):
-                boundary.fuse(graph)
-            else:
-                unfused.append(f"{merge.name}: {boundary}")
+            found = SITE_BOUNDARY.match(merge, where=_placeable)
+            if isinstance(found, Skip):
+                unfused.append(f"{merge.name}: {found.reason}")
+                continue
+            _fuse(graph, found.value, _placement(found.value))
         if merges:
             log.info(
                 "hcpass: fused %d of %d site boundaries into post_res_coeffs_pre%s",
@@ -108,10 +54,20 @@ class FuseAcrossSites(GraphPass):
             )
 
 
-def _placement(merge: fx.Node, coeffs: fx.Node, position: dict[fx.Node, int]) -> fx.Node | None:
+def _placeable(boundary: SiteBoundary) -> Skip | None:
+    """Turns down a boundary the fused op has no place for (checked during the match, so a
+    merge read by two sites' coefficients may fuse with the second if not the first)."""
+    if _placement(boundary) is None:
+        return Skip("no place in the graph is after all its inputs and before its readers")
+    return None
+
+
+def _placement(boundary: SiteBoundary) -> fx.Node | None:
     """Where the fused op can go: at the merge if the coefficients' parameters exist by
     then (a rewritten graph's placeholders), else at the coefficients if nothing reads the
     merge before them; None if neither."""
+    merge, coeffs = boundary.merge, boundary.coeffs
+    position = {node: i for i, node in enumerate(merge.graph.nodes)}
     params = [a for a in coeffs.args[1:4] if isinstance(a, fx.Node)]
     if all(position[a] < position[merge] for a in params):
         return merge
@@ -120,21 +76,25 @@ def _placement(merge: fx.Node, coeffs: fx.Node, position: dict[fx.Node, int]) ->
     return None
 
 
-def _through(merge: fx.Node) -> str:
-    """', it goes to <op>, ...' naming what reads the merge, for the log."""
-    readers = sorted({str(getattr(u.target, "__name__", u.target)) for u in merge.users})
-    return f" (it goes to {', '.join(readers)})" if readers else ""
-
-
-def _calls(node: fx.Node, target: object) -> bool:
-    return node.op == "call_function" and node.target is target and not node.kwargs
-
-
-def _getitems(node: fx.Node) -> dict[int, list[fx.Node]] | None:
-    """`node`'s users by output index, or None if any user is not an indexing."""
-    outputs: dict[int, list[fx.Node]] = {}
-    for user in node.users:
-        if not _calls(user, operator.getitem):
-            return None
-        outputs.setdefault(user.args[1], []).append(user)
-    return outputs
+def _fuse(graph: fx.Graph, boundary: SiteBoundary, place: fx.Node) -> None:
+    """Replace the boundary's nodes by one fused op, inserted before `place`."""
+    merge, coeffs, outputs, pre = boundary.merge, boundary.coeffs, boundary.outputs, boundary.pre
+    with graph.inserting_before(place):
+        fused = graph.call_function(
+            _OPS.post_res_coeffs_pre.default, (*merge.args, *coeffs.args[1:])
+        )
+        parts = [graph.call_function(operator.getitem, (fused, i)) for i in range(5)]
+    for index, getitems in outputs.items():
+        for getitem in getitems:
+            getitem.replace_all_uses_with(parts[1 + index])
+    pre.replace_all_uses_with(parts[4])
+    graph.erase_node(pre)
+    for getitems in outputs.values():
+        for getitem in getitems:
+            graph.erase_node(getitem)
+    graph.erase_node(coeffs)
+    merge.replace_all_uses_with(parts[0])
+    graph.erase_node(merge)
+    for part in parts:
+        if not part.users:
+            graph.erase_node(part)

@@ -1,0 +1,150 @@
+"""Single-node patterns: named sets of the ops a decision about one node depends on.
+
+A set holds ``call_function`` targets (``F.relu``, ``torch.ops.aten.add.Tensor``) and
+``call_method`` names (strings: ``"relu"`` for ``x.relu()``); `calls_one_of` checks the node
+kind that fits. Adding a spelling is adding it to one set here.
+
+Stream ops. A residual stream may pass through per-position ops between two sites: post-norm
+blocks (``ln(x + f(x))``), post-activation blocks (``relu(out + x)``), dropout, dtype casts.
+The rewrite applies such an op to all n streams at once by folding the stream dimension into
+the batch dimension, so an op qualifies only if it keeps the stream's shape and never mixes
+batch elements. (Its other tensor arguments must be constants or parameters;
+`hcpass.frontend.sites` checks that.)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+# batch_norm is absent on purpose: in training it computes statistics across the batch,
+# which with streams folded into the batch would mix streams.
+NORMALIZATIONS = frozenset({F.layer_norm, F.rms_norm, F.group_norm, torch.layer_norm})
+
+ACTIVATIONS = frozenset(
+    {
+        F.relu,
+        torch.relu,
+        F.gelu,
+        F.silu,
+        F.elu,
+        F.leaky_relu,
+        F.mish,
+        F.hardswish,
+        F.relu6,
+        F.selu,
+        F.celu,
+        F.softplus,
+        torch.tanh,
+        torch.sigmoid,
+        F.tanh,
+        F.sigmoid,
+        "relu",
+        "relu_",
+        "tanh",
+        "sigmoid",
+    }
+)
+
+# A mask drawn per element never mixes batch elements, so folding the streams into the
+# batch only gives each stream masks of its own.
+DROPOUTS = frozenset({F.dropout, torch.dropout, F.alpha_dropout})
+
+# Dtype conversions. Besides sitting between sites, a cast may stand between a chain's input
+# and its first add: Mamba's ``residual = x.to(torch.float32)`` keeps the residual in fp32
+# while the branch reads ``x`` (`hcpass.frontend.sites` looks through casts there).
+CASTS = frozenset({"to", "type", "type_as", "float", "double", "half", "bfloat16"})
+
+# Changes the memory layout only, not a value.
+LAYOUT_CHANGES = frozenset({"contiguous"})
+
+STREAM_OPS = NORMALIZATIONS | ACTIVATIONS | DROPOUTS | CASTS | LAYOUT_CHANGES
+
+# Ops whose output may alias their input: an in-place add on such a value would mutate
+# another tensor as well, so its site is skipped. Besides views, this holds ops that return
+# their input itself when there is nothing to do (``contiguous``, ``to``): ``to`` is in
+# CASTS too, because the two sets answer different questions.
+VIEWS = frozenset(
+    {
+        "view",
+        "reshape",
+        "transpose",
+        "permute",
+        "t",
+        "expand",
+        "narrow",
+        "select",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "unflatten",
+        "split",
+        "chunk",
+        "contiguous",
+        "detach",
+        "to",
+        "as_strided",
+        "unbind",
+        "view_as",
+        "expand_as",
+        "movedim",
+        "__getitem__",
+        operator.getitem,
+        torch.reshape,
+        torch.transpose,
+        torch.permute,
+        torch.narrow,
+        torch.select,
+        torch.unsqueeze,
+        torch.squeeze,
+        torch.flatten,
+        torch.split,
+        torch.chunk,
+        torch.unbind,
+        torch.movedim,
+        torch.t,
+        torch.detach,
+    }
+)
+
+# A branch with a convolution works on NCHW tensors: its channels are dimension 1, not the
+# last one.
+CONVOLUTIONS = frozenset(
+    {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution}
+)
+
+
+def calls_one_of(node: fx.Node, targets: frozenset[object]) -> bool:
+    """Whether `node` calls a function in `targets`, or a tensor method named in it."""
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def is_stream_op(node: fx.Node) -> bool:
+    return calls_one_of(node, STREAM_OPS)
+
+
+def is_cast(node: fx.Node) -> bool:
+    return calls_one_of(node, CASTS)
+
+
+def is_view(node: fx.Node) -> bool:
+    return calls_one_of(node, VIEWS)
+
+
+def is_convolution(node: fx.Node) -> bool:
+    return calls_one_of(node, CONVOLUTIONS)
+
+
+def mutates_first_arg(node: fx.Node) -> bool:
+    """Whether `node` writes into its first argument: ``operator.iadd`` (how Dynamo records
+    ``x += y``), a trailing-underscore method (``x.add_(y)``; not a dunder such as
+    ``__getitem__``, so ``x.__iadd__(y)`` is not counted), or an ``inplace=True`` keyword
+    (``F.relu(x, inplace=True)``)."""
+    if node.op == "call_function" and node.target is operator.iadd:
+        return True
+    if node.op == "call_method" and isinstance(node.target, str):
+        return node.target.endswith("_") and not node.target.startswith("__")
+    return node.kwargs.get("inplace") is True
