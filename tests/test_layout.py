@@ -22,9 +22,9 @@ SOURCES = {
 # Rank of each top-level part of the package: a module may import equal or lower ranks.
 RANK = {
     "logs": 0,
-    "patterns": 0,
     "manifolds": 0,
-    "ops": 1,
+    "ops": 1,  # the op contract is written in terms of manifolds
+    "patterns": 2,  # patterns name the ops (the site boundary)
     "codegen": 2,
     "frontend": 3,
     "rewrite": 4,
