@@ -20,7 +20,11 @@ from torch import nn
 import hcpass
 
 BF16 = {"rtol": 1.6e-2, "atol": 1e-2}
-AUTOCAST_GRAD_RTOL = 1e-3
+# Gradients under bf16 autocast, relative to the largest: one bf16 rounding (2^-8). The
+# mixer ops sum the streams in fp32 in another order than the plain model's add (batched
+# matmuls), so an fp32 value one ulp apart can round to the neighbouring bf16 value in the
+# branch that reads it; measured 2.5e-3 on GPT-2 (2.7e-7 with the broadcast references).
+AUTOCAST_GRAD_RTOL = 2**-8
 
 
 def _bf16_autocast():

@@ -26,9 +26,10 @@ _F = TypeVar("_F", bound=Callable[..., tuple[Tensor, ...]])
 
 
 def _without_autocast(fn: _F) -> _F:
-    """Run a coefficient reference with autocast off: the coefficients are fp32 by contract
-    (docs/math.md), but a custom op falls through the autocast dispatch key, so its kernel
-    -- and the reference traced in its place on CPU -- would run the projection in bf16."""
+    """Run a CPU kernel with autocast off: the coefficients are fp32 and the stream sums
+    accumulate in fp32 by contract (docs/math.md), but a custom op falls through the
+    autocast dispatch key, so its kernel -- and the reference traced in its place on CPU --
+    would run its matmuls in bf16."""
 
     @functools.wraps(fn)
     def run(first: Tensor, *args, **kwargs):
@@ -41,6 +42,12 @@ def _without_autocast(fn: _F) -> _F:
 _coeffs_ref = _without_autocast(reference.coeffs)
 _coeffs_backward_ref = _without_autocast(reference.coeffs_backward)
 _post_res_coeffs_pre_ref = _without_autocast(reference.post_res_coeffs_pre)
+# The batched kernels' matmuls would be autocast to bf16 too (the references' broadcast
+# products are not on autocast's list); they accumulate in fp32 by contract.
+_pre_cpu = _without_autocast(batched.pre)
+_pre_backward_cpu = _without_autocast(batched.pre_backward)
+_post_res_cpu = _without_autocast(batched.post_res)
+_post_res_backward_cpu = _without_autocast(batched.post_res_backward)
 
 
 @torch.library.custom_op("hcpass::coeffs", mutates_args=())
@@ -66,24 +73,24 @@ def coeffs_backward(
 
 @torch.library.custom_op("hcpass::pre", mutates_args=())
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
-    return batched.pre(x, h_pre)
+    return _pre_cpu(x, h_pre)
 
 
 @torch.library.custom_op("hcpass::pre_backward", mutates_args=())
 def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    return batched.pre_backward(grad_u, x, h_pre)
+    return _pre_backward_cpu(grad_u, x, h_pre)
 
 
 @torch.library.custom_op("hcpass::post_res", mutates_args=())
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    return batched.post_res(x, y, h_post, h_res)
+    return _post_res_cpu(x, y, h_post, h_res)
 
 
 @torch.library.custom_op("hcpass::post_res_backward", mutates_args=())
 def post_res_backward(
     grad_out: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return batched.post_res_backward(grad_out, x, y, h_post, h_res)
+    return _post_res_backward_cpu(grad_out, x, y, h_post, h_res)
 
 
 @torch.library.custom_op("hcpass::post_res_coeffs_pre", mutates_args=())
