@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import hcpass
+from hcpass.text import table
 from hcpass.tools import demo
 
 FACTORY_HELP = (
@@ -88,9 +89,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_manifolds(args: argparse.Namespace) -> int:
     available = hcpass.available_manifolds()
-    width = max(map(len, available), default=0)
-    for label, description in available.items():
-        print(f"{label:<{width}}  {description}")
+    if available:
+        print(table(available.items()))
     return 0
 
 
