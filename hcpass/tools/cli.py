@@ -20,7 +20,6 @@ from torch import nn
 
 import hcpass
 from hcpass.text import table
-from hcpass.tools import demo
 
 FACTORY_HELP = (
     "MODULE:FACTORY, e.g. mymodels:make_gpt; FACTORY() returns (model, example_inputs) or "
@@ -95,8 +94,10 @@ def cmd_manifolds(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from hcpass.tools.demo.run import run  # the training code, loaded for this command only
+
     try:
-        demo.run(args)
+        run(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return 0
@@ -115,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
         "converted with several manifolds (same initial weights, batches and steps); print "
         "a comparison table and write results.json and pictures to --out.",
     )
-    demo.add_arguments(run_demo)
+    from hcpass.tools.demo.options import add_arguments  # the flags, not the training code
+
+    add_arguments(run_demo)
     run_demo.set_defaults(handler=cmd_demo)
 
     explain = commands.add_parser(
