@@ -67,7 +67,7 @@ return (mean, post_res_default_1)""",
         )
 
     def test_every_boundary_of_a_chain_fuses(self):
-        gm = fused(models.TinyGPT(layers=3), models.token_inputs()[0], streams=4)
+        gm = fused(models.tiny_gpt(layers=3), models.token_inputs()[0], streams=4)
         counts = op_counts(gm)
         # 6 sites in one chain: the first keeps coeffs and pre, the last keeps its merge
         self.assertEqual(counts["post_res_coeffs_pre"], 5)
