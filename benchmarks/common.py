@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from hcpass.text import table
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -91,6 +93,5 @@ def write_results(section: str, payload: dict[str, Any]) -> Path:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in (header, ["-" * w for w in widths], *rows):
-        print("  ".join(str(cell).rjust(w) for cell, w in zip(line, widths, strict=True)))
+    """The benchmarks' tables: every column right-aligned (`hcpass.text.table`)."""
+    print(table(rows, header=header, align=">" * len(header)))

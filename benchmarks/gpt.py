@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hcpass.tools.demo import GPT, GPTConfig
+from hcpass.tools.demo.gpt import GPT, GPTConfig
 
 
 def model(dim: int, layers: int, heads: int, context: int) -> nn.Module:

@@ -47,23 +47,27 @@ import torch
 from torch import Tensor, nn
 
 import hcpass
-from hcpass.tools import demo, plot
+from hcpass.tools import plot
+from hcpass.tools.demo.corpus import load_corpus
+from hcpass.tools.demo.gpt import GPT, GPTConfig
+from hcpass.tools.demo.report import have_matplotlib
+from hcpass.tools.demo.train import TrainConfig, torch_threads, train, validation_batches
+from hcpass.tools.demo.variants import BASELINE, TRAIN_LOSS_WINDOW, run_variant
 
-BASELINE = demo.BASELINE
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
 @dataclass(frozen=True)
 class Task:
     variant: str  # BASELINE or a manifold name
-    gpt: demo.GPTConfig
-    cfg: demo.TrainConfig  # its seed is the run's seed
+    gpt: GPTConfig
+    cfg: TrainConfig  # its seed is the run's seed
     pretrain: int  # plain steps before conversion; 0: convert the freshly initialised model
 
 
 @cache
 def corpus(max_bytes: int) -> tuple[Tensor, Tensor]:
-    return demo.load_corpus(max_bytes)
+    return load_corpus(max_bytes)
 
 
 def position_mean_h_res(model: nn.Module, example: Tensor) -> list[Tensor]:
@@ -96,19 +100,19 @@ def mixer_state(model: nn.Module, example: Tensor) -> dict[str, Any]:
 def run_task(task: Task) -> dict[str, Any]:
     """One variant, one seed (in a worker process)."""
     cfg, gpt = task.cfg, task.gpt
-    with demo.torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         data = corpus(cfg.corpus_bytes)
-        held_out = demo.validation_batches(data[1], gpt, cfg)
+        held_out = validation_batches(data[1], gpt, cfg)
         torch.manual_seed(cfg.seed)
-        base = demo.GPT(gpt)
+        base = GPT(gpt)
         if task.pretrain:
             # The same plain run in every task of this seed (deterministic on one thread);
             # the continuation then draws other batches (seed + 1).
             pre = replace(cfg, steps=task.pretrain)
-            demo.train(f"{BASELINE}@0", base, base, data, gpt, pre)
+            train(f"{BASELINE}@0", base, base, data, gpt, pre)
             cfg = replace(cfg, seed=cfg.seed + 1)
         manifold = None if task.variant == BASELINE else task.variant
-        result, model = demo.run_variant(task.variant, manifold, base, data, held_out, cfg)
+        result, model = run_variant(task.variant, manifold, base, data, held_out, cfg)
         record = {"variant": task.variant, "seed": task.cfg.seed, **asdict(result)}
         if manifold is not None:
             record.update(mixer_state(model, held_out[0][0]))
@@ -116,7 +120,7 @@ def run_task(task: Task) -> dict[str, Any]:
 
 
 def smoothed(curve: list[float]) -> list[float]:
-    window = demo.TRAIN_LOSS_WINDOW
+    window = TRAIN_LOSS_WINDOW
     return [statistics.fmean(curve[max(0, i + 1 - window) : i + 1]) for i in range(len(curve))]
 
 
@@ -230,7 +234,7 @@ def write_json(path: Path, section: str, payload: dict[str, Any]) -> Path:
 
 
 def write_plots(directory: Path, stem: str, runs: list[dict], rows: list[dict]) -> list[Path]:
-    if not demo.have_matplotlib():
+    if not have_matplotlib():
         print(f"plots skipped: {plot.INSTALL_HINT}")
         return []
     variants = [r["variant"] for r in rows]
@@ -246,7 +250,7 @@ def write_plots(directory: Path, stem: str, runs: list[dict], rows: list[dict]) 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    train, model = demo.TrainConfig(), demo.GPTConfig()
+    train, model = TrainConfig(), GPTConfig()
     parser.add_argument("--manifolds", help="comma-separated (default: every registered one)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150)
@@ -283,10 +287,8 @@ def main() -> None:
     if args.from_plain and not args.manifolds:
         names = ["sinkhorn"]  # hcpass.convert's default
     variants = [BASELINE, *names]
-    gpt = demo.GPTConfig(
-        context=args.context, width=args.width, layers=args.layers, heads=args.heads
-    )
-    cfg = demo.TrainConfig(
+    gpt = GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)
+    cfg = TrainConfig(
         steps=args.steps,
         batch=args.batch,
         lr=args.lr,

@@ -15,7 +15,7 @@ from torch import fx, nn
 import hcpass
 from hcpass.frontend.capture import capture
 from hcpass.runtime.module import MixedGraph
-from hcpass.tools.demo import GPT, GPTConfig
+from hcpass.tools.demo.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(context=8, width=16, layers=1, heads=2)
 

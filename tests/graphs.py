@@ -1,8 +1,10 @@
-"""How the graph tests read a rewritten graph: its code, and its ops by name."""
+"""How the graph tests read a rewritten graph: its code with stable names, and its ops by
+name."""
 
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 
@@ -19,13 +21,47 @@ NAMES = {
 
 def body(gm: torch.fx.GraphModule) -> str:
     """The graph's code below the signature, without the parameter unpacking lines, with
-    the manifold spec (a long string) shortened to SPEC."""
+    the manifold spec (a long string) shortened to SPEC and Dynamo's names made stable
+    (`stable_names`): what every expected-graph test compares."""
     code = gm.code.split("):\n", 1)[1]
     for node in gm.graph.nodes:
         if NAMES.get(node.target) in ("coeffs", "post_res_coeffs_pre"):
             code = code.replace(repr(node.args[-1]), "SPEC")
     lines = [line.split(";")[0].strip() for line in code.strip().splitlines()]
-    return "\n".join(line for line in lines if " = L_" not in line)
+    return stable_names("\n".join(line for line in lines if " = L_" not in line))
+
+
+# Dynamo names a graph input after its source: ``L['self']._modules['ln']._parameters['weight']``
+# becomes ``L_self_modules_ln_parameters_weight_`` (the argument) and the local
+# ``l_self_modules_ln_parameters_weight_``; ``L['args'][0]`` becomes ``l_args_0_``.
+DYNAMO_INPUT = re.compile(r"\b[lL]_\w+")
+MODULE_PATH_STEP = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
+# Spellings of one function that differ between torch versions (the C binding vs the Python
+# name), mapped to the Python name.
+FUNCTION_SPELLINGS = {"torch._C._nn.": "torch.nn.functional."}
+
+
+def stable_names(code: str) -> str:
+    """Graph code with the spellings that change between torch versions replaced:
+
+    - a parameter or buffer lifted from the model by its name in the model:
+      ``l_self_modules_blocks_modules_0_modules_ln_parameters_weight_`` -> ``blocks.0.ln.weight``;
+    - another Dynamo input without Dynamo's decoration: ``l_args_0_`` -> ``args_0`` (and the
+      stream input hcpass names after it, ``l_args_0__streams``, -> ``args_0_streams``);
+    - ``torch._C._nn.linear`` -> ``torch.nn.functional.linear`` (likewise every
+      ``torch._C._nn`` function).
+
+    When a torch upgrade changes these spellings again, this is the one place to adapt."""
+    for spelling, stable in FUNCTION_SPELLINGS.items():
+        code = code.replace(spelling, stable)
+    return DYNAMO_INPUT.sub(lambda match: _stable_input(match.group()), code)
+
+
+def _stable_input(name: str) -> str:
+    source = name[2:]
+    if source.startswith("self_"):  # an attribute of the model: its dotted path
+        return MODULE_PATH_STEP.sub(".", source.removeprefix("self")).strip("._")
+    return source.replace("__", "_").strip("_")
 
 
 def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:

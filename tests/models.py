@@ -7,50 +7,27 @@ outputs are deterministic and compiled == eager can be compared in training.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hcpass.tools.demo.gpt import GPT, Block, GPTConfig
+
 VOCAB = 96
+GPT_CONFIG = GPTConfig(vocab=VOCAB, width=32, layers=2, heads=2)
 
 
-class PreNormBlock(nn.Module):
-    def __init__(self, d: int, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def attn(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+def tiny_gpt(width: int = GPT_CONFIG.width, layers: int = GPT_CONFIG.layers) -> GPT:
+    """The demo's pre-norm GPT (`hcpass.tools.demo.gpt`) at the suite's size: two sites per
+    block, ``blocks.<i>.attn`` and ``blocks.<i>.mlp``."""
+    return GPT(replace(GPT_CONFIG, width=width, layers=layers))
 
 
-class TinyGPT(nn.Module):
-    def __init__(self, d: int = 32, layers: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, d)
-        self.blocks = nn.ModuleList(PreNormBlock(d) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, VOCAB)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+def tiny_block(width: int) -> Block:
+    """One of its blocks: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+    return Block(replace(GPT_CONFIG, width=width))
 
 
 class ParallelBlocks(nn.Module):
@@ -300,7 +277,7 @@ _TOKEN_SHAPES = [(3, 5), (1, 12), (4, 3)]
 
 # name -> (factory, inputs(batch, size), the (batch, size) shapes to try besides the example)
 ZOO = {
-    "tiny_gpt": (TinyGPT, token_inputs, _TOKEN_SHAPES),
+    "tiny_gpt": (tiny_gpt, token_inputs, _TOKEN_SHAPES),
     "gpt2": (gpt2, token_inputs, _TOKEN_SHAPES),
     "llama": (llama, token_inputs, _TOKEN_SHAPES),
     "bert": (bert, token_inputs, _TOKEN_SHAPES),

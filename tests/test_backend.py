@@ -43,7 +43,7 @@ def test_backend_works_without_importing_hcpass():
 
 
 def test_other_backends_cannot_drop_the_mixers():
-    model = models.TinyGPT()
+    model = models.tiny_gpt()
     x = models.token_inputs()[0]
     converted = hcpass.convert(model, x)
     with pytest.raises(RuntimeError, match="backend='hcpass'"):
@@ -51,7 +51,7 @@ def test_other_backends_cannot_drop_the_mixers():
 
 
 def test_cpu_lowering_inlines_the_stream_ops_and_keeps_coeffs_an_op():
-    converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
+    converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     graph = converted.graph_module.graph
     assert HCPASS_OPS <= {n.target for n in graph.nodes}
     lowering(cuda=False)(graph)
@@ -64,7 +64,7 @@ def test_cpu_lowering_inlines_the_stream_ops_and_keeps_coeffs_an_op():
 
 
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():
-    converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
+    converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     graph = converted.graph_module.graph
     lowering(cuda=True)(graph)
     # Inductor calls them as extern kernels: the chain's first coeffs and pre, its last
@@ -95,7 +95,7 @@ def test_compiled_converted_model_runs_the_fused_kernels_and_matches_eager(dtype
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
-    model = models.TinyGPT(d=64, layers=3).cuda().to(dtype)
+    model = models.tiny_gpt(width=64, layers=3).cuda().to(dtype)
     (ids,), _ = models.token_inputs(batch=4, length=32)
     ids = ids.cuda()
     converted = hcpass.convert(model, (ids,), streams=4)
@@ -121,7 +121,7 @@ def test_compiled_converted_model_runs_the_fused_kernels_and_matches_eager(dtype
 def test_dynamic_true_specialises_the_channels_and_matches_eager_at_every_length():
     """Under dynamic=True every size is symbolic; the mixer's width is specialised while the
     sequence length stays symbolic (one graph for every length)."""
-    block = models.PreNormBlock(16)
+    block = models.tiny_block(16)
     converted = hcpass.convert(block, (torch.randn(2, 5, 16),), streams=4)
     with torch.no_grad():
         for p in converted.mixers.parameters():

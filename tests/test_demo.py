@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import hcpass
-from hcpass.tools import cli, demo
+from hcpass.tools import cli
+from hcpass.tools.demo import corpus, options, report, train, variants
+from hcpass.tools.demo.gpt import GPT, GPTConfig
 
 TINY_ARGS = [
     "--steps", "3", "--layers", "1", "--width", "16", "--heads", "2", "--context", "8",
@@ -46,23 +48,23 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_same_init_same_data_gives_identical_plain_runs():
     # The baseline is deterministic, so differences between variants come from hcpass.
-    cfg = demo.TrainConfig(steps=3, batch=2, corpus_bytes=50_000)
-    gpt = demo.GPTConfig(context=8, width=16, layers=1, heads=2)
-    data = demo.load_corpus(cfg.corpus_bytes)
-    held_out = demo.validation_batches(data[1], gpt, cfg)
+    cfg = train.TrainConfig(steps=3, batch=2, corpus_bytes=50_000)
+    model = GPTConfig(context=8, width=16, layers=1, heads=2)
+    data = corpus.load_corpus(cfg.corpus_bytes)
+    held_out = train.validation_batches(data[1], model, cfg)
     torch.manual_seed(cfg.seed)
-    base = demo.GPT(gpt)
-    runs = [demo.run_variant("plain", None, base, data, held_out, cfg)[0] for _ in range(2)]
+    base = GPT(model)
+    runs = [variants.run_variant("plain", None, base, data, held_out, cfg)[0] for _ in range(2)]
     assert runs[0].curve == runs[1].curve
     assert runs[0].val_loss == runs[1].val_loss
 
 
 def test_corpus_is_deterministic_and_validation_files_are_held_out():
-    train, val = demo.load_corpus(100_000)
-    again_train, again_val = demo.load_corpus(100_000)
-    assert torch.equal(train, again_train) and torch.equal(val, again_val)
-    assert len(train) == 90_000 and len(val) == 10_000
-    assert int(train.max()) < 256 and int(val.min()) >= 0
+    taught, val = corpus.load_corpus(100_000)
+    again_train, again_val = corpus.load_corpus(100_000)
+    assert torch.equal(taught, again_train) and torch.equal(val, again_val)
+    assert len(taught) == 90_000 and len(val) == 10_000
+    assert int(taught.max()) < 256 and int(val.min()) >= 0
 
 
 def test_unknown_manifold_is_a_usage_error(tmp_path, capsys):
@@ -75,40 +77,40 @@ def test_unknown_manifold_is_a_usage_error(tmp_path, capsys):
 
 def test_default_manifolds_skip_what_is_not_registered(monkeypatch):
     monkeypatch.setattr(hcpass, "available_manifolds", lambda: {"sinkhorn (mhc)": "mHC"})
-    chosen, notes = demo.choose_manifolds(None)
+    chosen, notes = options.choose_manifolds(None)
     assert chosen == ["sinkhorn"]
     assert any("'hc' is not registered" in n for n in notes)
     assert any("kronecker" in n for n in notes)
-    assert demo.choose_manifolds("mhc") == (["mhc"], [])
+    assert options.choose_manifolds("mhc") == (["mhc"], [])
 
 
 def test_default_manifolds_include_an_exact_one():
-    registered = demo.registered_manifolds()
-    chosen, notes = demo.choose_manifolds(None)
-    assert [m for m in chosen if m in demo.DEFAULT_MANIFOLDS] == [
-        m for m in demo.DEFAULT_MANIFOLDS if m in registered
+    registered = options.registered_manifolds()
+    chosen, notes = options.choose_manifolds(None)
+    assert [m for m in chosen if m in options.DEFAULT_MANIFOLDS] == [
+        m for m in options.DEFAULT_MANIFOLDS if m in registered
     ]
-    exact = [m for m in demo.EXACT if m in registered]
-    assert [m for m in chosen if m in demo.EXACT] == exact[:1]
-    assert len(notes) == len(demo.DEFAULT_MANIFOLDS) + 1 - len(chosen)
+    exact = [m for m in options.EXACT if m in registered]
+    assert [m for m in chosen if m in options.EXACT] == exact[:1]
+    assert len(notes) == len(options.DEFAULT_MANIFOLDS) + 1 - len(chosen)
 
 
-def result(name: str, val_loss: float, ms: float = 10.0) -> demo.Result:
-    return demo.Result(name, None, 100, [1.0], 1.0, val_loss, ms, 1.0)
+def result(name: str, val_loss: float, ms: float = 10.0) -> variants.Result:
+    return variants.Result(name, None, 100, [1.0], 1.0, val_loss, ms, 1.0)
 
 
 def test_verdicts_say_plainly_which_variant_is_worse():
     results = [result("plain", 2.0), result("sinkhorn", 2.1, 20.0), result("hc", 1.9)]
-    lines = demo.verdicts(results)
+    lines = report.verdicts(results)
     assert lines[0].startswith("sinkhorn: WORSE than plain") and "2.0x the step time" in lines[0]
     assert lines[1].startswith("hc: better than plain")
     assert (
-        "the same held-out loss" in demo.verdicts([result("plain", 2.0), result("x", 2.00001)])[0]
+        "the same held-out loss" in report.verdicts([result("plain", 2.0), result("x", 2.00001)])[0]
     )
 
 
 def test_table_has_one_row_per_variant():
-    text = demo.table([result("plain", 2.0), result("sinkhorn", 2.05)])
+    text = report.results_table([result("plain", 2.0), result("sinkhorn", 2.05)])
     lines = text.splitlines()
     assert lines[0].split()[:2] == ["variant", "train"]
     assert lines[2].startswith("plain") and lines[3].startswith("sinkhorn")

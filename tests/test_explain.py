@@ -74,7 +74,7 @@ def test_every_spelling_of_the_residual_add_is_found():
 
 
 def test_the_table_has_name_status_and_reason_columns():
-    text = str(hcpass.explain(models.TinyGPT(), models.token_inputs()[0]))
+    text = str(hcpass.explain(models.tiny_gpt(), models.token_inputs()[0]))
     assert text.splitlines()[0].split() == ["site", "status", "reason"]
     assert "blocks.0" in text and "blocks.1.mlp" in text
     assert "4 rewritten, 0 skipped, 1 graph(s), 0 graph break(s)" in text
@@ -142,7 +142,7 @@ def test_explain_leaves_model_state_alone():
 def test_report_to_dict_is_json_ready():
     import json
 
-    report = hcpass.explain(models.TinyGPT(), models.token_inputs()[0])
+    report = hcpass.explain(models.tiny_gpt(), models.token_inputs()[0])
     data = json.loads(json.dumps(report.to_dict()))
     assert {"name", "status", "reason", "graph", "node"} <= set(data["sites"][0])
 
@@ -164,32 +164,32 @@ def test_no_residual_sites_says_what_was_looked_for():
 
 def test_unknown_manifold_lists_valid_names():
     with pytest.raises(ValueError, match="unknown manifold 'sinkhorm'.*sinkhorn"):
-        hcpass.convert(models.TinyGPT(), models.token_inputs()[0], manifold="sinkhorm")
+        hcpass.convert(models.tiny_gpt(), models.token_inputs()[0], manifold="sinkhorm")
 
 
 @pytest.mark.parametrize("streams", [0, -1, 2.5, True])
 def test_bad_stream_count(streams):
     with pytest.raises(ValueError, match="streams must be an integer >= 1"):
-        hcpass.convert(models.TinyGPT(), models.token_inputs()[0], streams=streams)
+        hcpass.convert(models.tiny_gpt(), models.token_inputs()[0], streams=streams)
 
 
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="unknown option.*sinkhorn_iter"):
-        hcpass.convert(models.TinyGPT(), models.token_inputs()[0], sinkhorn_iter=5)
+        hcpass.convert(models.tiny_gpt(), models.token_inputs()[0], sinkhorn_iter=5)
 
 
 def test_not_a_module_and_double_conversion():
     with pytest.raises(TypeError, match="nn.Module"):
         hcpass.convert(lambda x: x, (torch.randn(2),))
-    converted = hcpass.convert(models.TinyGPT(), models.token_inputs()[0])
+    converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     with pytest.raises(ValueError, match="already converted"):
         hcpass.convert(converted, models.token_inputs()[0])
 
 
 def test_nan_input_propagates_instead_of_failing_silently():
-    model = models.TinyGPT()
+    model = models.tiny_gpt()
     converted = hcpass.convert(model, models.token_inputs()[0])
-    emb = converted.emb.weight
+    emb = converted.tok.weight
     with torch.no_grad():
         emb[3] = float("nan")
     out = converted(torch.full((1, 4), 3))
@@ -197,7 +197,7 @@ def test_nan_input_propagates_instead_of_failing_silently():
 
 
 def test_streams_one_is_the_plain_residual():
-    model = models.TinyGPT()
+    model = models.tiny_gpt()
     x = models.token_inputs()[0]
     converted = hcpass.convert(model, x, streams=1)
     torch.testing.assert_close(converted(*x), model(*x), rtol=1e-5, atol=1e-6)
@@ -212,7 +212,7 @@ def test_manifolds_lists_names_and_descriptions():
 
 
 def test_plain_model_under_hcpass_backend_logs_and_matches_inductor(caplog):
-    model = models.TinyGPT().eval()
+    model = models.tiny_gpt().eval()
     x = models.token_inputs()[0]
     torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="hcpass"):

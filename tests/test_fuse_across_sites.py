@@ -47,27 +47,27 @@ class TestWhichBoundariesFuse(TestCase):
         self.assertExpectedInline(
             body(gm),
             """\
-coeffs_default = torch.ops.hcpass.coeffs.default(l_args_0__streams, f_phi, f_alpha, f_bias, SPEC)
+coeffs_default = torch.ops.hcpass.coeffs.default(args_0_streams, f_phi, f_alpha, f_bias, SPEC)
 getitem = coeffs_default[0]
 getitem_1 = coeffs_default[1]
 getitem_2 = coeffs_default[2]
-pre_default = torch.ops.hcpass.pre.default(l_args_0__streams, getitem)
-layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), l_self_modules_ln1_parameters_weight_, l_self_modules_ln1_parameters_bias_, 1e-05)
-linear = torch._C._nn.linear(layer_norm, l_self_modules_f_parameters_weight_, l_self_modules_f_parameters_bias_)
-post_res_coeffs_pre_default = torch.ops.hcpass.post_res_coeffs_pre.default(l_args_0__streams, linear, getitem_1, getitem_2, g_phi, g_alpha, g_bias, SPEC)
+pre_default = torch.ops.hcpass.pre.default(args_0_streams, getitem)
+layer_norm = torch.nn.functional.layer_norm(pre_default, (4,), ln1.weight, ln1.bias, 1e-05)
+linear = torch.nn.functional.linear(layer_norm, f.weight, f.bias)
+post_res_coeffs_pre_default = torch.ops.hcpass.post_res_coeffs_pre.default(args_0_streams, linear, getitem_1, getitem_2, g_phi, g_alpha, g_bias, SPEC)
 getitem_6 = post_res_coeffs_pre_default[0]
 getitem_8 = post_res_coeffs_pre_default[2]
 getitem_9 = post_res_coeffs_pre_default[3]
 getitem_10 = post_res_coeffs_pre_default[4]
-layer_norm_1 = torch.nn.functional.layer_norm(getitem_10, (4,), l_self_modules_ln2_parameters_weight_, l_self_modules_ln2_parameters_bias_, 1e-05)
-linear_1 = torch._C._nn.linear(layer_norm_1, l_self_modules_g_parameters_weight_, l_self_modules_g_parameters_bias_)
+layer_norm_1 = torch.nn.functional.layer_norm(getitem_10, (4,), ln2.weight, ln2.bias, 1e-05)
+linear_1 = torch.nn.functional.linear(layer_norm_1, g.weight, g.bias)
 post_res_default_1 = torch.ops.hcpass.post_res.default(getitem_6, linear_1, getitem_8, getitem_9)
 mean = post_res_default_1.mean(0)
 return (mean, post_res_default_1)""",
         )
 
     def test_every_boundary_of_a_chain_fuses(self):
-        gm = fused(models.TinyGPT(layers=3), models.token_inputs()[0], streams=4)
+        gm = fused(models.tiny_gpt(layers=3), models.token_inputs()[0], streams=4)
         counts = op_counts(gm)
         # 6 sites in one chain: the first keeps coeffs and pre, the last keeps its merge
         self.assertEqual(counts["post_res_coeffs_pre"], 5)

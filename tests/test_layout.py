@@ -1,8 +1,8 @@
 """The folders are the pipeline: each stage imports only from the stages before it.
 
 capture / find sites / plan (``frontend``) -> ``rewrite`` -> ``runtime`` -> ``lowering`` ->
-the public API -> ``tools``. The shared layers (patterns, manifolds, ops, codegen, logs)
-import no stage. docs/how-it-works.md maps the stages to these folders.
+the public API -> ``tools``. The shared layers (patterns, manifolds, ops, codegen, logs,
+text) import no stage. docs/how-it-works.md maps the stages to these folders.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ SOURCES = {
 RANK = {
     "logs": 0,
     "manifolds": 0,
+    "text": 0,  # tables and unique names: imports nothing of hcpass
     "ops": 1,  # the op contract is written in terms of manifolds
     "patterns": 2,  # patterns name the ops (the site boundary)
     "codegen": 2,

@@ -12,7 +12,7 @@ from factories import TINY
 
 import hcpass
 from hcpass.tools import plot
-from hcpass.tools.demo import GPT
+from hcpass.tools.demo.gpt import GPT
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib (hcpass[plot])"

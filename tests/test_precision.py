@@ -42,7 +42,7 @@ def _assert_gradients_close(model: nn.Module, reference: nn.Module, rtol: float)
 
 
 @pytest.mark.parametrize("converted_in_autocast", [True, False], ids=["inside", "outside"])
-@pytest.mark.parametrize("factory", [models.TinyGPT, models.gpt2], ids=["tiny_gpt", "gpt2"])
+@pytest.mark.parametrize("factory", [models.tiny_gpt, models.gpt2], ids=["tiny_gpt", "gpt2"])
 def test_bf16_autocast_forward_and_backward_match_the_plain_model(factory, converted_in_autocast):
     model = factory()
     (ids,), _ = models.token_inputs()
@@ -69,7 +69,7 @@ def test_the_add_keeps_its_promoted_dtype():
     """fp32 stream + bf16 branch is an fp32 add: the branch is cast up before the merge."""
     (ids,), _ = models.token_inputs()
     with _bf16_autocast():
-        converted = hcpass.convert(models.TinyGPT(layers=1), (ids,), streams=2)
+        converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,), streams=2)
     merge = torch.ops.hcpass.post_res.default
     branches = [n.args[1] for n in converted.graph_module.graph.nodes if n.target is merge]
     assert [(b.op, b.target, b.args[1:]) for b in branches] == [
@@ -157,7 +157,7 @@ def test_unrelated_operands_are_not_called_independent():
 @pytest.mark.parametrize("cast", ["to", "bfloat16", "half"])
 def test_to_a_narrow_dtype_keeps_the_mixers_fp32(cast):
     (ids,), _ = models.token_inputs()
-    converted = hcpass.convert(models.TinyGPT(), (ids,), streams=4)
+    converted = hcpass.convert(models.tiny_gpt(), (ids,), streams=4)
     with torch.no_grad():
         for p in converted.mixers.parameters():
             p.add_(0.1 * torch.randn_like(p))  # values bf16 cannot represent exactly
@@ -172,7 +172,7 @@ def test_to_a_narrow_dtype_keeps_the_mixers_fp32(cast):
 
 
 def test_double_widens_the_mixers_for_gradcheck():
-    converted = hcpass.convert(models.TinyGPT(layers=1), models.token_inputs()[0], streams=2)
+    converted = hcpass.convert(models.tiny_gpt(layers=1), models.token_inputs()[0], streams=2)
     converted.double()
     assert {p.dtype for p in converted.mixers.parameters()} == {torch.float64}
     converted.float()

@@ -45,7 +45,7 @@ class TwoBlockClasses(nn.Module):
     def __init__(self, d: int = 32) -> None:
         super().__init__()
         self.emb = nn.Embedding(models.VOCAB, d)
-        self.blocks = nn.ModuleList([models.PreNormBlock(d), Residual(d), models.PreNormBlock(d)])
+        self.blocks = nn.ModuleList([models.tiny_block(d), Residual(d), models.tiny_block(d)])
         self.head = nn.Linear(d, models.VOCAB)
         self.detour = False  # the last block's branch skips its parameters
         self.pause = False  # a graph break between the first two blocks
@@ -89,7 +89,7 @@ def test_a_site_lost_at_recapture_raises_naming_the_site_and_why():
     converted(ids)
     converted.original.detour = True
     with pytest.raises(
-        RuntimeError, match=r"site\(s\) blocks_2, blocks_2_mlp ran without their mixers"
+        RuntimeError, match=r"site\(s\) blocks_2_attn, blocks_2_mlp ran without their mixers"
     ) as error:
         converted(ids)
     assert "no longer residual sites" in str(error.value)

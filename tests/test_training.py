@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from factories import tiny_gpt
 
 import hcpass
-from hcpass.tools.demo import GPT, GPTConfig
+from hcpass.tools.demo.gpt import GPT, GPTConfig
 
 CONSTRAINED = ("sinkhorn", "permutation", "kronecker", "spectral", "stiefel", "grassmann")
 

@@ -22,6 +22,7 @@ from hcpass.frontend.sites import (
     find_sites,
     normalize_inplace,
 )
+from hcpass.text import table, unique_name
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
@@ -65,17 +66,12 @@ class Report:
         }
 
     def __str__(self) -> str:
-        header = ("site", "status", "reason")
         rows = [(s.name, s.status, s.reason or "-") for s in self.sites]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
-        lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]}"]
-        lines.append(f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * 6}")
-        lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
-        lines.append(
+        totals = (
             f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
             f"{self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)"
         )
-        return "\n".join(lines)
+        return table(rows, header=("site", "status", "reason")) + "\n" + totals
 
 
 def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Graph, SiteAnalysis]:
@@ -151,11 +147,7 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
             for i, site in enumerate(chain.sites):
                 name = site_name(model, site.anchor_name)
                 if site.anchor_name not in planned:
-                    key = mixer_key(name)
-                    suffix = 1
-                    while key in keys:
-                        suffix += 1
-                        key = f"{mixer_key(name)}_{suffix}"
+                    key = unique_name(mixer_key(name), keys)
                     keys.add(key)
                     position = i + (before.length if before else 0)
                     planned[site.anchor_name] = PlannedSite(

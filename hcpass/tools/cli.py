@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import hcpass
-from hcpass.tools import demo
+from hcpass.text import table
 
 FACTORY_HELP = (
     "MODULE:FACTORY, e.g. mymodels:make_gpt; FACTORY() returns (model, example_inputs) or "
@@ -88,15 +88,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_manifolds(args: argparse.Namespace) -> int:
     available = hcpass.available_manifolds()
-    width = max(map(len, available), default=0)
-    for label, description in available.items():
-        print(f"{label:<{width}}  {description}")
+    if available:
+        print(table(available.items()))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from hcpass.tools.demo.run import run  # the training code, loaded for this command only
+
     try:
-        demo.run(args)
+        run(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return 0
@@ -115,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
         "converted with several manifolds (same initial weights, batches and steps); print "
         "a comparison table and write results.json and pictures to --out.",
     )
-    demo.add_arguments(run_demo)
+    from hcpass.tools.demo.options import add_arguments  # the flags, not the training code
+
+    add_arguments(run_demo)
     run_demo.set_defaults(handler=cmd_demo)
 
     explain = commands.add_parser(

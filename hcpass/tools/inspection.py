@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcpass.frontend.capture import side_effect_free
 from hcpass.runtime.module import ConvertedModule
+from hcpass.text import unique_name
 
 
 def _stream_cosine(x: Tensor) -> Tensor:
@@ -61,12 +62,7 @@ def mixers(
         model.observed_forward(recorder, *tuple(example_inputs), **(example_kwargs or {}))
     result: dict[str, dict[str, Tensor]] = {}
     for pointer, record in recorder.calls:
-        key = key_of[pointer]
-        name, count = key, 1
-        while name in result:
-            count += 1
-            name = f"{key}#{count}"
-        result[name] = record
+        result[unique_name(key_of[pointer], result, separator="#")] = record
     return result
 
 

@@ -1,0 +1,88 @@
+"""What the demo prints and draws: the run's description, the results table, one verdict per
+converted variant, and the pictures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from hcpass.text import table
+from hcpass.tools import plot
+from hcpass.tools.demo.gpt import GPTConfig
+from hcpass.tools.demo.train import TrainConfig
+from hcpass.tools.demo.variants import BASELINE, Result
+
+
+def describe(gpt: GPTConfig, cfg: TrainConfig, data: tuple[Tensor, Tensor]) -> str:
+    return (
+        f"byte-level GPT: {gpt.layers} blocks, width {gpt.width}, context {gpt.context}; "
+        f"stdlib source: {len(data[0]) / 1e6:.1f} MB to train on, "
+        f"{len(data[1]) / 1e6:.1f} MB of other files held out; "
+        f"{cfg.steps} steps of {cfg.batch} sequences; "
+        f"streams={cfg.streams}, init={cfg.init or 'default'}, "
+        f"mixer lr x{cfg.mixer_lr_scale:g}; "
+        f"{'torch.compile' if cfg.compile else 'eager'} on {cfg.device}"
+    )
+
+
+def results_table(results: Sequence[Result]) -> str:
+    """One row per variant; "vs plain" is the held-out loss minus the plain model's."""
+    base = results[0]
+    rows = [
+        (
+            r.name,
+            f"{r.train_loss:.4f}",
+            f"{r.val_loss:.4f}",
+            "-" if r is base else f"{r.val_loss - base.val_loss:+.4f}",
+            f"{r.ms_per_step:.1f}",
+            f"{r.params:,}",
+        )
+        for r in results
+    ]
+    header = ("variant", "train loss", "held-out loss", "vs plain", "ms/step", "params")
+    return table(rows, header=header, align="<>>>>>")
+
+
+def verdicts(results: Sequence[Result]) -> list[str]:
+    """One plain sentence per converted variant: better or worse than the baseline."""
+    base = results[0]
+    lines = []
+    for r in results[1:]:
+        delta = round(r.val_loss - base.val_loss, 4)  # as printed in the table
+        losses = f"{r.val_loss:.4f} vs {base.val_loss:.4f}"
+        if delta > 0:
+            verdict = f"WORSE than {BASELINE} on held-out loss ({losses}, {delta:+.4f})"
+        elif delta < 0:
+            verdict = f"better than {BASELINE} on held-out loss ({losses}, {delta:+.4f})"
+        else:
+            verdict = f"the same held-out loss as {BASELINE} to 4 decimals ({losses})"
+        speed = r.ms_per_step / base.ms_per_step
+        lines.append(f"{r.name}: {verdict}; {speed:.1f}x the step time of {BASELINE}.")
+    return lines
+
+
+def pictures(
+    out: Path,
+    results: Sequence[Result],
+    models: dict[str, nn.Module],
+    example: Tensor,
+) -> list[Path]:
+    """Write losses.png, mixers_<variant>.png and gain.png to `out`."""
+    written = [plot.losses({r.name: r.curve for r in results}, out / "losses.png")]
+    for name, model in models.items():
+        title = f"{name}: H_res per site (mean over positions, held-out batch)"
+        written.append(plot.mixers(model, (example,), out / f"mixers_{name}.png", title=title))
+    gains = {r.name: r.gain for r in results if r.gain}
+    if gains:
+        written.append(plot.gains(gains, out / "gain.png"))
+    return written
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,91 @@
+"""The demo's comparison: the plain model and one converted copy per manifold, each trained
+from the same initial weights on the same batches."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+import hcpass
+from hcpass.tools.demo.gpt import GPT, GPTConfig
+from hcpass.tools.demo.train import TrainConfig, evaluate, step_ms, train, validation_batches
+
+BASELINE = "plain"
+TRAIN_LOSS_WINDOW = 20  # the reported train loss is the mean of the last steps' losses
+
+
+@dataclass
+class Result:
+    name: str
+    manifold: str | None
+    params: int
+    curve: list[float]
+    train_loss: float
+    val_loss: float
+    ms_per_step: float
+    seconds: float  # wall time of the variant: conversion, compilation, training, evaluation
+    gain: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_variant(
+    name: str,
+    manifold: str | None,
+    base: GPT,
+    data: tuple[Tensor, Tensor],
+    held_out: list[tuple[Tensor, Tensor]],
+    cfg: TrainConfig,
+) -> tuple[Result, nn.Module]:
+    begin = time.perf_counter()
+    model: nn.Module = copy.deepcopy(base)
+    example = held_out[0][0]
+    if manifold is not None:
+        options = {} if cfg.init is None else {"init": cfg.init}
+        model = hcpass.convert(model, (example,), streams=cfg.streams, manifold=manifold, **options)
+    # A fresh Dynamo cache per variant: cached graphs of the previous variant (same GPT
+    # class) must not be reused for this one.
+    torch._dynamo.reset()
+    run: Callable[[Tensor], Tensor] = model
+    if cfg.compile:
+        run = torch.compile(model, backend="hcpass" if manifold else "inductor")
+    curve, times = train(name, model, run, data, base.cfg, cfg)
+    # Evaluated through the uncompiled module (same parameters): a no-grad graph would cost
+    # another Inductor compile for a handful of batches.
+    val_loss = evaluate(model, held_out)
+    window = curve[-TRAIN_LOSS_WINDOW:]
+    result = Result(
+        name=name,
+        manifold=manifold,
+        params=sum(p.numel() for p in model.parameters()),
+        curve=curve,
+        train_loss=sum(window) / len(window),
+        val_loss=val_loss,
+        ms_per_step=step_ms(times),
+        seconds=time.perf_counter() - begin,
+    )
+    return result, model
+
+
+def compare(
+    gpt: GPTConfig, cfg: TrainConfig, manifolds: Sequence[str], data: tuple[Tensor, Tensor]
+) -> tuple[list[Result], dict[str, nn.Module], Tensor]:
+    """Train the plain model and one converted copy per manifold from the same initial
+    weights. Returns the results (plain first), the converted models and the held-out
+    batch their mixers are inspected on."""
+    held_out = validation_batches(data[1], gpt, cfg)
+    torch.manual_seed(cfg.seed)
+    base = GPT(gpt).to(cfg.device)
+    results: list[Result] = []
+    models: dict[str, nn.Module] = {}
+    for manifold in [None, *manifolds]:
+        name = manifold or BASELINE
+        result, model = run_variant(name, manifold, base, data, held_out, cfg)
+        if manifold is not None:
+            result.gain = hcpass.gain(model, (held_out[0][0],))
+            models[name] = model
+        results.append(result)
+    return results, models, held_out[0][0]
