@@ -10,6 +10,6 @@ those lists, so adding a spelling is one class in one file.
 """
 
 from hcpass.patterns.residual_add import AddMatch, match_residual_add
-from hcpass.patterns.stream_op import is_cast, is_stream_op
+from hcpass.patterns.stream_op import is_affine_stream_op, is_cast, is_stream_op
 
-__all__ = ["AddMatch", "is_cast", "is_stream_op", "match_residual_add"]
+__all__ = ["AddMatch", "is_affine_stream_op", "is_cast", "is_stream_op", "match_residual_add"]

@@ -82,3 +82,13 @@ def is_stream_op(node: fx.Node) -> bool:
 
 def is_cast(node: fx.Node) -> bool:
     return Cast().matches(node)
+
+
+# Stream ops that commute with the mean over the streams (casts up to rounding; dropout and
+# contiguous are the identity in eval). The others (norms, activations) do not: a chain that
+# lifts one needs its streams to stay copies at init (`Manifold.init_bias`'s keep_copies).
+_AFFINE = frozenset({F.dropout, torch.dropout, F.alpha_dropout, "contiguous"})
+
+
+def is_affine_stream_op(node: fx.Node) -> bool:
+    return is_cast(node) or (is_stream_op(node) and node.target in _AFFINE)
