@@ -107,3 +107,31 @@ def test_param_groups_scale_the_mixers_only() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(converted.parameters()))
     with pytest.raises(ValueError, match="mixer_lr_scale"):
         hcpass.param_groups(converted, lr=1.0, mixer_lr_scale=0)
+
+
+class PreThenPostNorm(PostNorm):
+    """Pre-norm blocks, a graph break, then post-norm blocks: one chain across two graphs."""
+
+    def __init__(self, width: int = 16, blocks: int = 2) -> None:
+        super().__init__(width, blocks)
+        self.pre = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for f in self.pre:
+            x = x + f(torch.tanh(x))
+        torch._dynamo.graph_break()
+        for f, norm in zip(self.fs, self.norms, strict=True):
+            x = norm(x + torch.tanh(f(x)))
+        return x
+
+
+def test_sites_before_a_post_norm_across_a_graph_break_keep_copies() -> None:
+    torch.manual_seed(0)
+    model = PreThenPostNorm().eval()
+    inputs = (torch.randn(4, 5, 16),)
+    converted = hcpass.convert(model, inputs, streams=4).eval()
+    assert rel_err(converted(*inputs), model(*inputs)) <= 1e-5
+    assert converted.report.graphs == 2
+    for key, mixer in converted.mixers.items():
+        assert torch.equal(mixer.bias[4:8], torch.zeros(4)), key
