@@ -332,7 +332,9 @@ class Manifold:
         identity: H_pre uniform (1/n each), so the branch reads the mean; H_post has mean 1
         (stream ``site_index mod n`` at 1 + POST_SPREAD, the others lower), so the mean gains
         exactly the branch output; H_res mixing (`res_init_bias`). The streams differ from
-        the first step, so H_res gets gradients at once. This needs the streams to be
+        the first site on. (A doubly stochastic H_res still gets no gradient at the first
+        step, where every read is the mean, which it keeps; it does from the second, once
+        H_pre has moved off uniform: docs/math.md.) This needs the streams to be
         combined only linearly between sites: with ``keep_copies=True`` (a chain that
         applies a post-norm or activation to every stream, where the mean of g(X_i) is not
         g of the mean) it falls back to identity-copies.
