@@ -7,8 +7,8 @@
 The model, corpus, batches, optimizer and schedule are `hcpass demo`'s (`hcpass.tools.demo`), at
 a depth where depth matters (8 blocks: 16 residual sites) but narrower and shorter (width
 32, context 16, batch 8, 150 steps), because converted models train in eager PyTorch on CPU
-at 5-10x plain's step time: 24 runs at this size are ~20 min of 2 CPU cores (an estimate
-from runs on a loaded machine). Every variant of a seed starts
+at 3-5x plain's step time: 24 runs at this size took 2.1 min on 2 CPU cores (lightly
+loaded; expect 2-3x that on a busy machine). Every variant of a seed starts
 from the same initial weights and sees the same batches for the same number of steps; the
 only difference is `hcpass.convert` with that manifold and its defaults (init, mixer
 learning-rate scale). Runs go to --jobs processes of one thread each.
@@ -220,8 +220,8 @@ def verdict(rows: list[dict[str, Any]], default: str) -> str:
     bar = 2 * plain["val_loss_std"]
     word = "beats" if margin > bar else "does NOT beat"
     return (
-        f"{default} {word} {BASELINE} by more than 2 plain seed stds: "
-        f"{margin:+.4f} lower held-out loss vs 2 x std = {bar:.4f}"
+        f"{default} {word} {BASELINE} by more than 2 plain seed stds: held-out loss "
+        f"{-margin:+.4f} vs plain, needs < -{bar:.4f} (2 x plain's std)"
     )
 
 

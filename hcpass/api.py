@@ -68,7 +68,10 @@ def convert(
             f"hcpass found no residual sites in {type(model).__name__}; {WHAT_IS_A_SITE}."
             + (f"\nCandidate adds that were skipped:\n{detail}" if detail else "")
         )
-    mixers = {site.key: Mixer(mixer_manifold, site.channels, site.position) for site in found.sites}
+    mixers = {
+        site.key: Mixer(mixer_manifold, site.channels, site.position, keep_copies=site.keep_copies)
+        for site in found.sites
+    }
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return ConvertedModule(model, found, mixers, graphs).to(device)
 

@@ -148,3 +148,13 @@ def mutates_first_arg(node: fx.Node) -> bool:
     if node.op == "call_method" and isinstance(node.target, str):
         return node.target.endswith("_") and not node.target.startswith("__")
     return node.kwargs.get("inplace") is True
+
+
+# Stream ops that commute with the mean over the streams (casts up to rounding; dropout and
+# contiguous are the identity in eval). Norms and activations do not: a chain that lifts one
+# needs its streams to stay copies at init (`Manifold.init_bias`'s keep_copies).
+AFFINE_STREAM_OPS = CASTS | DROPOUTS | LAYOUT_CHANGES
+
+
+def is_affine_stream_op(node: fx.Node) -> bool:
+    return calls_one_of(node, AFFINE_STREAM_OPS)

@@ -50,17 +50,21 @@ def test_other_backends_cannot_drop_the_mixers():
         torch.compile(converted, backend="aot_eager")(*x)
 
 
-def test_cpu_lowering_inlines_the_stream_ops_and_keeps_coeffs_an_op():
+def test_cpu_lowering_inlines_the_stream_ops_and_shares_one_coefficient_subgraph():
     converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
-    graph = converted.graph_module.graph
-    assert HCPASS_OPS <= {n.target for n in graph.nodes}
-    lowering(cuda=False)(graph)
-    targets = {n.target for n in graph.nodes}
+    gm = converted.graph_module
+    assert HCPASS_OPS <= {n.target for n in gm.graph.nodes}
+    lowering(cuda=False)(gm.graph)
+    targets = [n.target for n in gm.graph.nodes]
     ops = torch.ops.hcpass
-    # pre/post_res fuse with their neighbours; coeffs' unrolled Sinkhorn would be traced
-    # again at every site (compile time), so it stays one extern call per site.
-    assert targets & HCPASS_OPS == {ops.coeffs.default}
-    assert {REFERENCE[ops.pre.default], REFERENCE[ops.post_res.default]} <= targets
+    assert not set(targets) & HCPASS_OPS
+    # pre/post_res are inlined, to fuse with their neighbours ...
+    assert {REFERENCE[ops.pre.default], REFERENCE[ops.post_res.default]} <= set(targets)
+    # ... and the 4 sites' coefficients (the same manifold, state shape and dtype) call one
+    # subgraph, which Inductor compiles once instead of once per site.
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 4
+    assert {call.args[1] for call in calls} == {"hcpass_coeffs_0"}
 
 
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():

@@ -40,7 +40,7 @@ def test_mixers_returns_per_site_coefficients_in_forward_order():
     assert site["h_pre"].shape == (2, 5, 4) and site["h_post"].shape == (2, 5, 4)
     assert site["h_res"].shape == (2, 5, 4, 4)
     torch.testing.assert_close(site["h_pre"].sum(-1), torch.ones(2, 5))  # identity init
-    torch.testing.assert_close(site["h_post"], torch.ones(2, 5, 4))
+    torch.testing.assert_close(site["h_post"].mean(-1), torch.ones(2, 5))  # unequal, mean 1
 
 
 def test_gain_is_one_at_the_identity_init():

@@ -328,27 +328,61 @@ def test_init_bias_and_phi_shapes(name: str, n: int, opts: dict[str, Any], init:
         assert torch.equal(bias, create(name, n, **opts).init_bias(site_index=7))
 
 
-@pytest.mark.parametrize("init", ["identity", "identity-sharp"])
+@pytest.mark.parametrize("init", ["identity", "identity-copies", "identity-sharp"])
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
 def test_identity_init_preserves_function(
     name: str, n: int, opts: dict[str, Any], dynamic: bool, init: str
 ) -> None:
+    """Every function-preserving init keeps the mean of the streams the original stream:
+    from copies, and (default init, where H_pre reads the mean and H_res keeps it) from
+    streams that already differ. The copies inits keep copies copies."""
     channels = 16
     mixer = Mixer(create(name, n, dynamic=dynamic, init=init, **opts), channels, site_index=5)
     gen = torch.Generator().manual_seed(3)
     copy = torch.randn(2, 3, channels, generator=gen)
     y = torch.randn(2, 3, channels, generator=gen)
-    x = copy.expand(n, *copy.shape).clone()
-    with torch.no_grad():
-        h_pre, h_post, h_res = torch.ops.hcpass.coeffs(
-            x, mixer.phi, mixer.alpha, mixer.bias, mixer.spec
-        )
-        u = torch.ops.hcpass.pre(x, h_pre)
-        out = torch.ops.hcpass.post_res(x, y, h_post, h_res)
-    assert max_err(u, copy) < FP32_TOL * copy.abs().max().item()
-    expected = (copy + y).expand(n, *copy.shape)
-    assert max_err(out, expected) < FP32_TOL * expected.abs().max().item()
+    spread = torch.randn(n, 2, 3, channels, generator=gen)
+    starts = [copy.expand(n, *copy.shape).clone()]
+    if init == "identity" and name != "hc":  # hc keeps the paper's init: copies only
+        starts.append(copy + spread - spread.mean(0))  # mean `copy`, streams unequal
+    for x in starts:
+        with torch.no_grad():
+            h_pre, h_post, h_res = torch.ops.hcpass.coeffs(
+                x, mixer.phi, mixer.alpha, mixer.bias, mixer.spec
+            )
+            u = torch.ops.hcpass.pre(x, h_pre)
+            out = torch.ops.hcpass.post_res(x, y, h_post, h_res)
+        assert max_err(u, copy) < FP32_TOL * x.abs().max().item()
+        assert max_err(out.mean(0), copy + y) < FP32_TOL * out.abs().max().item()
+        if init != "identity" or name == "hc" or n == 1:
+            expected = (copy + y).expand(n, *copy.shape)
+            assert max_err(out, expected) < FP32_TOL * expected.abs().max().item()
+        else:  # the default init's H_post differs across streams: they diverge at once
+            assert max_err(out, (copy + y).expand(n, *copy.shape)) > 0.1
+
+
+def test_identity_init_keeps_copies_where_asked() -> None:
+    """``keep_copies`` (a chain with a post-norm/activation on every stream) and a map whose
+    init H_res does not keep the mean give the copies init."""
+    m = create("sinkhorn", 4)
+    copies = create("sinkhorn", 4, init="identity-copies")
+    assert torch.equal(m.init_bias(2, keep_copies=True), copies.init_bias(2))
+    h_pre, h_post, _ = (t for t in m.split(m.init_bias(2)))
+    torch.testing.assert_close(torch.sigmoid(h_pre), torch.full((4,), 0.25))
+    post = 2 * torch.sigmoid(h_post)
+    torch.testing.assert_close(post.mean(), torch.tensor(1.0))
+    assert post.argmax() == 2 and post.max() - post.min() > 0.5
+
+    class RowsOnly(type(m)):  # rows sum to 1, columns do not
+        def res_map(self, logits: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(logits.unflatten(-1, (4, 4)), -1)
+
+        def res_init_bias(self) -> torch.Tensor:
+            return torch.arange(16.0) / 16
+
+    rows = RowsOnly(4)
+    assert torch.equal(rows.split(rows.init_bias(2))[1], torch.zeros(4))
 
 
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
@@ -22,6 +22,7 @@ from hcpass.frontend.sites import (
     find_sites,
     normalize_inplace,
 )
+from hcpass.patterns.node_sets import is_affine_stream_op
 from hcpass.text import table, unique_name
 
 REWRITTEN = "rewritten"
@@ -114,6 +115,9 @@ class PlannedSite:
     channels: int
     position: int  # index of the site in its chain (the paper init favours stream position % n)
     follows: str | None  # key of the site before it in its chain, across graph breaks
+    # Its chain applies a nonlinear op (post-norm, activation) to every stream, here or after
+    # a graph break: the init must keep the streams copies (`Manifold.init_bias`).
+    keep_copies: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
     keys: set[str] = set()
     runs = 0
     ends: dict[tuple[int, int], _ChainEnd] = {}  # (graph, output position) -> chain end
+    copies: set[str] = set()  # keys of sites whose chain part lifts a nonlinear op
     for captured in graphs:
         graph, analysis = analyse(captured.gm)
         graph_rows: list[tuple[fx.Node, SiteReport]] = []
@@ -163,6 +168,8 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
                     )
                 row = SiteReport(name, REWRITTEN, reason, captured.index, site.node.name)
                 graph_rows.append((site.node, row))
+            if not all(is_affine_stream_op(op) for op in chain.stream_ops):
+                copies.update(planned[s.anchor_name].key for s in chain.sites)
             total = len(chain.sites) + (before.length if before else 0)
             end = _ChainEnd(follows, planned[chain.sites[-1].anchor_name].name, total)
             for position in _returned_at(graph, chain.stream_values[-1]):
@@ -174,7 +181,13 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
         position_of = {node: i for i, node in enumerate(graph.nodes)}
         rows += [row for _, row in sorted(graph_rows, key=lambda item: position_of[item[0]])]
     breaks = [g.graph_break for g in graphs if g.graph_break]
-    return Plan(Report(rows, len(graphs), breaks), list(planned.values()), runs)
+    # The sites before a nonlinear op, in earlier graphs too, must keep the streams copies.
+    follows = {p.key: p.follows for p in planned.values()}
+    for key in list(copies):
+        while (key := follows[key]) is not None and key not in copies:
+            copies.add(key)
+    sites = [replace(p, keep_copies=p.key in copies) for p in planned.values()]
+    return Plan(Report(rows, len(graphs), breaks), sites, runs)
 
 
 def _node_label(node: fx.Node) -> str:

@@ -23,10 +23,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-# identity: function preserving, H_res starts mixing the streams (see `res_init_bias`);
-# identity-sharp: function preserving, H_res ~ I (the papers' H_res bias; the default before);
+# identity: function preserving, the streams differ from the first step (uniform H_pre,
+#   unequal H_post of mean 1) and H_res starts mixing them (see `init_bias`);
+# identity-copies: function preserving, the streams start as copies (H_pre favours one
+#   stream, H_post = 1), H_res mixing; the default before, and what `identity` falls back to
+#   where a chain applies a nonlinear op to every stream (`init_bias`'s keep_copies);
+# identity-sharp: identity-copies with H_res ~ I (the papers' H_res bias);
 # paper: the papers' init for training from scratch.
-INITS = ("identity", "identity-sharp", "paper")
+INITS = ("identity", "identity-copies", "identity-sharp", "paper")
 
 # RMSNorm epsilon of the flattened n*C state ("tiny" in the mHC paper).
 RMS_EPS = 1e-6
@@ -39,8 +43,13 @@ PRE_LOGIT_CAP = 30.0
 # are not saturated. Chosen with benchmarks/learning.py, see docs/training.md.
 MIXED_DIAGONAL = 0.7
 
-# H_pre weight of the favoured stream in the identity init (the others share the rest).
+# H_pre weight of the favoured stream in the identity-copies init (the others share the rest).
 FAVOURED_PRE_WEIGHT = 0.75
+
+# H_post of stream ``site mod n`` is 1 + POST_SPREAD in the identity init, the others'
+# 1 - POST_SPREAD / (n - 1): the mean stays 1. Below 1 (H_post = 2 sigmoid is < 2) and
+# n - 1. Chosen with benchmarks/learning.py, see docs/training.md.
+POST_SPREAD = 0.5
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -313,33 +322,57 @@ class Manifold:
     def init_alpha(self) -> Tensor:
         return torch.full((3,), self.alpha)
 
-    def init_bias(self, site_index: int) -> Tensor:
-        """Bias logits ``[num_logits]`` at init.
+    def init_bias(self, site_index: int, *, keep_copies: bool = False) -> Tensor:
+        """Bias logits ``[num_logits]`` at init (site `site_index` of its chain).
 
-        identity: sum(H_pre) = 1, H_post = 1 and rows of H_res summing to 1 (`res_init_bias`),
-        so a model whose n streams start as copies computes exactly what the original did.
-        identity-sharp: the same with H_res ~ I (`res_identity_bias`). H_pre favours stream
-        ``site_index mod n`` (weight 3/4, the rest share 1/4): uniform weights would make the
-        n streams a symmetric fixed point of training (identical gradients), and they would
-        never diverge.
+        Every function-preserving init relies on the n streams' *mean* being the original
+        residual stream: the chain starts with n copies, reads out (and hands side readers)
+        the mean, and every init H_res has columns summing to 1, so it keeps the mean.
+
+        identity: H_pre uniform (1/n each), so the branch reads the mean; H_post has mean 1
+        (stream ``site_index mod n`` at 1 + POST_SPREAD, the others lower), so the mean gains
+        exactly the branch output; H_res mixing (`res_init_bias`). The streams differ from
+        the first site on. (A doubly stochastic H_res still gets no gradient at the first
+        step, where every read is the mean, which it keeps; it does from the second, once
+        H_pre has moved off uniform: docs/math.md.) This needs the streams to be
+        combined only linearly between sites: with ``keep_copies=True`` (a chain that
+        applies a post-norm or activation to every stream, where the mean of g(X_i) is not
+        g of the mean) it falls back to identity-copies.
+        identity-copies: the streams stay copies until training separates them: H_post = 1,
+        H_pre sums to 1 favouring stream ``site_index mod n`` (FAVOURED_PRE_WEIGHT; uniform
+        weights with copies would make the streams a symmetric fixed point of training).
+        identity-sharp: identity-copies with H_res ~ I (`res_identity_bias`).
         paper: the mHC-lite / KromHC / sHC init (+1 on stream ``site_index mod n``, -1
         elsewhere, H_res ~ I), meant for training from scratch.
         """
         n = self.streams
-        if self.init != "paper":
-            if n == 1:
-                b_pre = torch.full((1,), PRE_LOGIT_CAP)
-            else:
-                weights = torch.full((n,), (1 - FAVOURED_PRE_WEIGHT) / (n - 1))
-                weights[site_index % n] = FAVOURED_PRE_WEIGHT
-                b_pre = torch.logit(weights.double()).float()
-            b_post = torch.zeros(n)
-        else:
+        favoured = site_index % n
+        if self.init == "paper":
             b_pre = torch.full((n,), -1.0)
-            b_pre[site_index % n] = 1.0
+            b_pre[favoured] = 1.0
             b_post = b_pre.clone()
-        b_res = self.res_init_bias() if self.init == "identity" else self.res_identity_bias()
+        elif n == 1:
+            b_pre, b_post = torch.full((1,), PRE_LOGIT_CAP), torch.zeros(1)
+        elif self.init == "identity" and not keep_copies and self._keeps_mean():
+            b_pre = torch.full((n,), -math.log(n - 1))  # sigmoid = 1/n
+            post = torch.full((n,), 1 - POST_SPREAD / (n - 1), dtype=torch.float64)
+            post[favoured] = 1 + POST_SPREAD
+            b_post = torch.logit(post / 2).float()
+        else:
+            weights = torch.full((n,), (1 - FAVOURED_PRE_WEIGHT) / (n - 1))
+            weights[favoured] = FAVOURED_PRE_WEIGHT
+            b_pre = torch.logit(weights.double()).float()
+            b_post = torch.zeros(n)
+        sharp = self.init in ("identity-sharp", "paper")
+        b_res = self.res_identity_bias() if sharp else self.res_init_bias()
         return torch.cat([b_pre, b_post, b_res.float()])
+
+    def _keeps_mean(self) -> bool:
+        """Whether the init H_res has columns summing to 1 (it keeps the streams' mean), as
+        the identity init needs once the streams differ. True for every built-in manifold;
+        a custom map whose init H_res only has rows summing to 1 gets identity-copies."""
+        h_res = self.res_map(self.res_init_bias().double())
+        return bool(torch.allclose(h_res.sum(-2), torch.ones(()).double(), atol=1e-6))
 
     # ---------------------------------------------------------------------- identity
     @property

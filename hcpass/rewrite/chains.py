@@ -34,6 +34,10 @@ from hcpass.frontend.regions import REGION, Region, region_of
 from hcpass.frontend.sites import Chain, Site, SiteAnalysis
 from hcpass.rewrite.regions import outline_checkpoints
 
+# node.meta key of a coeffs node: (shape, dtype) of the stream state it reads, so a lowering
+# can tell which sites' coefficient computations are the same function of the same inputs.
+COEFFS_STATE = "hcpass_coeffs_state"
+
 
 @dataclass(frozen=True)
 class MixerSlot:
@@ -225,6 +229,11 @@ class _Rewriter:
         coeffs = cursor.call(
             "call_function", torch.ops.hcpass.coeffs.default, (x, *params, mixer.slot.spec)
         )
+        read = site.read.meta["example_value"]
+        state = [mixer.slot.streams, *read.shape]
+        if moved:
+            state.append(state.pop(site.channel_dim + 1))
+        coeffs.meta[COEFFS_STATE] = (tuple(state), read.dtype)
         h_pre, h_post, h_res = (
             cursor.call("call_function", operator.getitem, (coeffs, i)) for i in range(3)
         )

@@ -20,7 +20,9 @@ class Mixer(nn.Module):
     gradcheck of a converted model needs.
     """
 
-    def __init__(self, manifold: Manifold, channels: int, site_index: int) -> None:
+    def __init__(
+        self, manifold: Manifold, channels: int, site_index: int, *, keep_copies: bool = False
+    ) -> None:
         super().__init__()
         self.manifold = manifold
         self.channels = channels
@@ -30,7 +32,9 @@ class Mixer(nn.Module):
         else:
             self.register_parameter("phi", None)
             self.register_parameter("alpha", None)
-        self.bias = nn.Parameter(manifold.init_bias(site_index))
+        # keep_copies: the site's chain applies a nonlinear op to every stream (see
+        # `Manifold.init_bias`; `hcpass.plan` decides).
+        self.bias = nn.Parameter(manifold.init_bias(site_index, keep_copies=keep_copies))
 
     @property
     def spec(self) -> str:

@@ -1,17 +1,19 @@
-"""CPU lowering: inline the stream ops' plain-PyTorch references; keep ``coeffs`` an op.
+"""CPU lowering: the mixer ops become plain PyTorch that Inductor compiles.
 
 ``pre`` and ``post_res`` read and write the n-stream state, the model's largest tensors:
-inlined, Inductor differentiates them with AOTAutograd and fuses them into the C++ kernels
-of their neighbours (the branch's first op, the next site's mix), so the state is not read
-back an extra time.
+they are replaced by their references inline, so Inductor differentiates them with
+AOTAutograd and fuses them into the C++ kernels of their neighbours (the branch's first op,
+the next site's mix) instead of reading the state back an extra time.
 
-``coeffs`` stays an opaque op (an extern kernel call in Inductor's code, its backward the
-``coeffs_backward`` op, both running the reference's closed forms eagerly). Its work is per
-position on n x n matrices, but inlined it is long: Sinkhorn's iterations unroll, and one
-site's coefficients traced and differentiated are ~685 FX nodes (n = 4, 20 iterations).
-Inlined at every site, that graph is traced, partitioned, lowered and scheduled again per
-site, which made a converted model's cold compile grow ~8x faster per layer than the plain
-model's (docs/performance.md). As an op it costs two nodes per site.
+``coeffs`` is long: Sinkhorn's iterations unroll, and one site's coefficients traced and
+differentiated are ~685 FX nodes (n = 4, 20 iterations). Inlined at every site, that graph
+was traced, partitioned, lowered and scheduled again per site, so a converted model's cold
+compile grew ~12x faster per layer than the plain model's (docs/performance.md). Kept an
+opaque op it compiles fast but runs eagerly, 1.4x slower per training step. Instead every
+site whose coefficients are the same function (manifold spec, which of phi/alpha it has) of
+a state of the same shape and dtype calls one shared subgraph through PyTorch's
+``invoke_subgraph`` higher-order op (what ``torch.compiler.nested_compile_region`` records),
+which AOTAutograd traces and Inductor compiles once per distinct subgraph.
 """
 
 from __future__ import annotations
@@ -23,18 +25,60 @@ from torch import fx
 
 from hcpass.lowering.passes.manager import GraphPass
 from hcpass.ops import REFERENCE
+from hcpass.rewrite.chains import COEFFS_STATE
 
 INLINED = frozenset({torch.ops.hcpass.pre.default, torch.ops.hcpass.post_res.default})
+_COEFFS = torch.ops.hcpass.coeffs.default
+# The one place hcpass uses this private higher-order op (its signature:
+# ``invoke_subgraph(subgraph, identifier, *operands)``, returning the subgraph's outputs).
+_INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
 
 class LowerToReference(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
-        for node in graph.nodes:
+        shared: dict[tuple, str] = {}
+        for node in list(graph.nodes):
             if node.op == "call_function" and node.target in INLINED:
                 node.target = REFERENCE[node.target]
+            elif node.op == "call_function" and node.target is _COEFFS:
+                _share_coefficients(graph, node, shared)
             elif node.op == "get_attr" and graph.owning_module is not None:
                 # activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions)
                 body = operator.attrgetter(node.target)(graph.owning_module)
                 if isinstance(body, fx.GraphModule):
                     self(body.graph)
                     body.recompile()
+
+
+def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: dict[tuple, str]) -> None:
+    """Replace one ``coeffs`` call by a call of the subgraph its computation shares."""
+    x, *params, spec = node.args
+    present = tuple(p is not None for p in params)
+    state = node.meta.get(COEFFS_STATE)
+    # Without the state's shape (a graph not made by the rewrite), share with nothing.
+    key = (spec, present, str(state) if state is not None else node.name)
+    if key not in shared:
+        name = f"hcpass_coeffs_{len(shared)}"
+        graph.owning_module.register_module(name, _coefficients_body(spec, present))
+        shared[key] = name
+    name = shared[key]
+    with graph.inserting_before(node):
+        body = graph.get_attr(name)
+        # The first site reads its input expanded (stride 0), the others a contiguous state:
+        # a shared subgraph must see one layout.
+        dense = graph.call_method("contiguous", (x,))
+        operands = [dense, *(p for p in params if p is not None)]
+        call = graph.call_function(_INVOKE_SUBGRAPH, (body, name, *operands))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+def _coefficients_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
+    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res)`` by the reference, for `spec`."""
+    body = fx.Graph()
+    x = body.placeholder("x")
+    names = ("phi", "alpha", "bias")
+    params = [body.placeholder(n) if keep else None for n, keep in zip(names, present, strict=True)]
+    out = body.call_function(REFERENCE[_COEFFS], (x, *params, spec))
+    body.output(tuple(body.call_function(operator.getitem, (out, i)) for i in range(3)))
+    return fx.GraphModule(torch.nn.Module(), body, class_name="CoefficientsBody")

@@ -78,10 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init",
         choices=INITS,
         help="mixer init (default: hcpass.convert's, identity). identity: every variant "
-        "starts out computing exactly what the plain model does, its H_res already mixing "
-        "the streams; identity-sharp: the same with H_res ~ I (the papers' H_res init, "
-        "which barely moves in a short run); paper: the papers' init for training from "
-        "scratch",
+        "starts out computing exactly what the plain model does, its streams already "
+        "different and its H_res mixing them; identity-copies: the same with the streams "
+        "starting as copies; identity-sharp: identity-copies with H_res ~ I (the papers' "
+        "H_res init, which barely moves in a short run); paper: the papers' init for "
+        "training from scratch",
     )
     parser.add_argument(
         "--mixer-lr-scale",
