@@ -36,6 +36,8 @@ from hcpass.rewrite.regions import outline_checkpoints
 
 # node.meta key of a coeffs node: (shape, dtype) of the stream state it reads, so a lowering
 # can tell which sites' coefficient computations are the same function of the same inputs.
+# Absent where the state is a channels-last view of an NCHW stream (its layout is Inductor's
+# choice, which a shared subgraph cannot follow).
 COEFFS_STATE = "hcpass_coeffs_state"
 
 
@@ -229,11 +231,9 @@ class _Rewriter:
         coeffs = cursor.call(
             "call_function", torch.ops.hcpass.coeffs.default, (x, *params, mixer.slot.spec)
         )
-        read = site.read.meta["example_value"]
-        state = [mixer.slot.streams, *read.shape]
-        if moved:
-            state.append(state.pop(site.channel_dim + 1))
-        coeffs.meta[COEFFS_STATE] = (tuple(state), read.dtype)
+        if not moved:
+            read = site.read.meta["example_value"]
+            coeffs.meta[COEFFS_STATE] = ((mixer.slot.streams, *read.shape), read.dtype)
         h_pre, h_post, h_res = (
             cursor.call("call_function", operator.getitem, (coeffs, i)) for i in range(3)
         )

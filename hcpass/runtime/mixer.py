@@ -33,7 +33,7 @@ class Mixer(nn.Module):
             self.register_parameter("phi", None)
             self.register_parameter("alpha", None)
         # keep_copies: the site's chain applies a nonlinear op to every stream (see
-        # `Manifold.init_bias`; `hcpass.plan` decides).
+        # `Manifold.init_bias`; `hcpass.frontend.plan` decides).
         self.bias = nn.Parameter(manifold.init_bias(site_index, keep_copies=keep_copies))
 
     @property

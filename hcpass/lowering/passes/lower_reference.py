@@ -13,7 +13,9 @@ opaque op it compiles fast but runs eagerly, 1.4x slower per training step. Inst
 site whose coefficients are the same function (manifold spec, which of phi/alpha it has) of
 a state of the same shape and dtype calls one shared subgraph through PyTorch's
 ``invoke_subgraph`` higher-order op (what ``torch.compiler.nested_compile_region`` records),
-which AOTAutograd traces and Inductor compiles once per distinct subgraph.
+which AOTAutograd traces and Inductor compiles once per distinct subgraph. A site whose
+state is a channels-last view of an NCHW stream (conv nets) gets the reference inline: the
+layout Inductor picks for that view is not one a shared subgraph can be traced for.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ class LowerToReference(GraphPass):
             if node.op == "call_function" and node.target in INLINED:
                 node.target = REFERENCE[node.target]
             elif node.op == "call_function" and node.target is _COEFFS:
-                _share_coefficients(graph, node, shared)
+                if COEFFS_STATE in node.meta:
+                    _share_coefficients(graph, node, shared)
+                else:
+                    node.target = REFERENCE[node.target]
             elif node.op == "get_attr" and graph.owning_module is not None:
                 # activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions)
                 body = operator.attrgetter(node.target)(graph.owning_module)
@@ -54,9 +59,7 @@ def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: dict[tuple, str]
     """Replace one ``coeffs`` call by a call of the subgraph its computation shares."""
     x, *params, spec = node.args
     present = tuple(p is not None for p in params)
-    state = node.meta.get(COEFFS_STATE)
-    # Without the state's shape (a graph not made by the rewrite), share with nothing.
-    key = (spec, present, str(state) if state is not None else node.name)
+    key = (spec, present, str(node.meta[COEFFS_STATE]))
     if key not in shared:
         name = f"hcpass_coeffs_{len(shared)}"
         graph.owning_module.register_module(name, _coefficients_body(spec, present))
