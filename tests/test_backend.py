@@ -64,7 +64,7 @@ def test_cpu_lowering_inlines_the_stream_ops_and_shares_one_coefficient_subgraph
     # subgraph, which Inductor compiles once instead of once per site.
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == 4
-    assert {call.args[1] for call in calls} == {"hcpass_coeffs_0"}
+    assert len({call.args[1] for call in calls}) == 1
 
 
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():

@@ -32,6 +32,10 @@ from torch import Tensor
 # paper: the papers' init for training from scratch.
 INITS = ("identity", "identity-copies", "identity-sharp", "paper")
 
+# Options that only set where the parameters start (the bias logits, alpha's initial
+# value), not what the ops compute: left out of `Manifold.spec`.
+INIT_ONLY = ("init", "alpha")
+
 # RMSNorm epsilon of the flattened n*C state ("tiny" in the mHC paper).
 RMS_EPS = 1e-6
 
@@ -372,7 +376,8 @@ class Manifold:
         the identity init needs once the streams differ. True for every built-in manifold;
         a custom map whose init H_res only has rows summing to 1 gets identity-copies."""
         h_res = self.res_map(self.res_init_bias().double())
-        return bool(torch.allclose(h_res.sum(-2), torch.ones(()).double(), atol=1e-6))
+        column_sums = h_res.sum(-2).double()  # a custom map may compute in fp32
+        return bool(torch.allclose(column_sums, torch.ones_like(column_sums), atol=1e-6))
 
     # ---------------------------------------------------------------------- identity
     @property
@@ -386,9 +391,13 @@ class Manifold:
         }
 
     def spec(self) -> str:
-        """Canonical string naming this manifold and its options (an op argument and a
-        cache key); `hcpass.manifolds.resolve` turns it back into an instance."""
-        return f"{self.name}:{json.dumps(self.config, sort_keys=True, separators=(',', ':'))}"
+        """Canonical string naming the function this manifold's ops compute: its name and
+        every option but the init-only ones (an op argument and a cache key);
+        `hcpass.manifolds.resolve` turns it back into an instance that computes the same.
+        Leaving out where the parameters start lets two models of one class, converted
+        with different inits, share the graphs Dynamo caches for that class."""
+        computed = {k: v for k, v in self.config.items() if k not in INIT_ONLY}
+        return f"{self.name}:{json.dumps(computed, sort_keys=True, separators=(',', ':'))}"
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config.items())

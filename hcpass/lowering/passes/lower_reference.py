@@ -20,6 +20,7 @@ layout Inductor picks for that view is not one a shared subgraph can be traced f
 
 from __future__ import annotations
 
+import hashlib
 import operator
 
 import torch
@@ -38,7 +39,7 @@ _INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
 class LowerToReference(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
-        shared: dict[tuple, str] = {}
+        shared: set[tuple] = set()
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in INLINED:
                 node.target = REFERENCE[node.target]
@@ -55,16 +56,17 @@ class LowerToReference(GraphPass):
                     body.recompile()
 
 
-def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: dict[tuple, str]) -> None:
+def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: set[tuple]) -> None:
     """Replace one ``coeffs`` call by a call of the subgraph its computation shares."""
     x, *params, spec = node.args
     present = tuple(p is not None for p in params)
     key = (spec, present, str(node.meta[COEFFS_STATE]))
+    # The identifier names the subgraph for AOTAutograd's and Inductor's caches beyond this
+    # graph (checkpoint bodies, later graphs): the same name must mean the same function.
+    name = "hcpass_coeffs_" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
     if key not in shared:
-        name = f"hcpass_coeffs_{len(shared)}"
         graph.owning_module.register_module(name, _coefficients_body(spec, present))
-        shared[key] = name
-    name = shared[key]
+        shared.add(key)
     with graph.inserting_before(node):
         body = graph.get_attr(name)
         # The first site reads its input expanded (stride 0), the others a contiguous state:
