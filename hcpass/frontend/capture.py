@@ -1,4 +1,4 @@
-"""Stage 1: capture a model's forward as Dynamo graphs, the way torch.compile sees it.
+"""Capture a model's forward as Dynamo graphs, the way torch.compile sees it.
 
 Dynamo is the only capture that takes HF transformers models untouched (torch.export and
 fx.symbolic_trace fail on GPT-2/Llama). Each capture goes through a trampoline with a code

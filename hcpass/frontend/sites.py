@@ -1,4 +1,4 @@
-"""Stage 2: find the residual sites of a graph and group them into chains.
+"""Find the residual sites of a graph and group them into chains.
 
 Input: an FX graph in torch IR (what Dynamo hands a backend) whose nodes carry
 ``meta["example_value"]``, and a function naming the graph's parameter placeholders.
