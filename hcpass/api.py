@@ -10,9 +10,11 @@ from torch import nn
 
 from hcpass import manifolds
 from hcpass.frontend.capture import capture
-from hcpass.frontend.plan import WHAT_IS_A_SITE, Report, plan
-from hcpass.runtime.mixer import Mixer
+from hcpass.frontend.plan import ATTNRES, FAMILIES, HYPER_CONNECTIONS, WHAT_IS_A_SITE, Report, plan
+from hcpass.rewrite.attnres import AttnResOptions
+from hcpass.runtime.mixer import Mixer, SiteModule
 from hcpass.runtime.module import ConvertedModule
+from hcpass.runtime.pseudo_query import PseudoQuery
 
 
 def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwargs) -> tuple:
@@ -29,17 +31,27 @@ def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwa
     return tuple(example_inputs), dict(example_kwargs or {})
 
 
+def _validate_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return family
+
+
 def explain(
     model: nn.Module,
     example_inputs: Sequence[Any] = (),
     example_kwargs: dict[str, Any] | None = None,
+    *,
+    family: str = HYPER_CONNECTIONS,
 ) -> Report:
-    """Which adds of `model` are residual sites, and why the others are skipped.
+    """Which adds of `model` are residual sites `family` rewrites, and why the others are
+    skipped (with ``family="attnres"``, per chain: why it cannot become Attention Residuals).
 
     The model is run once on the example inputs under Dynamo (no grad; its buffers and
     the RNG state are restored)."""
+    family = _validate_family(family)
     args, kwargs = _validate_model(model, example_inputs, example_kwargs)
-    return plan(model, capture(model, args, kwargs)).report
+    return plan(model, capture(model, args, kwargs), family).report
 
 
 def convert(
@@ -47,33 +59,73 @@ def convert(
     example_inputs: Sequence[Any] = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
-    streams: int = 4,
-    manifold: str = "sinkhorn",
+    family: str = HYPER_CONNECTIONS,
+    streams: int | None = None,
+    manifold: str | None = None,
+    block_size: int | None = None,
     **manifold_options: Any,
 ) -> ConvertedModule:
-    """Rewrite every residual chain of `model` into `streams` parallel streams mixed by
-    `manifold` mixers (`hcpass.manifolds.available()` lists them).
+    """Rewrite every residual chain of `model`.
+
+    ``family="hyper-connections"`` (the default): into `streams` (default 4) parallel
+    streams mixed by `manifold` (default ``"sinkhorn"``) mixers
+    (`hcpass.available_manifolds()` lists them); options are the manifold's (``dynamic``,
+    ``init``, ``alpha``, ``sinkhorn_iters``, ...).
+
+    ``family="attnres"``: into Attention Residuals, each branch reading a softmax over
+    depth of the chain's earlier values; ``block_size`` sites per block (None: full
+    Attention Residuals). Only pre-norm chains convert (`explain` says why others don't).
 
     Returns a trainable module that owns `model`'s parameters under their original names
-    plus ``mixers.*``; with the default ``init="identity"`` it computes what `model` did.
-    Options are the manifold's (``dynamic``, ``init``, ``alpha``, ``sinkhorn_iters``, ...).
+    plus ``mixers.*`` (mixers, or pseudo-queries); at init it computes what `model` did.
     """
-    mixer_manifold = manifolds.create(manifold, streams, **manifold_options)
+    family = _validate_family(family)
+    if family == ATTNRES:
+        given = {"streams": streams, "manifold": manifold, **manifold_options}
+        wrong = sorted(name for name, value in given.items() if value is not None)
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: options of family='hyper-connections'; "
+                "family='attnres' takes block_size"
+            )
+        options = AttnResOptions(block_size)
+    else:
+        if block_size is not None:
+            raise ValueError("block_size is an option of family='attnres'")
+        mixer_manifold = manifolds.create(
+            manifold or "sinkhorn", 4 if streams is None else streams, **manifold_options
+        )
     args, kwargs = _validate_model(model, example_inputs, example_kwargs)
     graphs = capture(model, args, kwargs)
-    found = plan(model, graphs)
+    found = plan(model, graphs, family)
     if not found.sites:
         detail = "\n".join(f"  {s.name}: {s.reason}" for s in found.report.skipped)
         raise ValueError(
-            f"hcpass found no residual sites in {type(model).__name__}; {WHAT_IS_A_SITE}."
+            f"hcpass found no residual sites to rewrite in {type(model).__name__}; "
+            f"{WHAT_IS_A_SITE}."
             + (f"\nCandidate adds that were skipped:\n{detail}" if detail else "")
         )
-    mixers = {
-        site.key: Mixer(mixer_manifold, site.channels, site.position, keep_copies=site.keep_copies)
-        for site in found.sites
-    }
+    mixers: dict[str, SiteModule]
+    if family == ATTNRES:
+        mixers = {
+            site.key: PseudoQuery(
+                site.channels,
+                options.spec(),
+                starts_chain=site.position == 0,
+                ends_chain=site.ends_chain,
+            )
+            for site in found.sites
+        }
+    else:
+        mixers = {
+            site.key: Mixer(
+                mixer_manifold, site.channels, site.position, keep_copies=site.keep_copies
+            )
+            for site in found.sites
+        }
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return ConvertedModule(model, found, mixers, graphs).to(device)
+    attnres = options if family == ATTNRES else None
+    return ConvertedModule(model, found, mixers, graphs, attnres).to(device)
 
 
 def compile(
@@ -81,18 +133,10 @@ def compile(
     example_inputs: Sequence[Any] = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
-    streams: int = 4,
-    manifold: str = "sinkhorn",
     compile_options: dict[str, Any] | None = None,
-    **manifold_options: Any,
+    **convert_options: Any,
 ) -> Callable[..., Any]:
-    """`convert`, then ``torch.compile(..., backend="hcpass")``."""
-    converted = convert(
-        model,
-        example_inputs,
-        example_kwargs,
-        streams=streams,
-        manifold=manifold,
-        **manifold_options,
-    )
+    """`convert` (with `convert_options`: ``family``, ``streams``, ``manifold``, ...), then
+    ``torch.compile(..., backend="hcpass")``."""
+    converted = convert(model, example_inputs, example_kwargs, **convert_options)
     return torch.compile(converted, backend="hcpass", **(compile_options or {}))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
+from hcpass.frontend.attnres import keep_convertible
 from hcpass.frontend.capture import CapturedGraph, parameter_name
 from hcpass.frontend.regions import inline_checkpoints
 from hcpass.frontend.sites import (
@@ -24,6 +25,11 @@ from hcpass.frontend.sites import (
 )
 from hcpass.patterns.node_sets import is_affine_stream_op
 from hcpass.text import table, unique_name
+
+# The rewrite families: n-stream mixers (HC, mHC and its variants), Attention Residuals.
+HYPER_CONNECTIONS = "hyper-connections"
+ATTNRES = "attnres"
+FAMILIES = (HYPER_CONNECTIONS, ATTNRES)
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
@@ -75,14 +81,19 @@ class Report:
         return table(rows, header=("site", "status", "reason")) + "\n" + totals
 
 
-def analyse(gm: fx.GraphModule, keep: SiteFilter | None = None) -> tuple[fx.Graph, SiteAnalysis]:
-    """A normalised copy of `gm`'s graph and its sites (the copy is what a rewrite edits),
-    with activation-checkpoint bodies inlined (`regions`) so their adds are searched.
-    Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
+def analyse(
+    gm: fx.GraphModule, keep: SiteFilter | None = None, family: str = HYPER_CONNECTIONS
+) -> tuple[fx.Graph, SiteAnalysis]:
+    """A normalised copy of `gm`'s graph and the sites `family` can rewrite (the copy is
+    what a rewrite edits), with activation-checkpoint bodies inlined (`regions`) so their
+    adds are searched. Parameter placeholders must carry their names
+    (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
     closed = inline_checkpoints(graph, gm)
     normalize_inplace(graph)
     analysis = find_sites(graph, parameter_name, keep)
+    if family == ATTNRES:
+        keep_convertible(analysis)
     analysis.skipped.extend(closed)
     return graph, analysis
 
@@ -118,6 +129,8 @@ class PlannedSite:
     # Its chain applies a nonlinear op (post-norm, activation) to every stream, here or after
     # a graph break: the init must keep the streams copies (`Manifold.init_bias`).
     keep_copies: bool = False
+    # The last site of its chain (Attention Residuals: its module holds the output query).
+    ends_chain: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,15 +149,18 @@ class _ChainEnd:
     length: int  # sites in the chain so far, across graphs
 
 
-def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
+def plan(
+    model: nn.Module, graphs: Sequence[CapturedGraph], family: str = HYPER_CONNECTIONS
+) -> Plan:
     rows: list[SiteReport] = []
     planned: dict[str, PlannedSite] = {}
     keys: set[str] = set()
     runs = 0
     ends: dict[tuple[int, int], _ChainEnd] = {}  # (graph, output position) -> chain end
     copies: set[str] = set()  # keys of sites whose chain part lifts a nonlinear op
+    chain_ends: set[str] = set()
     for captured in graphs:
-        graph, analysis = analyse(captured.gm)
+        graph, analysis = analyse(captured.gm, family=family)
         graph_rows: list[tuple[fx.Node, SiteReport]] = []
         for chain in analysis.chains:
             before = _continued(graph, chain, captured, ends)
@@ -170,6 +186,7 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
                 graph_rows.append((site.node, row))
             if not all(is_affine_stream_op(op) for op in chain.stream_ops):
                 copies.update(planned[s.anchor_name].key for s in chain.sites)
+            chain_ends.add(planned[chain.sites[-1].anchor_name].key)
             total = len(chain.sites) + (before.length if before else 0)
             end = _ChainEnd(follows, planned[chain.sites[-1].anchor_name].name, total)
             for position in _returned_at(graph, chain.stream_values[-1]):
@@ -186,7 +203,10 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph]) -> Plan:
     for key in list(copies):
         while (key := follows[key]) is not None and key not in copies:
             copies.add(key)
-    sites = [replace(p, keep_copies=p.key in copies) for p in planned.values()]
+    sites = [
+        replace(p, keep_copies=p.key in copies, ends_chain=p.key in chain_ends)
+        for p in planned.values()
+    ]
     return Plan(Report(rows, len(graphs), breaks), sites, runs)
 
 

@@ -24,78 +24,25 @@ of its add (`hcpass.frontend.regions`); the regions are closed again at the end.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
-from hcpass.frontend.regions import REGION, Region, region_of
+from hcpass.frontend.regions import region_of
 from hcpass.frontend.sites import Chain, Site, SiteAnalysis
+from hcpass.rewrite.base import (
+    BranchRewirer,
+    Cursor,
+    MixerInputs,
+    MixerSlot,
+    RewriteResult,
+    add_placeholders,
+    last_placeholder,
+)
+from hcpass.rewrite.base import dtype as _dtype
+from hcpass.rewrite.base import rank as _rank
 from hcpass.rewrite.regions import outline_checkpoints
-
-
-@dataclass(frozen=True)
-class MixerSlot:
-    """What the rewrite needs to know of a site's mixer."""
-
-    key: str  # placeholder prefix, e.g. "h_0_attn"
-    streams: int
-    spec: str  # Manifold.spec()
-    dynamic: bool
-
-
-@dataclass(frozen=True)
-class MixerInputs:
-    """Placeholders one mixer gained, and the parameter placeholder that names it."""
-
-    slot: MixerSlot
-    anchor: fx.Node
-    channels: int
-    placeholders: tuple[fx.Node, ...]  # phi, alpha, bias (phi/alpha absent when static)
-
-
-@dataclass(frozen=True)
-class RewriteResult:
-    mixer_inputs: list[MixerInputs]
-    site_count: int
-    bodies: dict[str, fx.GraphModule]  # checkpoint bodies the graph's get_attr nodes read
-    # Hand-off (hcpass.runtime.handoff): per chain starting at a graph input, that input, the
-    # placeholder for its n-stream state (after the mixer placeholders) and the chain's first
-    # site; per chain whose last stream value the graph returns, the output's position and
-    # the chain's last site (its n-stream state is appended to the outputs, in this order).
-    stream_inputs: list[tuple[fx.Node, fx.Node, Site]]
-    stream_outputs: list[tuple[int, Site]]
-
-
-def graph_module(root: fx.GraphModule, graph: fx.Graph, result: RewriteResult) -> fx.GraphModule:
-    """The rewritten `graph` as a module: attributes from the captured `root`, checkpoint
-    bodies from the rewrite."""
-    targets = {n.target for n in graph.nodes if n.op == "get_attr"}
-    attrs = {t: result.bodies[t] if t in result.bodies else _attribute(root, t) for t in targets}
-    module = fx.GraphModule(attrs, graph, class_name="HcpassGraph")
-    module.train(root.training)
-    return module
-
-
-def _attribute(root: torch.nn.Module, target: str) -> object:
-    return operator.attrgetter(target)(root)
-
-
-class _Cursor:
-    """Inserts nodes one after another, starting after `node`, into checkpoint `region`."""
-
-    def __init__(self, graph: fx.Graph, node: fx.Node, region: Region | None = None) -> None:
-        self.graph = graph
-        self.last = node
-        self.region = region
-
-    def call(self, op: str, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
-        with self.graph.inserting_after(self.last):
-            self.last = self.graph.create_node(op, target, args, kwargs or {})
-        if self.region is not None:
-            self.last.meta[REGION] = self.region
-        return self.last
 
 
 def rewrite_chains(
@@ -122,22 +69,12 @@ class _Rewriter:
         # n-stream node, its collapse, the chain's last site
         self.stream_outputs: list[tuple[fx.Node, fx.Node, Site]] = []
         self.mixer_inputs: dict[str, MixerInputs] = {}
-        # branch nodes some site already rewired -> their inputs before that
-        self.claimed: dict[fx.Node, tuple[tuple, dict]] = {}
+        self.branches = BranchRewirer(graph)
         self.coefficients: dict[Site, tuple[fx.Node, fx.Node]] = {}  # h_post, h_res
         self.branch_out: dict[Site, fx.Node] = {}
-        self.order = {node: i for i, node in enumerate(graph.nodes)}
 
     def run(self) -> RewriteResult:
-        # Placeholders must precede every other node: create them all first.
-        cursor = _Cursor(self.graph, self._last_placeholder())
-        for site in self.analysis.sites:
-            slot = self.slot_of[site]
-            if slot.key not in self.mixer_inputs:
-                names = ("phi", "alpha", "bias") if slot.dynamic else ("bias",)
-                prefix = slot.key if slot.key.isidentifier() else f"mixer_{slot.key}"
-                nodes = tuple(cursor.call("placeholder", f"{prefix}_{n}", ()) for n in names)
-                self.mixer_inputs[slot.key] = MixerInputs(slot, site.anchor, site.channels, nodes)
+        self.mixer_inputs = add_placeholders(self.graph, self.analysis.sites, self.slot_of)
         for chain in self.analysis.chains:
             self._chain(chain)
         returned = self._return_states()
@@ -160,9 +97,6 @@ class _Rewriter:
         output.args = ((*values, *(multi for multi, _, _ in self.stream_outputs)),)
         return [(values.index(collapsed), site) for _, collapsed, site in self.stream_outputs]
 
-    def _last_placeholder(self) -> fx.Node:
-        return [n for n in self.graph.nodes if n.op == "placeholder"][-1]
-
     def _mixer(self, site: Site) -> MixerInputs:
         return self.mixer_inputs[self.slot_of[site].key]
 
@@ -177,13 +111,12 @@ class _Rewriter:
 
         if chain.input.op == "placeholder":
             # The caller passes the n-stream state: kept from an earlier graph, or n copies.
-            with self.graph.inserting_after(self._last_placeholder()):
+            with self.graph.inserting_after(last_placeholder(self.graph)):
                 state = self.graph.placeholder(f"{chain.input.name}_streams")
             self.stream_inputs.append((chain.input, state, chain.sites[0]))
             multi[chain.input] = state
         else:
-            start = self._last_placeholder() if chain.input.op == "placeholder" else chain.input
-            cursor = _Cursor(self.graph, start, region_of(chain.input))
+            cursor = Cursor(self.graph, chain.input, region_of(chain.input))
             copies = cursor.call("call_method", "unsqueeze", (chain.input, 0))
             rank = _rank(chain.input)
             multi[chain.input] = cursor.call(
@@ -198,7 +131,7 @@ class _Rewriter:
                 multi[value] = self._lift(value, multi[value.args[0]], streams)
             elif value in site_of:
                 multi[value] = self._post_res(site_of[value], multi)
-            cursor = _Cursor(self.graph, multi[value])
+            cursor = Cursor(self.graph, multi[value])
             for site in readers.get(value, []):
                 cursor.region = region_of(site.node)
                 self._pre(cursor, site, multi[value])
@@ -212,7 +145,7 @@ class _Rewriter:
             if value is not chain.input:
                 self.graph.erase_node(value)
 
-    def _pre(self, cursor: _Cursor, site: Site, stream: fx.Node) -> None:
+    def _pre(self, cursor: Cursor, site: Site, stream: fx.Node) -> None:
         """coeffs + pre from the read state; the branch reads the result instead of r."""
         mixer = self._mixer(site)
         moved = site.channel_dim != _rank(site.read) - 1
@@ -233,30 +166,13 @@ class _Rewriter:
             u = _channels_back(cursor, u, -1, site.channel_dim)
         self.coefficients[site] = (h_post, h_res)
 
-        env = {site.read: u}
-        for node in sorted(site.branch_nodes, key=self.order.__getitem__):
-            if node in self.claimed:
-                # Copy from the inputs the node had before the first site rewired it.
-                args, kwargs = self.claimed[node]
-                with self.graph.inserting_before(node):
-                    env[node] = self.graph.create_node(
-                        node.op,
-                        node.target,
-                        fx.map_arg(args, lambda a: env.get(a, a)),
-                        fx.map_arg(kwargs, lambda a: env.get(a, a)),
-                        name=node.name,
-                    )
-                env[node].meta = dict(node.meta)
-            else:
-                self.claimed[node] = (node.args, node.kwargs)
-                for old in [p for p in node.all_input_nodes if p in env]:
-                    node.replace_input_with(old, env[old])
-        self.branch_out[site] = env.get(site.branch, site.branch)
+        env = self.branches.rewire(site, u)
+        self.branch_out[site] = env[site.branch]
 
     def _post_res(self, site: Site, multi: dict[fx.Node, fx.Node]) -> fx.Node:
         h_post, h_res = self.coefficients.pop(site)
         y = self.branch_out.pop(site)
-        cursor = _Cursor(self.graph, site.node, region_of(site.node))
+        cursor = Cursor(self.graph, site.node, region_of(site.node))
         # The add's result dtype is the promotion of its operands' (fp32 stream + bf16 branch
         # under autocast -> fp32); the mixer ops take one dtype, so both are cast to it.
         dtype = _dtype(site.node)
@@ -277,7 +193,7 @@ class _Rewriter:
         return out
 
     def _lift(self, op: fx.Node, stream: fx.Node, streams: int) -> fx.Node:
-        cursor = _Cursor(self.graph, op, region_of(op))
+        cursor = Cursor(self.graph, op, region_of(op))
         folded = cursor.call("call_method", "flatten", (stream, 0, 1))
         # In-place variants would write into a stream tensor other nodes still read.
         kwargs = {**op.kwargs, "inplace": False} if "inplace" in op.kwargs else dict(op.kwargs)
@@ -299,14 +215,14 @@ class _Rewriter:
                 if user in lifted and user.args[0] is value:
                     continue
                 if collapsed is None:
-                    cursor = _Cursor(self.graph, multi[value], region_of(value))
+                    cursor = Cursor(self.graph, multi[value], region_of(value))
                     collapsed = cursor.call("call_method", "mean", (multi[value], 0))
                     means[value] = collapsed
                 user.replace_input_with(value, collapsed)
         return means
 
 
-def _channels_back(cursor: _Cursor, value: fx.Node, source: int, channel_dim: int) -> fx.Node:
+def _channels_back(cursor: Cursor, value: fx.Node, source: int, channel_dim: int) -> fx.Node:
     """Move the channels of an op's channels-last output back to `channel_dim`, in the
     original (contiguous, e.g. NCHW) layout. A bare movedim would hand the model's convs a
     channels-last view whose strides, once Inductor makes the sizes symbolic, cannot tell
@@ -315,11 +231,3 @@ def _channels_back(cursor: _Cursor, value: fx.Node, source: int, channel_dim: in
     the op's own kernel."""
     moved = cursor.call("call_method", "movedim", (value, source, channel_dim))
     return cursor.call("call_method", "contiguous", (moved,))
-
-
-def _rank(node: fx.Node) -> int:
-    return node.meta["example_value"].dim()
-
-
-def _dtype(node: fx.Node) -> torch.dtype:
-    return node.meta["example_value"].dtype

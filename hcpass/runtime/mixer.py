@@ -1,4 +1,5 @@
-"""The trainable state of one rewritten residual site."""
+"""The trainable state of one rewritten residual site: `SiteModule`, and the hyper-connection
+`Mixer` (Attention Residuals: `hcpass.runtime.pseudo_query`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,44 @@ from torch import nn
 from hcpass.manifolds import Manifold
 
 
-class Mixer(nn.Module):
-    """Parameters of one site's mixer: the dynamic projection ``phi`` (absent when the
-    manifold is static), the three scales ``alpha`` (likewise) and the bias logits.
+class SiteModule(nn.Module):
+    """A site's parameters, as the rewritten graph takes them (``ConvertedModule.mixers``).
 
-    Never narrower than fp32: the coefficient path is fp32 by design (mHC: alpha and b in
-    fp32, Sinkhorn in fp32), so ``model.to(torch.bfloat16)``/``.half()`` leave the mixers in
-    fp32 (`_apply`). Widening follows the model: ``.double()`` makes them fp64, as an fp64
-    gradcheck of a converted model needs.
+    Never narrower than fp32: the parameters feed fp32 coefficient math by design (mHC:
+    alpha and b in fp32, Sinkhorn in fp32; Attention Residuals: fp32 logits over depth), so
+    ``model.to(torch.bfloat16)``/``.half()`` leave them in fp32 (`_apply`). Widening
+    follows the model: ``.double()`` makes them fp64, as an fp64 gradcheck needs.
     """
+
+    channels: int
+
+    @property
+    def spec(self) -> str:
+        """What the site computes with these parameters; a cached graph checks it."""
+        raise NotImplementedError
+
+    @property
+    def graph_parameters(self) -> tuple[str, ...]:
+        """The names of the parameters the rewritten graph takes, in order."""
+        raise NotImplementedError
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            narrowed = (
+                t.is_floating_point()
+                and out.is_floating_point()
+                and torch.finfo(out.dtype).bits < torch.finfo(torch.float32).bits
+            )
+            # Move without rounding: casting back after fn would keep the bf16 rounding.
+            return t.to(device=out.device) if narrowed else out
+
+        return super()._apply(keep_fp32, recurse)
+
+
+class Mixer(SiteModule):
+    """Parameters of one site's mixer: the dynamic projection ``phi`` (absent when the
+    manifold is static), the three scales ``alpha`` (likewise) and the bias logits."""
 
     def __init__(
         self, manifold: Manifold, channels: int, site_index: int, *, keep_copies: bool = False
@@ -44,18 +74,9 @@ class Mixer(nn.Module):
     def streams(self) -> int:
         return self.manifold.streams
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Mixer:
-        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            narrowed = (
-                t.is_floating_point()
-                and out.is_floating_point()
-                and torch.finfo(out.dtype).bits < torch.finfo(torch.float32).bits
-            )
-            # Move without rounding: casting back after fn would keep the bf16 rounding.
-            return t.to(device=out.device) if narrowed else out
-
-        return super()._apply(keep_fp32, recurse)
+    @property
+    def graph_parameters(self) -> tuple[str, ...]:
+        return ("phi", "alpha", "bias") if self.manifold.dynamic else ("bias",)
 
     def extra_repr(self) -> str:
         return f"{self.manifold!r}, channels={self.channels}"

@@ -36,11 +36,13 @@ from hcpass.frontend.capture import (
     unwrapped_parameters,
     visible_residuals,
 )
-from hcpass.frontend.plan import Plan, Report, analyse
-from hcpass.rewrite.chains import MixerInputs, MixerSlot, graph_module, rewrite_chains
+from hcpass.frontend.plan import ATTNRES, HYPER_CONNECTIONS, Plan, Report, analyse
+from hcpass.rewrite.attnres import AttnResOptions, rewrite_attnres
+from hcpass.rewrite.base import MixerInputs, MixerSlot, graph_module
+from hcpass.rewrite.chains import rewrite_chains
 from hcpass.rewrite.regions import checkpoint_eagerly
 from hcpass.runtime import handoff
-from hcpass.runtime.mixer import Mixer
+from hcpass.runtime.mixer import SiteModule
 
 
 @dataclass
@@ -151,8 +153,9 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         self,
         model: nn.Module,
         plan: Plan,
-        mixers: dict[str, Mixer],
+        mixers: dict[str, SiteModule],
         graphs: Sequence[CapturedGraph] = (),
+        attnres: AttnResOptions | None = None,
     ) -> None:
         super().__init__()
         clashes = sorted(
@@ -176,6 +179,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         # registrations above, which must not see the original's attributes (`__getattr__`).
         object.__setattr__(self, "_model", model)
         self.mixers = nn.ModuleDict(mixers)
+        # The rewrite family: hyper-connections (None) or Attention Residuals.
+        self.attnres = attnres
         self.report: Report = plan.report
         self._key_of = {site.anchor: site.key for site in plan.sites}
         self._follows = {site.key: site.follows for site in plan.sites}
@@ -302,7 +307,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     @property
     def mixers_anchor(self) -> torch.Tensor:
-        return next(iter(self.mixers.values())).bias
+        return next(self.mixers.parameters())
 
     def _check_ran(self, run: _Run) -> None:
         """Raise unless this forward ran every mixer and kept every chain whole."""
@@ -356,9 +361,13 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         Returns the rewritten GraphModule and a callable running `fn(*inputs, *mixer
         params)`; the caller sets `MixedGraph.fn` (eager: the GraphModule itself)."""
         annotate_parameters(gm, parameter_names(self._model))
-        graph, analysis = analyse(gm, keep=self._keep)
+        family = HYPER_CONNECTIONS if self.attnres is None else ATTNRES
+        graph, analysis = analyse(gm, keep=self._keep, family=family)
         slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
-        result = rewrite_chains(graph, analysis, slots)
+        if self.attnres is None:
+            result = rewrite_chains(graph, analysis, slots)
+        else:
+            result = rewrite_attnres(graph, analysis, slots, self.attnres)
         rewritten = graph_module(gm, graph, result)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}
@@ -398,8 +407,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def _slot(self, anchor: str) -> MixerSlot:
         key = self._key_of[anchor]
-        mixer: Mixer = self.mixers[key]
-        return MixerSlot(key, mixer.streams, mixer.spec, mixer.manifold.dynamic)
+        module: SiteModule = self.mixers[key]
+        return MixerSlot(key, module.spec, module.graph_parameters, getattr(module, "streams", 1))
 
     def _anchor_name(self, anchor: torch.Tensor) -> str | None:
         # Called per mixer per forward: scan the parameters again only on a miss. The map
@@ -441,19 +450,21 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def mixer_parameters(
         self, anchor: torch.Tensor, inputs: MixerInputs
     ) -> tuple[str, list[torch.Tensor]]:
-        """The key and parameters of the mixer keyed on `anchor`, checked against the
+        """The key and parameters of the site module keyed on `anchor`, checked against the
         graph's slot."""
         key = self.site_key(anchor)
-        mixer: Mixer = self.mixers[key]
-        if mixer.spec != inputs.slot.spec or mixer.channels != inputs.channels:
+        module: SiteModule = self.mixers[key]
+        if (
+            module.spec != inputs.slot.spec
+            or module.channels != inputs.channels
+            or module.graph_parameters != inputs.slot.parameters
+        ):
             raise RuntimeError(
-                f"hcpass: mixer {key!r} ({mixer.spec}, C={mixer.channels}) differs from the "
+                f"hcpass: mixer {key!r} ({module.spec}, C={module.channels}) differs from the "
                 f"one the cached graph was built for ({inputs.slot.spec}, C={inputs.channels}): "
                 "Dynamo reused a graph across models converted with different options"
             )
-        if inputs.slot.dynamic:
-            return key, [mixer.phi, mixer.alpha, mixer.bias]
-        return key, [mixer.bias]
+        return key, [getattr(module, name) for name in inputs.slot.parameters]
 
 
 @functools.cache
