@@ -1,4 +1,5 @@
-"""Triton kernels of the Attention Residuals op (``hcpass::attnres``), as its two phases.
+"""Triton kernels of the Attention Residuals ops (``hcpass::attnres``, as its two phases,
+and ``hcpass::attnres_backward``).
 
 The math (`hcpass.ops.attnres.reference` derives it): values ``v_i [*pos, C]``, a query
 ``w [C]``; per position, in compute dtype (fp32; fp64 for fp64 values)::
@@ -8,8 +9,9 @@ The math (`hcpass.ops.attnres.reference` derives it): values ``v_i [*pos, C]``, 
 split as in the paper: the k values are n = k - 1 completed blocks and a partial block.
 
 - Phase 1, `attnres_blocks` (kernel `attnres_blocks_kernel`): S queries ``[S, C]`` over the n
-  completed blocks. Grid: (position tiles, query tiles). A program reads each block once
-  for all the queries of its tile (one query tile covers up to 16 queries), in two sweeps:
+  completed blocks. Grid: (position tiles, query tiles); the reads of a block serve all
+  the queries of the tile (up to 16: with S <= 16 the blocks are read for all S queries
+  together, never per query). Two sweeps:
   sweep 1 goes block by block over the channels, computing each block's logits for the tile
   ``[BLOCK_S, BLOCK_P]`` (RMS and dot products) and the online-softmax statistics
   ``m = max_j s_j``, ``l = sum_j exp(s_j - m)``; it parks the logits in a small scratch
@@ -17,9 +19,9 @@ split as in the paper: the k values are n = k - 1 completed blocks and a partial
   chunk by channel chunk, over the blocks within each, accumulating
   ``o = sum_j exp(s_j - m) / l * b_j`` in registers ``[BLOCK_S, BLOCK_P, BLOCK_C]`` and
   writing it once. Outputs o ``[S, *pos, C]``, m and l ``[S, *pos]``, in compute dtype.
-  Sweep 2 reads each block's rows again: the logits need all channels before any of the
-  output can be weighted, and ``[BLOCK_S, BLOCK_P, C]`` does not fit in registers for a
-  model's C.
+  So each block is read twice per position tile (the second time mostly from L2), not
+  once: the logits need all channels before any of the output can be weighted, and a
+  ``[BLOCK_S, BLOCK_P, C]`` accumulator does not fit in registers for a model's C.
 - Phase 2, `attnres_merge` (kernel `attnres_merge_kernel`): one query merges (o, m, l) with
   the partial block p: ``s_p = <w, p> / rms(p)``, ``m' = max(m, s_p)``,
   ``a = l exp(m - m')``, ``b = exp(s_p - m')``, ``h = (a o + b p) / (a + b)``, in p's dtype.
@@ -28,8 +30,17 @@ split as in the paper: the k values are n = k - 1 completed blocks and a partial
 
 `attnres` (the CUDA kernel of ``hcpass::attnres``, `register_cuda_kernels` installs it) is
 phase 1 over ``values[:-1]`` with the one query, then phase 2 with ``values[-1]``; k = 1
-copies the one value. The backward on CUDA stays the PyTorch reference
-(`hcpass.ops.attnres.reference.attnres_backward`, registered for every device).
+copies the one value.
+
+- Backward, `attnres_backward` (kernel `attnres_bwd_kernel`, the CUDA kernel of
+  ``hcpass::attnres_backward``): the closed form of the reference, recomputed from the
+  values. Grid: position tiles. Sweep 1 goes value by value over the channels: ``r_i``,
+  ``q_i = <w, v_i>``, ``d_i = <g, v_i>`` (parked in a scratch ``[3, k, P]``) and, online,
+  the softmax statistics and ``dbar = sum_j alpha_j d_j``. Sweep 2 goes channel chunk by
+  chunk, over the values within each: ``alpha_i``, ``ds_i = alpha_i (d_i - dbar)``,
+  ``grad v_i = alpha_i g + ds_i r_i w - ds_i r_i^3 q_i v_i / C``, and the program's partial
+  sum of ``grad w = sum_pos sum_i ds_i r_i v_i`` (``[programs, C]``, summed by torch). Reads
+  the values and g twice, writes each value's gradient once.
 
 Layout: the values arrive as a list of separately allocated tensors, any strides. The
 blocks reach the kernel as a table ``[n, 3]`` (int64: address, position stride, channel
@@ -205,6 +216,99 @@ def attnres_merge_kernel(
         tl.store(h_ptr + p64[:, None] * C + c[None, :], h.to(h_ptr.dtype.element_ty), mask=pc_ok)
 
 
+@_jit
+def attnres_bwd_kernel(
+    table_ptr,  # int64 [k, 3]: address, position stride, channel stride of each value
+    first_ptr,  # value 0: its pointer type types both tables' addresses
+    out_table_ptr,  # int64 [k]: addresses of the values' gradients, contiguous [P, C]
+    g_ptr,  # [P, C] grad of h, strides (stride_gp, stride_gc)
+    w_ptr,  # [C] query, ACC
+    stats_ptr,  # [3, k, P] scratch, ACC: r, q, d
+    gw_ptr,  # [programs, C] out, ACC: per-program partial sums of grad w
+    k,
+    P,
+    stride_gp,
+    stride_gc,
+    eps,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    p64 = p.to(tl.int64)
+    g_rows = g_ptr + p64[:, None] * stride_gp
+
+    # sweep 1: r_i, q_i, d_i; online max m, l = sum exp(s - m), ld = sum exp(s - m) d
+    m = tl.full((BLOCK_P,), float("-inf"), ACC)
+    l = tl.zeros((BLOCK_P,), ACC)  # noqa: E741
+    ld = tl.zeros((BLOCK_P,), ACC)
+    for i in range(k):
+        base = tl.load(table_ptr + 3 * i).to(first_ptr.dtype, bitcast=True)
+        stride_p = tl.load(table_ptr + 3 * i + 1)
+        stride_c = tl.load(table_ptr + 3 * i + 2)
+        sumsq = tl.zeros((BLOCK_P,), ACC)
+        q = tl.zeros((BLOCK_P,), ACC)
+        d = tl.zeros((BLOCK_P,), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            pc_ok = p_ok[:, None] & c_ok[None, :]
+            v = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
+            ).to(ACC)
+            g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
+            w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+            sumsq += tl.sum(v * v, 1)
+            q += tl.sum(v * w[None, :], 1)
+            d += tl.sum(v * g, 1)
+        r = 1.0 / tl.sqrt(sumsq / C + eps)
+        tl.store(stats_ptr + i * P + p64, r, mask=p_ok)
+        tl.store(stats_ptr + (k + i) * P + p64, q, mask=p_ok)
+        tl.store(stats_ptr + (2 * k + i) * P + p64, d, mask=p_ok)
+        s = r * q  # padded lanes: 0, finite
+        top = tl.maximum(m, s)
+        scale = tl.exp(m - top)
+        e = tl.exp(s - top)
+        l = l * scale + e  # noqa: E741
+        ld = ld * scale + e * d
+        m = top
+    inv_l = 1.0 / l
+    dbar = ld * inv_l
+    tl.debug_barrier()  # the stats parked by other threads of this program are visible
+
+    # sweep 2: each value's gradient and the partial grad of w, one channel chunk at a time
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        pc_ok = p_ok[:, None] & c_ok[None, :]
+        g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        gw = tl.zeros((BLOCK_C,), ACC)
+        for i in range(k):
+            base = tl.load(table_ptr + 3 * i).to(first_ptr.dtype, bitcast=True)
+            stride_p = tl.load(table_ptr + 3 * i + 1)
+            stride_c = tl.load(table_ptr + 3 * i + 2)
+            out = tl.load(out_table_ptr + i).to(first_ptr.dtype, bitcast=True)
+            r = tl.load(stats_ptr + i * P + p64, mask=p_ok, other=0.0)
+            q = tl.load(stats_ptr + (k + i) * P + p64, mask=p_ok, other=0.0)
+            d = tl.load(stats_ptr + (2 * k + i) * P + p64, mask=p_ok, other=0.0)
+            alpha = tl.exp(r * q - m) * inv_l
+            coef_w = alpha * (d - dbar) * r  # ds_i r_i
+            coef_v = coef_w * r * r * q / C
+            v = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
+            ).to(ACC)
+            gv = alpha[:, None] * g + coef_w[:, None] * w[None, :] - coef_v[:, None] * v
+            tl.store(
+                out + p64[:, None] * C + c[None, :], gv.to(first_ptr.dtype.element_ty), mask=pc_ok
+            )
+            gw += tl.sum(coef_w[:, None] * v, 0)
+        tl.store(gw_ptr + pid * C + c, gw, mask=c_ok)
+
+
 # ---------------------------------------------------------------------------- launching
 # The interpreter runs program instances one after another (~1 ms each): few, large tiles.
 # On a GPU: a [BLOCK_S, BLOCK_P, BLOCK_C] tile of ~2K elements in sweep 2 (not tuned yet).
@@ -257,9 +361,7 @@ def attnres_blocks(
     if o.numel() == 0:
         return o, m, l
     rows = [_rows(b, P, C) for b in blocks]
-    table = torch.tensor(
-        [[t.data_ptr(), t.stride(0), t.stride(1)] for t in rows], dtype=torch.int64
-    ).to(first.device)
+    table = _table(rows)
     logits = first.new_empty((n, S, P), dtype=acc)
     w = queries.to(acc).contiguous()
     config = _blocks_config(S, C)
@@ -329,6 +431,12 @@ def attnres_merge(
     return h
 
 
+def _table(rows: list[Tensor]) -> Tensor:
+    """Address, position stride and channel stride of each ``[P, C]`` tensor, on its device."""
+    entries = [[t.data_ptr(), t.stride(0), t.stride(1)] for t in rows]
+    return torch.tensor(entries, dtype=torch.int64).to(rows[0].device)
+
+
 def attnres(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
     """``hcpass::attnres``: phase 1 over ``values[:-1]`` with the one query, phase 2 with
     ``values[-1]``."""
@@ -340,5 +448,51 @@ def attnres(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
     return attnres_merge(o[0], m[0], l[0], values[-1], query, eps)
 
 
+def attnres_backward(
+    grad: Tensor, values: list[Tensor], query: Tensor, eps: float
+) -> tuple[list[Tensor], Tensor]:
+    """``hcpass::attnres_backward``: the closed form, in one kernel and a sum over programs."""
+    reference.check_inputs(values, query)
+    reference.check_grad(grad, values)
+    first = values[0]
+    _check_device(grad, *values, query)
+    if len(values) == 1:
+        copy = grad.to(first.dtype).clone(memory_format=torch.contiguous_format)
+        return [copy], torch.zeros_like(query, memory_format=torch.contiguous_format)
+    k, C = len(values), first.shape[-1]
+    P = math.prod(first.shape[:-1])
+    acc = compute_dtype(first.dtype)
+    grads = [first.new_empty(first.shape) for _ in values]
+    if P == 0 or C == 0:
+        return grads, torch.zeros_like(query, memory_format=torch.contiguous_format)
+    rows = [_rows(v, P, C) for v in values]
+    g = _rows(grad, P, C)
+    out_table = torch.tensor([t.data_ptr() for t in grads], dtype=torch.int64).to(first.device)
+    config = _merge_config(C)
+    programs = triton.cdiv(P, config["BLOCK_P"])
+    stats = first.new_empty((3, k, P), dtype=acc)
+    grad_w = first.new_empty((programs, C), dtype=acc)
+    _launch(
+        attnres_bwd_kernel,
+        (programs,),
+        _table(rows),
+        rows[0],
+        out_table,
+        g,
+        query.to(acc).contiguous(),
+        stats,
+        grad_w,
+        k,
+        P,
+        g.stride(0),
+        g.stride(1),
+        eps,
+        C=C,
+        ACC=_acc(first.dtype),
+        **config,
+    )
+    return grads, grad_w.sum(0).to(query.dtype)
+
+
 # op name -> launcher: what `register_cuda_kernels` installs as the ops' CUDA kernels.
-LAUNCHERS: dict[str, Callable] = {"attnres": attnres}
+LAUNCHERS: dict[str, Callable] = {"attnres": attnres, "attnres_backward": attnres_backward}

@@ -1,9 +1,9 @@
 """Attention Residuals ops (``hcpass::attnres``, ``hcpass::attnres_backward``): the reference
 against a naive autograd formula, the closed-form backward against autograd, gradcheck,
 opcheck, the two phases, bad input, the CPU lowering (the reference inlined, traced by
-AOTAutograd with a list of tensors and fused by Inductor), and the Triton kernels of the two
-phases (`hcpass.codegen.attnres`) in Triton's interpreter, in a worker process as in
-tests/test_codegen.py.
+AOTAutograd with a list of tensors and fused by Inductor), and the Triton kernels
+(`hcpass.codegen.attnres`: the two phases, the op, its backward) in Triton's interpreter, in
+a worker process as in tests/test_codegen.py; they also compile for sm_90 without a GPU.
 
 Tolerances (`assert_matches`): every output within ``tol * max(1, max|want|)`` elementwise
 plus ``tol`` relative, against a truth computed in fp64 from the same (rounded) inputs:
@@ -300,6 +300,16 @@ def test_bad_input_raises_a_clear_error(case):
             OPS.attnres([mode.from_tensor(v) for v in values], mode.from_tensor(query), EPS)
 
 
+def test_backward_rejects_a_grad_of_another_shape():
+    values, query = make_inputs(3, (4,), 12, torch.float32)
+    with pytest.raises(ValueError, match=r"grad is \(3, 12\)"):
+        OPS.attnres_backward(torch.zeros(3, 12), values, query, EPS)
+    with pytest.raises(ValueError, match=r"grad is \(3, 12\)"):
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) for t in (torch.zeros(3, 12), *values, query)]
+            OPS.attnres_backward(fake[0], fake[1:-1], fake[-1], EPS)
+
+
 def test_phases_reject_bad_input():
     values, query = make_inputs(3, (4,), 12, torch.float32)
     with pytest.raises(ValueError, match="blocks is empty"):
@@ -416,6 +426,18 @@ def run_op_case(k, pos, C, dtype, layout=None) -> None:
         assert_matches(got, reference.attnres(values, w, EPS), KERNEL_TOL[dtype])
 
 
+def run_backward_case(k, pos, C, dtype, layout=None) -> None:
+    values, query = make_inputs(k, pos, C, dtype)
+    values = LAYOUTS[layout](values)
+    grad = torch.randn(values[0].shape, dtype=torch.float64).to(dtype)
+    grad_values, grad_query = kernels.attnres_backward(grad, values, query, EPS)
+    assert all(g.dtype == dtype and g.is_contiguous() for g in grad_values)
+    assert grad_query.dtype == query.dtype
+    want_values, want_query = reference.attnres_backward(grad, values, query, EPS)
+    assert_matches(grad_values, want_values, KERNEL_TOL[dtype])
+    assert_matches(grad_query, want_query, KERNEL_TOL[compute_dtype(dtype)])
+
+
 @pytest.fixture(scope="module")
 def interpreter() -> Iterator[ProcessPoolExecutor]:
     """A worker process whose triton was imported with TRITON_INTERPRET=1."""
@@ -457,13 +479,21 @@ def test_phase_two_kernel(interpreter, case, dtype):
     interpreter.submit(run_merge_case, *case, dtype).result()
 
 
+# (k, pos, C): one value (a copy), two, five over two position tiles and three C chunks.
+OP_KERNEL_CASES = [(1, (7,), 40), (2, (), 40), (5, (21,), 150), (3, (2, 5), 40)]
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "case", [(1, (7,), 40), (2, (), 40), (5, (21,), 150), (3, (2, 5), 40)], ids=str
-)
+@pytest.mark.parametrize("case", OP_KERNEL_CASES, ids=str)
 def test_attnres_kernel(interpreter, case, dtype):
     """Phase 1 over values[:-1], phase 2 with values[-1] (k = 1: a copy); query and zero."""
     interpreter.submit(run_op_case, *case, dtype).result()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", OP_KERNEL_CASES, ids=str)
+def test_backward_kernel(interpreter, case, dtype):
+    interpreter.submit(run_backward_case, *case, dtype).result()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -475,6 +505,7 @@ def test_kernels_read_expanded_and_strided_values(interpreter, layout, dtype):
     interpreter.submit(run_blocks_case, 3, 2, pos, 40, dtype, layout).result()
     interpreter.submit(run_merge_case, 3, pos, 40, dtype, layout).result()
     interpreter.submit(run_op_case, 3, pos, 40, dtype, layout).result()
+    interpreter.submit(run_backward_case, 3, pos, 40, dtype, layout).result()
 
 
 # ------------------------------------------------------------------ without a GPU, compiled
@@ -487,7 +518,8 @@ def test_attnres_kernels_refuse_cpu_tensors():
 
 def test_register_cuda_kernels_installs_attnres():
     register_cuda_kernels()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("hcpass::attnres", "CUDA")
+    for name in kernels.LAUNCHERS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hcpass::{name}", "CUDA"), name
     values, query = make_inputs(3, (4,), 12, torch.float32)  # CPU keeps the reference
     torch.testing.assert_close(
         OPS.attnres(values, query, EPS), reference.attnres(values, query, EPS)
@@ -506,8 +538,8 @@ TRITON_TYPES = {
 @pytest.mark.skipif(generate.interpreted(), reason="triton imported interpreted")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 def test_attnres_kernels_compile_for_sm90(monkeypatch, dtype):
-    """Both kernels, with the arguments their launchers pass (1 and 8 queries), compile to
-    sm_90 (H100/H200) binaries -- no GPU needed."""
+    """Every kernel, with the arguments its launcher passes (phase 1 with 1 and 8 queries),
+    compiles to an sm_90 (H100/H200) binary -- no GPU needed."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -517,10 +549,12 @@ def test_attnres_kernels_compile_for_sm90(monkeypatch, dtype):
     values, query = make_inputs(4, (16,), 1000, dtype)
     kernels.attnres(values, query, EPS)
     kernels.attnres_blocks(values, _queries(8, 1000, dtype), EPS)
+    kernels.attnres_backward(torch.ones_like(values[0]), values, query, EPS)
     assert [k.fn.__name__ for k, *_ in launches] == [
         "attnres_blocks_kernel",
         "attnres_merge_kernel",
         "attnres_blocks_kernel",
+        "attnres_bwd_kernel",
     ]
     for kernel, args, kwargs in launches:
         constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
@@ -561,6 +595,11 @@ def test_cuda_kernels_match_reference(k, dtype):
         reference.attnres_blocks(values, queries, EPS),
         GPU_TOL[torch.float32],
     )
+    grad = torch.randn_like(values[0])
+    got_values, got_query = kernels.attnres_backward(grad, values, query, EPS)
+    want_values, want_query = reference.attnres_backward(grad, values, query, EPS)
+    assert_matches(got_values, want_values, GPU_TOL[dtype])
+    assert_matches(got_query, want_query, GPU_TOL[torch.float32])
 
 
 @pytest.mark.gpu
@@ -573,6 +612,7 @@ def test_cuda_op_runs_the_kernels_and_differentiates():
     h = OPS.attnres(leaves, w, EPS)
     assert_matches(h, reference.attnres(leaves, w, EPS), GPU_TOL[torch.bfloat16])
     grad = torch.randn_like(h)
-    got = torch.autograd.grad(h, [*leaves, w], grad)
+    got = torch.autograd.grad(h, [*leaves, w], grad)  # the backward kernel
     gv, gw = reference.attnres_backward(grad, leaves, w, EPS)
-    assert_matches(got, (*gv, gw), GPU_TOL[torch.bfloat16])
+    assert_matches(got[:-1], gv, GPU_TOL[torch.bfloat16])
+    assert_matches(got[-1], gw, GPU_TOL[torch.float32])
