@@ -57,6 +57,7 @@ class ScaleInvariantNorm:
     input: fx.Node  # the value normalised
     nodes: frozenset[fx.Node]  # the norm's nodes that read `input` (directly or via a cast)
     eps: Epsilon
+    body: frozenset[fx.Node]  # all of the norm's nodes, from its input to its output
 
 
 def norms_reading(
@@ -110,7 +111,7 @@ def _called_norm(value: fx.Node, reader: fx.Node) -> ScaleInvariantNorm | None:
         eps = Epsilon(reader, "eps", reader.kwargs.get("eps", default))
     if eps.value is None:
         eps = Epsilon(eps.node, eps.index, torch.finfo(value.meta["example_value"].dtype).eps)
-    return ScaleInvariantNorm(value, frozenset({reader}), eps)
+    return ScaleInvariantNorm(value, frozenset({reader}), eps, frozenset({reader}))
 
 
 def _spelled_rms_norm(
@@ -141,7 +142,8 @@ def _spelled_rms_norm(
     # A cast read by anything else would hand that reader the rescaled value.
     if any(u not in nodes for cast in casts for u in cast.users):
         return None
-    return ScaleInvariantNorm(value, nodes, Epsilon(add, eps_index, add.args[eps_index]))
+    eps = Epsilon(add, eps_index, add.args[eps_index])
+    return ScaleInvariantNorm(value, nodes, eps, nodes | {mean, add, rsqrt})
 
 
 def _reads_first(node: fx.Node, value: fx.Node) -> bool:

@@ -29,8 +29,17 @@ def _ids(batch: int = 2, length: int = 8) -> torch.Tensor:
 
 
 def _attnres_calls(gm: torch.fx.GraphModule) -> list[tuple[int, str]]:
-    """(number of values, query placeholder) of each depth attention, in graph order."""
-    return [(len(n.args[0]), n.args[1].name) for n in gm.graph.nodes if n.target is ATTNRES]
+    """(number of values, query) of each depth attention, in graph order, also inside the
+    checkpoint bodies that recompute them."""
+    calls = []
+    for node in gm.graph.nodes:
+        if node.target is ATTNRES:
+            calls.append((len(node.args[0]), node.args[1].name))
+        elif node.op == "get_attr" and isinstance(
+            gm.get_submodule(node.target), torch.fx.GraphModule
+        ):
+            calls += _attnres_calls(gm.get_submodule(node.target))
+    return calls
 
 
 class Residual(nn.Module):
@@ -88,8 +97,19 @@ class TestRewrittenGraph(TestCase):
         # [x_0, block 1, partial]; the final norm likewise with the output query. Each
         # norm's eps is divided by k^2 (k values: a mean at init).
         converted = hcpass.convert(tiny_gpt(layers=2), (_ids(),), family="attnres", block_size=2)
+        gm = converted.graph_module
+        # Each depth attention and its norm are recomputed in the backward (a checkpoint
+        # region): the graph keeps their inputs, not h.
         self.assertExpectedInline(
-            body(converted.graph_module),
+            gm.hcpass_checkpoint_body_0.code.strip(),
+            """\
+def forward(self, x, linear_1, blocks_0_mlp_query, l_self_modules_blocks_modules_0_modules_ln2_parameters_weight_, l_self_modules_blocks_modules_0_modules_ln2_parameters_bias_):
+    attnres_default = torch.ops.hcpass.attnres.default([x, linear_1], blocks_0_mlp_query, 1e-06);  x = linear_1 = blocks_0_mlp_query = None
+    layer_norm_1 = torch.nn.functional.layer_norm(attnres_default, (32,), l_self_modules_blocks_modules_0_modules_ln2_parameters_weight_, l_self_modules_blocks_modules_0_modules_ln2_parameters_bias_, 2.5e-06);  attnres_default = l_self_modules_blocks_modules_0_modules_ln2_parameters_weight_ = l_self_modules_blocks_modules_0_modules_ln2_parameters_bias_ = None
+    return (layer_norm_1,)""",
+        )
+        self.assertExpectedInline(
+            body(gm),
             """\
 positions = torch.arange(8, device = device(type='cpu'))
 embedding = torch.nn.functional.embedding(args_0, tok.weight, None, None, 2.0, False, False)
@@ -106,15 +126,17 @@ y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal = True)
 transpose = y.transpose(1, 2)
 reshape = transpose.reshape(2, 8, 32)
 linear_1 = torch.nn.functional.linear(reshape, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias)
-attnres_default = torch.ops.hcpass.attnres.default([x, linear_1], blocks_0_mlp_query, 1e-06)
-layer_norm_1 = torch.nn.functional.layer_norm(attnres_default, (32,), blocks.0.ln2.weight, blocks.0.ln2.bias, 2.5e-06)
-linear_2 = torch.nn.functional.linear(layer_norm_1, blocks.0.mlp.fc.weight, blocks.0.mlp.fc.bias)
+hcpass_checkpoint_body_0 = self.hcpass_checkpoint_body_0
+tag_activation_checkpoint = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_0, x, linear_1, blocks_0_mlp_query, blocks.0.ln2.weight, blocks.0.ln2.bias, use_reentrant = False)
+getitem = tag_activation_checkpoint[0]
+linear_2 = torch.nn.functional.linear(getitem, blocks.0.mlp.fc.weight, blocks.0.mlp.fc.bias)
 gelu = torch.nn.functional.gelu(linear_2)
 linear_3 = torch.nn.functional.linear(gelu, blocks.0.mlp.proj.weight, blocks.0.mlp.proj.bias)
 add = linear_1 + linear_3
-attnres_default_1 = torch.ops.hcpass.attnres.default([x, add], blocks_1_attn_query, 1e-06)
-layer_norm_2 = torch.nn.functional.layer_norm(attnres_default_1, (32,), blocks.1.ln1.weight, blocks.1.ln1.bias, 2.5e-06)
-linear_4 = torch.nn.functional.linear(layer_norm_2, blocks.1.attn.qkv.weight, blocks.1.attn.qkv.bias)
+hcpass_checkpoint_body_1 = self.hcpass_checkpoint_body_1
+tag_activation_checkpoint_1 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_1, x, add, blocks_1_attn_query, blocks.1.ln1.weight, blocks.1.ln1.bias, use_reentrant = False)
+getitem_1 = tag_activation_checkpoint_1[0]
+linear_4 = torch.nn.functional.linear(getitem_1, blocks.1.attn.qkv.weight, blocks.1.attn.qkv.bias)
 view_1 = linear_4.view(2, 8, 3, 2, 16)
 permute_1 = view_1.permute(2, 0, 3, 1, 4)
 q_1 = permute_1[0]
@@ -124,15 +146,17 @@ y_1 = torch.nn.functional.scaled_dot_product_attention(q_1, k_1, v_1, is_causal 
 transpose_1 = y_1.transpose(1, 2)
 reshape_1 = transpose_1.reshape(2, 8, 32)
 linear_5 = torch.nn.functional.linear(reshape_1, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias)
-attnres_default_2 = torch.ops.hcpass.attnres.default([x, add, linear_5], blocks_1_mlp_query, 1e-06)
-layer_norm_3 = torch.nn.functional.layer_norm(attnres_default_2, (32,), blocks.1.ln2.weight, blocks.1.ln2.bias, 1.1111111111111112e-06)
-linear_6 = torch.nn.functional.linear(layer_norm_3, blocks.1.mlp.fc.weight, blocks.1.mlp.fc.bias)
+hcpass_checkpoint_body_2 = self.hcpass_checkpoint_body_2
+tag_activation_checkpoint_2 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_2, x, add, linear_5, blocks_1_mlp_query, blocks.1.ln2.weight, blocks.1.ln2.bias, use_reentrant = False)
+getitem_2 = tag_activation_checkpoint_2[0]
+linear_6 = torch.nn.functional.linear(getitem_2, blocks.1.mlp.fc.weight, blocks.1.mlp.fc.bias)
 gelu_1 = torch.nn.functional.gelu(linear_6)
 linear_7 = torch.nn.functional.linear(gelu_1, blocks.1.mlp.proj.weight, blocks.1.mlp.proj.bias)
 add_1 = linear_5 + linear_7
-attnres_default_3 = torch.ops.hcpass.attnres.default([x, add, add_1], blocks_1_mlp_output_query, 1e-06)
-layer_norm_4 = torch.nn.functional.layer_norm(attnres_default_3, (32,), ln.weight, ln.bias, 1.1111111111111112e-06)
-linear_8 = torch.nn.functional.linear(layer_norm_4, head.weight, None)
+hcpass_checkpoint_body_3 = self.hcpass_checkpoint_body_3
+tag_activation_checkpoint_3 = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_3, x, add, add_1, blocks_1_mlp_output_query, ln.weight, ln.bias, use_reentrant = False)
+getitem_3 = tag_activation_checkpoint_3[0]
+linear_8 = torch.nn.functional.linear(getitem_3, head.weight, None)
 return (linear_8,)""",
         )
 
@@ -163,7 +187,10 @@ return (linear_8,)""",
         self.assertLess(_rel_err(out, want_out), PRESERVE_RTOL)
         for got, want in zip(hidden, want_hidden, strict=True):
             torch.testing.assert_close(got, want)
-        code = converted.graph_module.code
+        gm = converted.graph_module
+        code = gm.code + "".join(
+            m.code for m in gm.children() if isinstance(m, torch.fx.GraphModule)
+        )
         # F.rms_norm's eps (None: the dtype's) is written out, divided by k^2.
         eps = torch.finfo(torch.float32).eps
         self.assertIn(f"{eps / 4!r}", code)
@@ -314,3 +341,32 @@ def test_autocast_bf16_runs_near_fp32():
 def test_wrong_options_say_what_to_do(options, message):
     with pytest.raises(ValueError, match=message):
         hcpass.convert(tiny_gpt(layers=1), (_ids(),), **options)
+
+
+def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in parameters:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids).sum().backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("layers", [4, 8])
+def test_block_attnres_keeps_plain_activation_memory_plus_its_blocks(layers):
+    # Issue 13: saved activations <= plain + O(N d) per position for N blocks. The depth
+    # attention and its norm are recomputed in the backward, so what is kept per site is
+    # the partial block where the plain model keeps its stream value.
+    model = tiny_gpt(layers=layers)
+    ids = _ids(4, 16)
+    block_size = 4
+    converted = hcpass.convert(model, (ids,), family="attnres", block_size=block_size)
+    blocks = 2 * layers // block_size
+    per_value = ids.numel() * model.cfg.width * 4
+    assert _saved_bytes(converted, ids) <= _saved_bytes(model, ids) + (blocks + 1) * per_value

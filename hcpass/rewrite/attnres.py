@@ -17,6 +17,13 @@ Attention Residuals):
 - anything else that reads a stream value (a list of hidden states) reads the plain sum
   ``x_l``, which the original adds still compute (from the new branch outputs); adds that
   nothing reads any more are removed.
+
+Memory: each depth attention and the norm that reads it form an activation-checkpoint
+region of their own (unless the site is in a checkpointed block already), so the backward
+recomputes ``h`` instead of keeping it: what stays is the op's inputs -- the blocks, which
+all sites share, and the partial block, where the plain model keeps its stream value for
+the norm. Block AttnRes thus keeps O(N) values per position more than the plain model
+(docs/performance.md has the measurement).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from torch import fx
 
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.frontend.attnres import ChainNorms, chain_norms
-from hcpass.frontend.regions import region_of
+from hcpass.frontend.regions import REGION, Region, region_of
 from hcpass.frontend.sites import Chain, Site, SiteAnalysis
 from hcpass.patterns.result import Skip
 from hcpass.patterns.scale_invariant_norm import ScaleInvariantNorm
@@ -91,11 +98,12 @@ def rewrite_attnres(
     """Rewrite `graph` in place (see the module docstring)."""
     inputs = add_placeholders(graph, analysis.sites, slot_of)
     branches = BranchRewirer(graph)
+    regions = _Regions(graph)
     for chain in analysis.chains:
         norms = chain_norms(chain)
         if isinstance(norms, Skip):  # the front end filters these out
             raise ValueError(f"cannot rewrite this chain to Attention Residuals: {norms.reason}")
-        _Chain(graph, chain, norms.value, inputs, slot_of, branches, options).run()
+        _Chain(graph, chain, norms.value, inputs, slot_of, branches, regions, options).run()
     bodies = outline_checkpoints(graph)
     graph.lint()
     return RewriteResult(list(inputs.values()), len(analysis.sites), bodies, [], [])
@@ -110,9 +118,11 @@ class _Chain:
         inputs: dict[str, MixerInputs],
         slot_of: dict[Site, MixerSlot],
         branches: BranchRewirer,
+        regions: _Regions,
         options: AttnResOptions,
     ) -> None:
         self.graph = graph
+        self.regions = regions
         self.chain = chain
         self.norms = norms
         self.inputs = inputs
@@ -143,6 +153,8 @@ class _Chain:
             for node in norm.nodes:
                 node.replace_input_with(norm.input, h)
             _divide_eps(norm.eps.node, norm, len(end.values))
+        if region is None:
+            self.regions.recompute([h, *(n for norm in self.norms.output for n in norm.body)])
         for value in reversed(chain.stream_values):
             if value is not chain.input and not value.users:
                 self.graph.erase_node(value)
@@ -166,6 +178,9 @@ class _Chain:
         env = self.branches.rewire(site, h)
         for norm in self.norms.branch[site]:
             _divide_eps(env[norm.eps.node], norm, len(state.values))
+        if len(state.values) > 1 and region_of(site.node) is None:
+            norms = self.norms.branch[site]
+            self.regions.recompute([h, *(env[n] for norm in norms for n in norm.body)])
         self.branch_out[site] = env[site.branch]
         if env[site.branch] is not site.branch:  # a copy: the plain sum adds the copy's output
             site.node.replace_input_with(site.branch, env[site.branch])
@@ -182,6 +197,21 @@ class _Chain:
             return _Depth(tuple(state.values), y, cursor.last)
         partial = cursor.call("call_function", operator.add, (state.partial, y))
         return _Depth(state.blocks, partial, cursor.last)
+
+
+class _Regions:
+    """New activation-checkpoint regions, numbered after the graph's own (the front end's
+    inlined checkpoints): a region's nodes are recomputed in the backward."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        taken = [r.index for n in graph.nodes if (r := region_of(n)) is not None]
+        self.next = max(taken, default=-1) + 1
+
+    def recompute(self, nodes: list[fx.Node]) -> None:
+        region = Region(self.next, {"use_reentrant": False})
+        self.next += 1
+        for node in nodes:
+            node.meta[REGION] = region
 
 
 def _divide_eps(node: fx.Node, norm: ScaleInvariantNorm, values: int) -> None:
