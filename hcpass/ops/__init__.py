@@ -1,7 +1,10 @@
-"""The mixer op contract: `reference` (the math, plain PyTorch), `batched` (the stream ops'
-eager CPU kernels) and `library` (the ``hcpass::`` ops)."""
+"""The op contract: `reference` (the math, plain PyTorch), `batched` (the stream ops'
+eager CPU kernels) and `library` (the ``hcpass::`` mixer ops); `attnres` (Attention
+Residuals: its reference and ops)."""
 
-from hcpass.ops import batched, library, reference
-from hcpass.ops.library import REFERENCE
+from hcpass.ops import attnres, batched, library, reference
 
-__all__ = ["REFERENCE", "batched", "library", "reference"]
+# op -> its plain-PyTorch reference, every hcpass op (the CPU lowering inlines them)
+REFERENCE = {**library.REFERENCE, **attnres.REFERENCE}
+
+__all__ = ["REFERENCE", "attnres", "batched", "library", "reference"]
