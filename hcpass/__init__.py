@@ -15,13 +15,14 @@ from hcpass.manifolds import available as available_manifolds
 from hcpass.runtime.mixer import Mixer
 from hcpass.runtime.module import ConvertedModule
 from hcpass.tools import plot
-from hcpass.tools.inspection import gain, mixers
+from hcpass.tools.inspection import DepthWeights, depth_weights, gain, mixers
 from hcpass.training import param_groups
 
 _logs.register()
 
 __all__ = [
     "ConvertedModule",
+    "DepthWeights",
     "Manifold",
     "Mixer",
     "Report",
@@ -29,6 +30,7 @@ __all__ = [
     "available_manifolds",
     "compile",
     "convert",
+    "depth_weights",
     "explain",
     "gain",
     "manifolds",
