@@ -3,6 +3,7 @@ compiled, side by side in one process.
 
     python benchmarks/cpu_step.py                     # C = 128, 4 layers, n = 4, B = 8, T = 128
     python benchmarks/cpu_step.py --skip-compiled     # eager only (no compile wait)
+    python benchmarks/cpu_step.py --family attnres --block-size 4   # Block AttnRes
 
 A step is forward, cross-entropy, backward and an AdamW step. Variants: "eager" (plain
 model), "eager converted", "inductor" (torch.compile of the plain model) and "hcpass"
@@ -30,7 +31,11 @@ def build(variant: str, args: argparse.Namespace, ids: torch.Tensor) -> nn.Modul
     torch.manual_seed(0)
     model = gpt.model(args.dim, args.layers, args.heads, args.seq)
     if variant in ("eager converted", "hcpass"):
-        model = hcpass.convert(model, (ids,), streams=args.streams, manifold=args.manifold)
+        if args.family == "attnres":
+            options = {"family": "attnres", "block_size": args.block_size}
+        else:
+            options = {"streams": args.streams, "manifold": args.manifold}
+        model = hcpass.convert(model, (ids,), **options)
     if variant == "inductor":
         return torch.compile(model)
     if variant == "hcpass":
@@ -67,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--manifold", default="sinkhorn")
+    parser.add_argument("--family", default="hyper-connections", choices=hcpass.FAMILIES)
+    parser.add_argument("--block-size", type=int, default=None, help="attnres (None: full)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-compiled", action="store_true")
@@ -90,7 +97,8 @@ def main() -> None:
             ]
         )
     common.print_table(["plain", "ms", "converted", "ms", "ratio"], rows)
-    path = common.write_results("cpu_step", {"config": vars(args), "results": results})
+    section = "cpu_step" if args.family == "hyper-connections" else f"cpu_step_{args.family}"
+    path = common.write_results(section, {"config": vars(args), "results": results})
     print(f"results: {path}")
 
 

@@ -5,7 +5,9 @@
   spliced into each;
 - `generate.py`: builds a kernel module per (template, manifold epilogue), caches and
   autotunes the kernels;
-- `kernels.py`: launchers with exactly the signatures of `hcpass.ops.reference`.
+- `kernels.py`: launchers with exactly the signatures of `hcpass.ops.reference`;
+- `attnres.py`: the Attention Residuals kernels (its two phases) and their launchers, with
+  the signatures of `hcpass.ops.attnres.reference`.
 
 `register_cuda_kernels()` makes the launchers the CUDA implementation of the ops, so
 eager CUDA calls and Inductor's output code (which calls the ops as extern kernels) run
@@ -18,7 +20,7 @@ import functools
 
 import torch
 
-from . import kernels
+from . import attnres, kernels
 from .kernels import (
     coeffs,
     coeffs_backward,
@@ -36,11 +38,12 @@ def register_cuda_kernels() -> None:
     Idempotent (cached); CPU calls keep the reference implementation."""
     import hcpass.ops.library  # noqa: F401  (defines the ops)
 
-    for name, launcher in kernels.LAUNCHERS.items():
+    for name, launcher in {**kernels.LAUNCHERS, **attnres.LAUNCHERS}.items():
         torch.library.register_kernel(f"hcpass::{name}", "cuda", launcher)
 
 
 __all__ = [
+    "attnres",
     "coeffs",
     "coeffs_backward",
     "post_res",

@@ -1,21 +1,32 @@
 """Attention Residuals ops (``hcpass::attnres``, ``hcpass::attnres_backward``): the reference
 against a naive autograd formula, the closed-form backward against autograd, gradcheck,
-opcheck, the two phases, bad input, and the CPU lowering (the reference inlined, traced by
-AOTAutograd with a list of tensors and fused by Inductor).
+opcheck, the two phases, bad input, the CPU lowering (the reference inlined, traced by
+AOTAutograd with a list of tensors and fused by Inductor), and the Triton kernels
+(`hcpass.codegen.attnres`: the two phases, the op, its backward) in Triton's interpreter, in
+a worker process as in tests/test_codegen.py; they also compile for sm_90 without a GPU.
 
 Tolerances (`assert_matches`): every output within ``tol * max(1, max|want|)`` elementwise
 plus ``tol`` relative, against a truth computed in fp64 from the same (rounded) inputs:
 fp64 1e-12, fp32 1e-5 (the fp32 accumulation), bf16 1e-2 and fp16 2e-3 (one rounding of the
 output, 2^-8 and 2^-11 relative, after an fp32 accumulation). Outputs that stay in compute
 dtype (the query's gradient, the phase-1 statistics) get the compute dtype's tolerance.
+Kernels against the reference (`KERNEL_TOL`, as tests/test_codegen.py): fp64 1e-11, fp32
+1e-5; bf16 1e-2 -- the interpreter converts to bf16 by truncation, torch rounds to nearest.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
+import triton
+from hcpass.codegen import attnres as kernels
+from hcpass.codegen import generate, register_cuda_kernels
 
 import hcpass.ops  # noqa: F401  (defines the ops)
 from hcpass.manifolds.base import compute_dtype
@@ -289,6 +300,16 @@ def test_bad_input_raises_a_clear_error(case):
             OPS.attnres([mode.from_tensor(v) for v in values], mode.from_tensor(query), EPS)
 
 
+def test_backward_rejects_a_grad_of_another_shape():
+    values, query = make_inputs(3, (4,), 12, torch.float32)
+    with pytest.raises(ValueError, match=r"grad is \(3, 12\)"):
+        OPS.attnres_backward(torch.zeros(3, 12), values, query, EPS)
+    with pytest.raises(ValueError, match=r"grad is \(3, 12\)"):
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) for t in (torch.zeros(3, 12), *values, query)]
+            OPS.attnres_backward(fake[0], fake[1:-1], fake[-1], EPS)
+
+
 def test_phases_reject_bad_input():
     values, query = make_inputs(3, (4,), 12, torch.float32)
     with pytest.raises(ValueError, match="blocks is empty"):
@@ -350,3 +371,248 @@ def test_cpu_lowering_inlines_the_reference(compiler):
     want.square().sum().backward()
     for a, b in zip(leaves, eager, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------- Triton, in the interpreter
+KERNEL_TOL = {torch.float32: 1e-5, torch.float64: 1e-11, torch.bfloat16: 1e-2}
+KERNEL_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _queries(S: int, C: int, dtype: torch.dtype) -> torch.Tensor:
+    queries = torch.stack([make_inputs(1, (), C, dtype, seed=10 + s)[1] for s in range(S)])
+    queries[-1] = 0  # one query with uniform weights
+    return queries
+
+
+def _row_views(values):
+    """Values of 1-d positions the kernels read in place, each with other strides: expanded
+    over positions (stride 0), every other channel of a wider buffer, channel-major."""
+    P, C = values[0].shape
+    wide = torch.zeros(P, 2 * C, dtype=values[1].dtype)
+    wide[:, ::2] = values[1]
+    views = [values[0][:1].expand(P, C), wide[:, ::2], values[2].T.contiguous().T]
+    assert [v.view(P, C).stride() for v in views] == [(0, 1), (2 * C, 2), (1, P)]
+    return views + values[3:]
+
+
+LAYOUTS = {None: lambda values: values, "odd": _odd_layouts, "rows": _row_views}
+
+
+def run_blocks_case(n, S, pos, C, dtype, layout=None) -> None:
+    blocks, _ = make_inputs(n, pos, C, dtype)
+    blocks = LAYOUTS[layout](blocks)
+    queries = _queries(S, C, dtype)
+    got = kernels.attnres_blocks(blocks, queries, EPS)
+    want = reference.attnres_blocks(blocks, queries, EPS)
+    assert all(g.dtype == w.dtype and g.is_contiguous() for g, w in zip(got, want, strict=True))
+    assert_matches(got, want, KERNEL_TOL[compute_dtype(dtype)])
+
+
+def run_merge_case(n, pos, C, dtype, layout=None) -> None:
+    values, query = make_inputs(n + 1, pos, C, dtype)
+    values = LAYOUTS[layout](values[::-1])[::-1]  # the partial block in the first layout
+    o, m, l = (t[0] for t in reference.attnres_blocks(values[:-1], query[None], EPS))  # noqa: E741
+    got = kernels.attnres_merge(o, m, l, values[-1], query, EPS)
+    assert got.dtype == dtype and got.is_contiguous()
+    assert_matches(got, reference.attnres_merge(o, m, l, values[-1], query, EPS), KERNEL_TOL[dtype])
+
+
+def run_op_case(k, pos, C, dtype, layout=None) -> None:
+    values, query = make_inputs(k, pos, C, dtype)
+    values = LAYOUTS[layout](values)
+    for w in (query, torch.zeros_like(query)):
+        got = kernels.attnres(values, w, EPS)
+        assert got.dtype == dtype and got.is_contiguous()
+        assert_matches(got, reference.attnres(values, w, EPS), KERNEL_TOL[dtype])
+
+
+def run_backward_case(k, pos, C, dtype, layout=None) -> None:
+    values, query = make_inputs(k, pos, C, dtype)
+    values = LAYOUTS[layout](values)
+    grad = torch.randn(values[0].shape, dtype=torch.float64).to(dtype)
+    grad_values, grad_query = kernels.attnres_backward(grad, values, query, EPS)
+    assert all(g.dtype == dtype and g.is_contiguous() for g in grad_values)
+    assert grad_query.dtype == query.dtype
+    want_values, want_query = reference.attnres_backward(grad, values, query, EPS)
+    assert_matches(grad_values, want_values, KERNEL_TOL[dtype])
+    assert_matches(grad_query, want_query, KERNEL_TOL[compute_dtype(dtype)])
+
+
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[ProcessPoolExecutor]:
+    """A worker process whose triton was imported with TRITON_INTERPRET=1."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(int).result()  # start it now, while the variable is set
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    yield pool
+    pool.shutdown()
+
+
+# (n blocks, S queries, pos, C): one block, several; one query, a few, 17 (two query tiles of
+# 16); 0/1/2 position dims, 21 positions (two tiles of 16); C in one chunk of 64, or three.
+BLOCKS_CASES = [
+    (1, 1, (7,), 40),
+    (4, 3, (), 40),
+    (4, 1, (21,), 150),
+    (3, 17, (2, 5), 40),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", BLOCKS_CASES, ids=str)
+def test_phase_one_kernel(interpreter, case, dtype):
+    interpreter.submit(run_blocks_case, *case, dtype).result()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "case", [(1, (7,), 40), (3, (), 40), (4, (21,), 150), (2, (2, 5), 40)], ids=str
+)
+def test_phase_two_kernel(interpreter, case, dtype):
+    interpreter.submit(run_merge_case, *case, dtype).result()
+
+
+# (k, pos, C): one value (a copy), two, five over two position tiles and three C chunks.
+OP_KERNEL_CASES = [(1, (7,), 40), (2, (), 40), (5, (21,), 150), (3, (2, 5), 40)]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", OP_KERNEL_CASES, ids=str)
+def test_attnres_kernel(interpreter, case, dtype):
+    """Phase 1 over values[:-1], phase 2 with values[-1] (k = 1: a copy); query and zero."""
+    interpreter.submit(run_op_case, *case, dtype).result()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", OP_KERNEL_CASES, ids=str)
+def test_backward_kernel(interpreter, case, dtype):
+    interpreter.submit(run_backward_case, *case, dtype).result()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["rows", "odd"])
+def test_kernels_read_expanded_and_strided_values(interpreter, layout, dtype):
+    """rows: blocks read in place with their own strides (one expanded over positions), as
+    the partial block too; odd: 2-d positions that do not flatten (copied)."""
+    pos = (13,) if layout == "rows" else (4, 5)
+    interpreter.submit(run_blocks_case, 3, 2, pos, 40, dtype, layout).result()
+    interpreter.submit(run_merge_case, 3, pos, 40, dtype, layout).result()
+    interpreter.submit(run_op_case, 3, pos, 40, dtype, layout).result()
+    interpreter.submit(run_backward_case, 3, pos, 40, dtype, layout).result()
+
+
+# ------------------------------------------------------------------ without a GPU, compiled
+@pytest.mark.skipif(generate.interpreted(), reason="triton imported interpreted")
+def test_attnres_kernels_refuse_cpu_tensors():
+    values, query = make_inputs(3, (4,), 12, torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.attnres(values, query, EPS)
+
+
+def test_register_cuda_kernels_installs_attnres():
+    register_cuda_kernels()
+    for name in kernels.LAUNCHERS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hcpass::{name}", "CUDA"), name
+    values, query = make_inputs(3, (4,), 12, torch.float32)  # CPU keeps the reference
+    torch.testing.assert_close(
+        OPS.attnres(values, query, EPS), reference.attnres(values, query, EPS)
+    )
+
+
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+}
+
+
+@pytest.mark.skipif(generate.interpreted(), reason="triton imported interpreted")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_attnres_kernels_compile_for_sm90(monkeypatch, dtype):
+    """Every kernel, with the arguments its launcher passes (phase 1 with 1 and 8 queries),
+    compiles to an sm_90 (H100/H200) binary -- no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launches = []
+    monkeypatch.setattr(kernels, "_launch", lambda k, grid, *a, **kw: launches.append((k, a, kw)))
+    monkeypatch.setattr(kernels, "_check_device", lambda *tensors: None)
+    values, query = make_inputs(4, (16,), 1000, dtype)
+    kernels.attnres(values, query, EPS)
+    kernels.attnres_blocks(values, _queries(8, 1000, dtype), EPS)
+    kernels.attnres_backward(torch.ones_like(values[0]), values, query, EPS)
+    assert [k.fn.__name__ for k, *_ in launches] == [
+        "attnres_blocks_kernel",
+        "attnres_merge_kernel",
+        "attnres_blocks_kernel",
+        "attnres_bwd_kernel",
+    ]
+    for kernel, args, kwargs in launches:
+        constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
+        signature = {}
+        for name, value in zip(kernel.arg_names, args, strict=False):
+            if isinstance(value, torch.Tensor):
+                signature[name] = "*" + TRITON_TYPES[value.dtype]
+            else:
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
+        signature.update({name: "constexpr" for name in constants})
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constants),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": kwargs["num_warps"]},
+        )
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+# ---------------------------------------------------------------------------------- GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# bf16: one output rounding after a differently ordered fp32 sum; fp32: the same products.
+GPU_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_cuda_kernels_match_reference(k, dtype):
+    values, query = make_inputs(k, (3, 345), 1000, dtype)
+    values, query = [v.cuda() for v in values], query.cuda()
+    assert_matches(
+        kernels.attnres(values, query, EPS), reference.attnres(values, query, EPS), GPU_TOL[dtype]
+    )
+    queries = _queries(6, 1000, dtype).cuda()
+    assert_matches(
+        kernels.attnres_blocks(values, queries, EPS),
+        reference.attnres_blocks(values, queries, EPS),
+        GPU_TOL[torch.float32],
+    )
+    grad = torch.randn_like(values[0])
+    got_values, got_query = kernels.attnres_backward(grad, values, query, EPS)
+    want_values, want_query = reference.attnres_backward(grad, values, query, EPS)
+    assert_matches(got_values, want_values, GPU_TOL[dtype])
+    assert_matches(got_query, want_query, GPU_TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_op_runs_the_kernels_and_differentiates():
+    register_cuda_kernels()
+    values, query = make_inputs(4, (2, 64), 256, torch.bfloat16)
+    leaves = [v.cuda().requires_grad_() for v in values]
+    w = query.cuda().requires_grad_()
+    h = OPS.attnres(leaves, w, EPS)
+    assert_matches(h, reference.attnres(leaves, w, EPS), GPU_TOL[torch.bfloat16])
+    grad = torch.randn_like(h)
+    got = torch.autograd.grad(h, [*leaves, w], grad)  # the backward kernel
+    gv, gw = reference.attnres_backward(grad, leaves, w, EPS)
+    assert_matches(got[:-1], gv, GPU_TOL[torch.bfloat16])
+    assert_matches(got[-1], gw, GPU_TOL[torch.float32])

@@ -6,8 +6,7 @@
 
 `reference` has the math. Autograd saves only the inputs (values and query); the backward
 op recomputes the logits and weights from them. The CUDA path registers the Triton kernels
-of `hcpass.codegen.attnres` for the forward (`hcpass.codegen.register_cuda_kernels`); the
-backward stays the reference there too.
+of `hcpass.codegen.attnres` for both ops (`hcpass.codegen.register_cuda_kernels`).
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ def _(values, query, eps):
 @attnres_backward.register_fake
 def _(grad, values, query, eps):
     reference.check_inputs(values, query)
+    reference.check_grad(grad, values)
     return [v.new_empty(v.shape) for v in values], query.new_empty(query.shape)
 
 

@@ -89,6 +89,14 @@ def check_inputs(values: list[Tensor] | tuple[Tensor, ...], query: Tensor) -> No
     check_query(query, values[0].shape[-1], values[0].device)
 
 
+def check_grad(grad: Tensor, values: list[Tensor] | tuple[Tensor, ...]) -> None:
+    """The gradient of h has the values' shape."""
+    if grad.shape != values[0].shape:
+        raise ValueError(
+            f"attnres_backward: grad is {tuple(grad.shape)}, the values {tuple(values[0].shape)}"
+        )
+
+
 def _describe(t: Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
@@ -138,11 +146,8 @@ def attnres_backward(
     """(grad of each value in the values' dtype, grad of the query in its dtype), the closed
     form of the module docstring, recomputing r, q and alpha from the inputs."""
     check_inputs(values, query)
+    check_grad(grad, values)
     first = values[0]
-    if grad.shape != first.shape:
-        raise ValueError(
-            f"attnres_backward: grad is {tuple(grad.shape)}, the values {tuple(first.shape)}"
-        )
     dtype = first.dtype
     if len(values) == 1:
         return [grad.to(dtype).clone(memory_format=torch.contiguous_format)], torch.zeros_like(

@@ -1,0 +1,498 @@
+"""Triton kernels of the Attention Residuals ops (``hcpass::attnres``, as its two phases,
+and ``hcpass::attnres_backward``).
+
+The math (`hcpass.ops.attnres.reference` derives it): values ``v_i [*pos, C]``, a query
+``w [C]``; per position, in compute dtype (fp32; fp64 for fp64 values)::
+
+    s_i = <w, v_i> / sqrt(mean_c v_i^2 + eps),   h = sum_i softmax_i(s)_i v_i
+
+split as in the paper: the k values are n = k - 1 completed blocks and a partial block.
+
+- Phase 1, `attnres_blocks` (kernel `attnres_blocks_kernel`): S queries ``[S, C]`` over the n
+  completed blocks. Grid: (position tiles, query tiles); the reads of a block serve all
+  the queries of the tile (up to 16: with S <= 16 the blocks are read for all S queries
+  together, never per query). Two sweeps:
+  sweep 1 goes block by block over the channels, computing each block's logits for the tile
+  ``[BLOCK_S, BLOCK_P]`` (RMS and dot products) and the online-softmax statistics
+  ``m = max_j s_j``, ``l = sum_j exp(s_j - m)``; it parks the logits in a small scratch
+  ``[n, S, P]`` (n S numbers per position, against n C values). Sweep 2 goes channel
+  chunk by channel chunk, over the blocks within each, accumulating
+  ``o = sum_j exp(s_j - m) / l * b_j`` in registers ``[BLOCK_S, BLOCK_P, BLOCK_C]`` and
+  writing it once. Outputs o ``[S, *pos, C]``, m and l ``[S, *pos]``, in compute dtype.
+  So each block is read twice per position tile (the second time mostly from L2), not
+  once: the logits need all channels before any of the output can be weighted, and a
+  ``[BLOCK_S, BLOCK_P, C]`` accumulator does not fit in registers for a model's C.
+- Phase 2, `attnres_merge` (kernel `attnres_merge_kernel`): one query merges (o, m, l) with
+  the partial block p: ``s_p = <w, p> / rms(p)``, ``m' = max(m, s_p)``,
+  ``a = l exp(m - m')``, ``b = exp(s_p - m')``, ``h = (a o + b p) / (a + b)``, in p's dtype.
+  Grid: position tiles; the first sweep over the channels reads p for its logit, the second
+  reads o and p again and writes h.
+
+`attnres` (the CUDA kernel of ``hcpass::attnres``, `register_cuda_kernels` installs it) is
+phase 1 over ``values[:-1]`` with the one query, then phase 2 with ``values[-1]``; k = 1
+copies the one value.
+
+- Backward, `attnres_backward` (kernel `attnres_bwd_kernel`, the CUDA kernel of
+  ``hcpass::attnres_backward``): the closed form of the reference, recomputed from the
+  values. Grid: position tiles. Sweep 1 goes value by value over the channels: ``r_i``,
+  ``q_i = <w, v_i>``, ``d_i = <g, v_i>`` (parked in a scratch ``[3, k, P]``) and, online,
+  the softmax statistics and ``dbar = sum_j alpha_j d_j``. Sweep 2 goes channel chunk by
+  chunk, over the values within each: ``alpha_i``, ``ds_i = alpha_i (d_i - dbar)``,
+  ``grad v_i = alpha_i g + ds_i r_i w - ds_i r_i^3 q_i v_i / C``, and the program's partial
+  sum of ``grad w = sum_pos sum_i ds_i r_i v_i`` (``[programs, C]``, summed by torch). Reads
+  the values and g twice, writes each value's gradient once.
+
+Layout: the values arrive as a list of separately allocated tensors, any strides. The
+blocks reach the kernel as a table ``[n, 3]`` (int64: address, position stride, channel
+stride), so there is no stack copy; a block whose positions cannot be flattened to one
+stride (a partly expanded multi-dimensional ``*pos``) is copied. The table is a small
+host-to-device copy per call (not capturable in a CUDA graph).
+
+Launchers have exactly the signatures of the reference functions. On CUDA tensors they run
+compiled kernels; in a process that imported triton with ``TRITON_INTERPRET=1``, the
+interpreter on CPU tensors (tests). Block sizes are fixed heuristics, not autotuned: they
+have not been measured on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hcpass.manifolds.base import compute_dtype
+from hcpass.ops.attnres import reference
+
+from . import generate
+from .kernels import _acc, _check_device
+
+
+def _jit(fn: Callable) -> Callable:
+    """``@triton.jit``, in the mode triton's own library was decorated in (compiled or
+    interpreted, `generate.interpreted`), whatever TRITON_INTERPRET says now: a kernel only
+    works decorated as the ``tl`` functions it calls (see `generate`)."""
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = generate.interpreted()
+        return triton.jit(fn)
+
+
+# ------------------------------------------------------------------------------ kernels
+@_jit
+def attnres_blocks_kernel(
+    table_ptr,  # int64 [n, 3]: address, position stride, channel stride of each block
+    first_ptr,  # block 0: its pointer type types the table's addresses
+    w_ptr,  # [S, C] queries, contiguous
+    logits_ptr,  # [n, S, P] scratch, ACC
+    o_ptr,  # [S, P, C] out, ACC
+    m_ptr,  # [S, P] out, ACC
+    l_ptr,  # [S, P] out, ACC
+    n,
+    S,
+    P,
+    eps,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    p_ok, s_ok = p < P, s < S
+    sp_ok = s_ok[:, None] & p_ok[None, :]
+    p64 = p.to(tl.int64)
+    sp = s[:, None].to(tl.int64) * P + p64[None, :]  # [BLOCK_S, BLOCK_P] into [S, P]
+
+    # sweep 1: each block's logits and the online-softmax statistics
+    m = tl.full((BLOCK_S, BLOCK_P), float("-inf"), ACC)
+    l = tl.zeros((BLOCK_S, BLOCK_P), ACC)  # noqa: E741
+    for j in range(n):
+        base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
+        stride_p = tl.load(table_ptr + 3 * j + 1)
+        stride_c = tl.load(table_ptr + 3 * j + 2)
+        sumsq = tl.zeros((BLOCK_P,), ACC)
+        dots = tl.zeros((BLOCK_S, BLOCK_P), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            v = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c,
+                mask=p_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(ACC)
+            w = tl.load(
+                w_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0
+            ).to(ACC)
+            sumsq += tl.sum(v * v, 1)
+            dots += tl.sum(w[:, None, :] * v[None, :, :], 2)
+        r = 1.0 / tl.sqrt(sumsq / C + eps)
+        logit = dots * r[None, :]  # padded lanes: 0, finite
+        tl.store(logits_ptr + j * S * P + sp, logit, mask=sp_ok)
+        top = tl.maximum(m, logit)
+        l = l * tl.exp(m - top) + tl.exp(logit - top)  # noqa: E741
+        m = top
+    tl.store(m_ptr + sp, m, mask=sp_ok)
+    tl.store(l_ptr + sp, l, mask=sp_ok)
+    tl.debug_barrier()  # the logits parked by other threads of this program are visible
+
+    # sweep 2: o = sum_j exp(s_j - m) / l * b_j, one channel chunk at a time
+    inv_l = 1.0 / l
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        o = tl.zeros((BLOCK_S, BLOCK_P, BLOCK_C), ACC)
+        for j in range(n):
+            base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
+            stride_p = tl.load(table_ptr + 3 * j + 1)
+            stride_c = tl.load(table_ptr + 3 * j + 2)
+            logit = tl.load(logits_ptr + j * S * P + sp, mask=sp_ok, other=0.0)
+            weight = tl.exp(logit - m) * inv_l
+            v = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c,
+                mask=p_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(ACC)
+            o += weight[:, :, None] * v[None, :, :]
+        tl.store(
+            o_ptr + sp[:, :, None] * C + c[None, None, :],
+            o,
+            mask=sp_ok[:, :, None] & c_ok[None, None, :],
+        )
+
+
+@_jit
+def attnres_merge_kernel(
+    o_ptr,  # [P, C] ACC, contiguous
+    m_ptr,  # [P] ACC
+    l_ptr,  # [P] ACC
+    x_ptr,  # [P, C] the partial block, strides (stride_p, stride_c)
+    w_ptr,  # [C] query
+    h_ptr,  # [P, C] out, the partial block's dtype, contiguous
+    P,
+    stride_p,
+    stride_c,
+    eps,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    p64 = p.to(tl.int64)
+    sumsq = tl.zeros((BLOCK_P,), ACC)
+    dot = tl.zeros((BLOCK_P,), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        x = tl.load(
+            x_ptr + p64[:, None] * stride_p + c[None, :] * stride_c,
+            mask=p_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        sumsq += tl.sum(x * x, 1)
+        dot += tl.sum(x * w[None, :], 1)
+    logit = dot / tl.sqrt(sumsq / C + eps)
+    m = tl.load(m_ptr + p64, mask=p_ok, other=0.0).to(ACC)
+    l = tl.load(l_ptr + p64, mask=p_ok, other=0.0).to(ACC)  # noqa: E741
+    top = tl.maximum(m, logit)
+    a = l * tl.exp(m - top)
+    b = tl.exp(logit - top)
+    inv = 1.0 / (a + b)
+    a, b = (a * inv)[:, None], (b * inv)[:, None]
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        pc_ok = p_ok[:, None] & (c < C)[None, :]
+        x = tl.load(
+            x_ptr + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
+        ).to(ACC)
+        o = tl.load(o_ptr + p64[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
+        h = a * o + b * x
+        tl.store(h_ptr + p64[:, None] * C + c[None, :], h.to(h_ptr.dtype.element_ty), mask=pc_ok)
+
+
+@_jit
+def attnres_bwd_kernel(
+    table_ptr,  # int64 [k, 3]: address, position stride, channel stride of each value
+    first_ptr,  # value 0: its pointer type types both tables' addresses
+    out_table_ptr,  # int64 [k]: addresses of the values' gradients, contiguous [P, C]
+    g_ptr,  # [P, C] grad of h, strides (stride_gp, stride_gc)
+    w_ptr,  # [C] query, ACC
+    stats_ptr,  # [3, k, P] scratch, ACC: r, q, d
+    gw_ptr,  # [programs, C] out, ACC: per-program partial sums of grad w
+    k,
+    P,
+    stride_gp,
+    stride_gc,
+    eps,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    p64 = p.to(tl.int64)
+    g_rows = g_ptr + p64[:, None] * stride_gp
+
+    # sweep 1: r_i, q_i, d_i; online max m, l = sum exp(s - m), ld = sum exp(s - m) d
+    m = tl.full((BLOCK_P,), float("-inf"), ACC)
+    l = tl.zeros((BLOCK_P,), ACC)  # noqa: E741
+    ld = tl.zeros((BLOCK_P,), ACC)
+    for i in range(k):
+        base = tl.load(table_ptr + 3 * i).to(first_ptr.dtype, bitcast=True)
+        stride_p = tl.load(table_ptr + 3 * i + 1)
+        stride_c = tl.load(table_ptr + 3 * i + 2)
+        sumsq = tl.zeros((BLOCK_P,), ACC)
+        q = tl.zeros((BLOCK_P,), ACC)
+        d = tl.zeros((BLOCK_P,), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            pc_ok = p_ok[:, None] & c_ok[None, :]
+            v = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
+            ).to(ACC)
+            g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
+            w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+            sumsq += tl.sum(v * v, 1)
+            q += tl.sum(v * w[None, :], 1)
+            d += tl.sum(v * g, 1)
+        r = 1.0 / tl.sqrt(sumsq / C + eps)
+        tl.store(stats_ptr + i * P + p64, r, mask=p_ok)
+        tl.store(stats_ptr + (k + i) * P + p64, q, mask=p_ok)
+        tl.store(stats_ptr + (2 * k + i) * P + p64, d, mask=p_ok)
+        s = r * q  # padded lanes: 0, finite
+        top = tl.maximum(m, s)
+        scale = tl.exp(m - top)
+        e = tl.exp(s - top)
+        l = l * scale + e  # noqa: E741
+        ld = ld * scale + e * d
+        m = top
+    inv_l = 1.0 / l
+    dbar = ld * inv_l
+    tl.debug_barrier()  # the stats parked by other threads of this program are visible
+
+    # sweep 2: each value's gradient and the partial grad of w, one channel chunk at a time
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        pc_ok = p_ok[:, None] & c_ok[None, :]
+        g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        gw = tl.zeros((BLOCK_C,), ACC)
+        for i in range(k):
+            base = tl.load(table_ptr + 3 * i).to(first_ptr.dtype, bitcast=True)
+            stride_p = tl.load(table_ptr + 3 * i + 1)
+            stride_c = tl.load(table_ptr + 3 * i + 2)
+            out = tl.load(out_table_ptr + i).to(first_ptr.dtype, bitcast=True)
+            r = tl.load(stats_ptr + i * P + p64, mask=p_ok, other=0.0)
+            q = tl.load(stats_ptr + (k + i) * P + p64, mask=p_ok, other=0.0)
+            d = tl.load(stats_ptr + (2 * k + i) * P + p64, mask=p_ok, other=0.0)
+            alpha = tl.exp(r * q - m) * inv_l
+            coef_w = alpha * (d - dbar) * r  # ds_i r_i
+            coef_v = coef_w * r * r * q / C
+            v = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
+            ).to(ACC)
+            gv = alpha[:, None] * g + coef_w[:, None] * w[None, :] - coef_v[:, None] * v
+            tl.store(
+                out + p64[:, None] * C + c[None, :], gv.to(first_ptr.dtype.element_ty), mask=pc_ok
+            )
+            gw += tl.sum(coef_w[:, None] * v, 0)
+        tl.store(gw_ptr + pid * C + c, gw, mask=c_ok)
+
+
+# ---------------------------------------------------------------------------- launching
+# The interpreter runs program instances one after another (~1 ms each): few, large tiles.
+# On a GPU: a [BLOCK_S, BLOCK_P, BLOCK_C] tile of ~2K elements in sweep 2 (not tuned yet).
+MAX_BLOCK_S = 16
+GPU_TILE = 2048
+
+
+def _blocks_config(S: int, C: int) -> dict[str, int]:
+    block_s = min(MAX_BLOCK_S, triton.next_power_of_2(S))
+    block_c = min(64 if block_s > 2 else 128, triton.next_power_of_2(C))
+    if generate.interpreted():
+        return dict(BLOCK_S=block_s, BLOCK_P=16, BLOCK_C=64)
+    block_p = max(1, min(16, GPU_TILE // (block_s * block_c)))
+    return dict(BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+
+
+def _merge_config(C: int) -> dict[str, int]:
+    if generate.interpreted():
+        return dict(BLOCK_P=16, BLOCK_C=64)
+    return dict(BLOCK_P=16, BLOCK_C=min(128, triton.next_power_of_2(C)), num_warps=4)
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
+    """Run `kernel` on `grid` (one place to record launches, for the sm_90 compile test)."""
+    kernel[grid](*args, **constants)
+
+
+def _rows(v: Tensor, P: int, C: int) -> Tensor:
+    """`v` as ``[P, C]``: a view with its own strides (expanded ones too) where the positions
+    flatten to one stride, else a copy."""
+    try:
+        return v.view(P, C)
+    except RuntimeError:
+        return v.reshape(P, C)
+
+
+def attnres_blocks(
+    blocks: list[Tensor], queries: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    reference.check_values(blocks, "blocks")
+    reference.check_query(queries, blocks[0].shape[-1], blocks[0].device, rows=True)
+    _check_device(*blocks, queries)
+    first = blocks[0]
+    pos, C, S, n = tuple(first.shape[:-1]), first.shape[-1], queries.shape[0], len(blocks)
+    P = math.prod(pos)
+    acc = compute_dtype(first.dtype)
+    o = first.new_empty((S, *pos, C), dtype=acc)
+    m = first.new_empty((S, *pos), dtype=acc)
+    l = first.new_empty((S, *pos), dtype=acc)  # noqa: E741
+    if o.numel() == 0:
+        return o, m, l
+    rows = [_rows(b, P, C) for b in blocks]
+    table = _table(rows)
+    logits = first.new_empty((n, S, P), dtype=acc)
+    w = queries.to(acc).contiguous()
+    config = _blocks_config(S, C)
+    grid = (triton.cdiv(P, config["BLOCK_P"]), triton.cdiv(S, config["BLOCK_S"]))
+    _launch(
+        attnres_blocks_kernel,
+        grid,
+        table,
+        rows[0],
+        w,
+        logits,
+        o,
+        m,
+        l,
+        n,
+        S,
+        P,
+        eps,
+        C=C,
+        ACC=_acc(first.dtype),
+        **config,
+    )
+    return o, m, l
+
+
+def attnres_merge(
+    o: Tensor,
+    m: Tensor,
+    l: Tensor,  # noqa: E741
+    partial: Tensor,
+    query: Tensor,
+    eps: float,
+) -> Tensor:
+    reference.check_values([partial], "partial")
+    reference.check_query(query, partial.shape[-1], partial.device)
+    if o.shape != partial.shape or m.shape != partial.shape[:-1] or l.shape != m.shape:
+        raise ValueError(
+            f"attnres_merge: o {tuple(o.shape)}, m {tuple(m.shape)}, l {tuple(l.shape)} do "
+            f"not fit the partial block {tuple(partial.shape)}"
+        )
+    _check_device(o, m, l, partial, query)
+    C = partial.shape[-1]
+    P = math.prod(partial.shape[:-1])
+    h = partial.new_empty(partial.shape)
+    if h.numel() == 0:
+        return h
+    acc = compute_dtype(partial.dtype)
+    x = _rows(partial, P, C)
+    config = _merge_config(C)
+    _launch(
+        attnres_merge_kernel,
+        (triton.cdiv(P, config["BLOCK_P"]),),
+        o.to(acc).contiguous(),
+        m.to(acc).contiguous(),
+        l.to(acc).contiguous(),
+        x,
+        query.to(acc).contiguous(),
+        h,
+        P,
+        x.stride(0),
+        x.stride(1),
+        eps,
+        C=C,
+        ACC=_acc(partial.dtype),
+        **config,
+    )
+    return h
+
+
+def _table(rows: list[Tensor]) -> Tensor:
+    """Address, position stride and channel stride of each ``[P, C]`` tensor, on its device."""
+    entries = [[t.data_ptr(), t.stride(0), t.stride(1)] for t in rows]
+    return torch.tensor(entries, dtype=torch.int64).to(rows[0].device)
+
+
+def attnres(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
+    """``hcpass::attnres``: phase 1 over ``values[:-1]`` with the one query, phase 2 with
+    ``values[-1]``."""
+    reference.check_inputs(values, query)
+    _check_device(*values, query)
+    if len(values) == 1:
+        return values[0].clone(memory_format=torch.contiguous_format)
+    o, m, l = attnres_blocks(values[:-1], query[None], eps)  # noqa: E741
+    return attnres_merge(o[0], m[0], l[0], values[-1], query, eps)
+
+
+def attnres_backward(
+    grad: Tensor, values: list[Tensor], query: Tensor, eps: float
+) -> tuple[list[Tensor], Tensor]:
+    """``hcpass::attnres_backward``: the closed form, in one kernel and a sum over programs."""
+    reference.check_inputs(values, query)
+    reference.check_grad(grad, values)
+    first = values[0]
+    _check_device(grad, *values, query)
+    if len(values) == 1:
+        copy = grad.to(first.dtype).clone(memory_format=torch.contiguous_format)
+        return [copy], torch.zeros_like(query, memory_format=torch.contiguous_format)
+    k, C = len(values), first.shape[-1]
+    P = math.prod(first.shape[:-1])
+    acc = compute_dtype(first.dtype)
+    grads = [first.new_empty(first.shape) for _ in values]
+    if P == 0 or C == 0:
+        return grads, torch.zeros_like(query, memory_format=torch.contiguous_format)
+    rows = [_rows(v, P, C) for v in values]
+    g = _rows(grad, P, C)
+    out_table = torch.tensor([t.data_ptr() for t in grads], dtype=torch.int64).to(first.device)
+    config = _merge_config(C)
+    programs = triton.cdiv(P, config["BLOCK_P"])
+    stats = first.new_empty((3, k, P), dtype=acc)
+    grad_w = first.new_empty((programs, C), dtype=acc)
+    _launch(
+        attnres_bwd_kernel,
+        (programs,),
+        _table(rows),
+        rows[0],
+        out_table,
+        g,
+        query.to(acc).contiguous(),
+        stats,
+        grad_w,
+        k,
+        P,
+        g.stride(0),
+        g.stride(1),
+        eps,
+        C=C,
+        ACC=_acc(first.dtype),
+        **config,
+    )
+    return grads, grad_w.sum(0).to(query.dtype)
+
+
+# op name -> launcher: what `register_cuda_kernels` installs as the ops' CUDA kernels.
+LAUNCHERS: dict[str, Callable] = {"attnres": attnres, "attnres_backward": attnres_backward}
