@@ -1,6 +1,7 @@
-"""Does hcpass help a model learn? Plain vs every manifold on the demo's byte corpus.
+"""Does hcpass help a model learn? Plain vs every manifold and Attention Residuals on the
+demo's byte corpus.
 
-    python benchmarks/learning.py                       # 8 blocks, 3 seeds, all manifolds
+    python benchmarks/learning.py                       # 8 blocks, 3 seeds, all variants
     python benchmarks/learning.py --width 64 --context 32 --batch 16 --steps 1000 --jobs 8
     python benchmarks/learning.py --from-plain 150      # convert a trained plain model
 
@@ -11,13 +12,17 @@ at 3-5x plain's step time: 24 runs at this size took 2.1 min on 2 CPU cores (lig
 loaded; expect 2-3x that on a busy machine). Every variant of a seed starts
 from the same initial weights and sees the same batches for the same number of steps; the
 only difference is `hcpass.convert` with that manifold and its defaults (init, mixer
-learning-rate scale). Runs go to --jobs processes of one thread each.
+learning-rate scale), or, for the ``attnres`` variant, with ``family="attnres"`` (Block
+AttnRes, --block-size sites per block: 4 blocks of 4 sites by default). Runs go to --jobs
+processes of one thread each.
 
 Per variant, over the seeds: held-out loss (mean +- sample std), steps until the mean
 smoothed training loss reaches the plain model's final one, how far the position-mean
 H_res moved from its init and from the identity (L1 per row, mean over rows and sites), the
 mean cosine between the streams entering the last site (1 = copies), the composite Amax gain
 (`hcpass.gain`) at the last depth and its maximum over depth, and the median step time.
+For attnres, instead of the H_res and gain columns: the weight its output (the final norm's
+input) puts on the chain's input, and on the last block (`hcpass.depth_weights`).
 
 --from-plain N trains the plain model N steps, then continues it for --steps more beside a
 converted copy of it (fresh optimizers, the same new batches): does conversion pay on a
@@ -52,14 +57,14 @@ from hcpass.tools.demo.corpus import load_corpus
 from hcpass.tools.demo.gpt import GPT, GPTConfig
 from hcpass.tools.demo.report import have_matplotlib
 from hcpass.tools.demo.train import TrainConfig, torch_threads, train, validation_batches
-from hcpass.tools.demo.variants import BASELINE, TRAIN_LOSS_WINDOW, run_variant
+from hcpass.tools.demo.variants import ATTNRES, BASELINE, TRAIN_LOSS_WINDOW, run_variant
 
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
 @dataclass(frozen=True)
 class Task:
-    variant: str  # BASELINE or a manifold name
+    variant: str  # BASELINE, a manifold name or ATTNRES
     gpt: GPTConfig
     cfg: TrainConfig  # its seed is the run's seed
     pretrain: int  # plain steps before conversion; 0: convert the freshly initialised model
@@ -97,6 +102,14 @@ def mixer_state(model: nn.Module, example: Tensor) -> dict[str, Any]:
     }
 
 
+def attnres_state(model: nn.Module, example: Tensor) -> dict[str, Any]:
+    """Where a trained attnres model's output reads from: the position-mean weight on the
+    chain's input and on its last block (uniform at init: 1 / blocks)."""
+    weights = list(hcpass.depth_weights(model, (example,)).values())[-1].weights
+    mean = weights.flatten(0, -2).mean(0)
+    return {"output_on_input": mean[0].item(), "output_on_last": mean[-1].item()}
+
+
 def run_task(task: Task) -> dict[str, Any]:
     """One variant, one seed (in a worker process)."""
     cfg, gpt = task.cfg, task.gpt
@@ -114,7 +127,9 @@ def run_task(task: Task) -> dict[str, Any]:
         manifold = None if task.variant == BASELINE else task.variant
         result, model = run_variant(task.variant, manifold, base, data, held_out, cfg)
         record = {"variant": task.variant, "seed": task.cfg.seed, **asdict(result)}
-        if manifold is not None:
+        if task.variant == ATTNRES:
+            record.update(attnres_state(model, held_out[0][0]))
+        elif manifold is not None:
             record.update(mixer_state(model, held_out[0][0]))
     return record
 
@@ -161,7 +176,14 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
             "step_time_vs_plain": statistics.fmean(r["ms_per_step"] for r in group) / plain_ms,
             "params": group[0]["params"],
         }
-        if variant != BASELINE:
+        if variant == ATTNRES:
+            row.update(
+                {
+                    key: statistics.fmean(r[key] for r in group)
+                    for key in ("output_on_input", "output_on_last")
+                }
+            )
+        elif variant != BASELINE:
             gain = mean_gain(group)
             row.update(
                 {
@@ -187,22 +209,26 @@ def print_summary(rows: list[dict[str, Any]], steps: int) -> None:
         "from I",
         "stream cos",
         "gain last/max",
+        "out on input/last",
         "ms/step",
         "x plain",
     ]
     table = []
     for r in rows:
-        mixer = r["variant"] != BASELINE
+        converted = r["variant"] != BASELINE
+        mixer = "gain_last" in r  # hyper-connections; attnres has weights over depth instead
+        attnres = "output_on_input" in r
         table.append(
             [
                 r["variant"],
                 f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}",
-                f"{r['val_loss_mean'] - plain['val_loss_mean']:+.4f}" if mixer else "-",
+                f"{r['val_loss_mean'] - plain['val_loss_mean']:+.4f}" if converted else "-",
                 str(r["steps_to_plain_final"] or f"> {steps}"),
                 f"{r['h_res_from_init']:.3f}" if mixer else "-",
                 f"{r['h_res_from_identity']:.3f}" if mixer else "-",
                 f"{r['last_site_stream_cosine']:.3f}" if mixer else "-",
                 f"{r['gain_last']:.2f}/{r['gain_max']:.2f}" if mixer else "-",
+                f"{r['output_on_input']:.2f}/{r['output_on_last']:.2f}" if attnres else "-",
                 f"{r['ms_per_step']:.0f}",
                 f"{r['step_time_vs_plain']:.1f}",
             ]
@@ -251,7 +277,11 @@ def write_plots(directory: Path, stem: str, runs: list[dict], rows: list[dict]) 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     train, model = TrainConfig(), GPTConfig()
-    parser.add_argument("--manifolds", help="comma-separated (default: every registered one)")
+    parser.add_argument(
+        "--manifolds",
+        help=f"comma-separated manifolds and/or {ATTNRES} (default: every registered "
+        f"manifold and {ATTNRES})",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--layers", type=int, default=8)
@@ -261,6 +291,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=train.lr)
     parser.add_argument("--streams", type=int, default=train.streams)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=4,
+        help=f"sites per block of the {ATTNRES} variant (default: %(default)s; 0: full)",
+    )
     parser.add_argument("--init", choices=hcpass.manifolds.base.INITS)
     parser.add_argument("--mixer-lr-scale", type=float, default=train.mixer_lr_scale)
     parser.add_argument(
@@ -284,6 +320,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     names = args.manifolds.split(",") if args.manifolds else hcpass.manifolds.manifold_names()
+    if not args.manifolds:
+        names = [*names, ATTNRES]
     if args.from_plain and not args.manifolds:
         names = ["sinkhorn"]  # hcpass.convert's default
     variants = [BASELINE, *names]
@@ -293,6 +331,7 @@ def main() -> None:
         batch=args.batch,
         lr=args.lr,
         streams=args.streams,
+        block_size=args.block_size or None,
         init=args.init,
         mixer_lr_scale=args.mixer_lr_scale,
         threads=1,

@@ -17,7 +17,7 @@ from hcpass.runtime.mixer import Mixer
 from hcpass.runtime.module import ConvertedModule
 from hcpass.runtime.pseudo_query import PseudoQuery
 from hcpass.tools import plot
-from hcpass.tools.inspection import gain, mixers
+from hcpass.tools.inspection import DepthWeights, depth_weights, gain, mixers
 from hcpass.training import param_groups
 
 _logs.register()
@@ -25,6 +25,7 @@ _logs.register()
 __all__ = [
     "FAMILIES",
     "ConvertedModule",
+    "DepthWeights",
     "Manifold",
     "Mixer",
     "PseudoQuery",
@@ -33,6 +34,7 @@ __all__ = [
     "available_manifolds",
     "compile",
     "convert",
+    "depth_weights",
     "explain",
     "gain",
     "manifolds",

@@ -226,6 +226,36 @@ def t5():
     return T5ForConditionalGeneration(cfg)
 
 
+class PreNormStack(nn.Module):
+    """`depth` pre-norm residual sites on one stream and a final norm: what
+    ``family="attnres"`` converts."""
+
+    def __init__(self, depth: int = 3, width: int = 16) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.final = nn.LayerNorm(width)
+
+    def forward(self, x):
+        for norm, layer in zip(self.norms, self.layers, strict=True):
+            x = x + layer(norm(x))
+        return self.final(x)
+
+
+class TwoChains(nn.Module):
+    """Two pre-norm stacks with a projection between them: two chains, each with its own
+    output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = PreNormStack(depth=2)
+        self.proj = nn.Linear(16, 16)
+        self.second = PreNormStack(depth=1)
+
+    def forward(self, x):
+        return self.second(self.proj(self.first(x)))
+
+
 class MixerBlock(nn.Module):
     def __init__(self, tokens: int, d: int) -> None:
         super().__init__()

@@ -46,6 +46,35 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert pictures <= {p.name for p in tmp_path.iterdir()}
 
 
+def test_demo_runs_an_attnres_variant(tmp_path, capsys):
+    args = ["--manifolds", "attnres", "--block-size", "2", "--out", str(tmp_path)]
+    assert cli.main(["demo", *TINY_ARGS, *args]) == 0
+    out = capsys.readouterr()
+    assert any(line.startswith("attnres") for line in out.out.splitlines())
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["train"]["block_size"] == 2
+    plain, attnres = results["variants"]
+    assert attnres["name"] == "attnres" and attnres["manifold"] is None
+    assert len(attnres["curve"]) == 3
+    assert abs(attnres["curve"][0] - plain["curve"][0]) < 1e-4  # it starts as the plain model
+    assert attnres["params"] == plain["params"] + 2 * 16  # the second site's query, the output's
+    assert attnres["gain"] == []  # no H_res: weights over depth instead
+    weights = attnres["depth_weights"]
+    # One block of two sites: the second site and the output read the input and that block.
+    assert list(weights) == ["blocks_0_attn", "blocks_0_mlp", "blocks_0_mlp:output"]
+    assert [len(w) for w in weights.values()] == [1, 2, 2]
+    for w in weights.values():
+        assert sum(w) == pytest.approx(1.0, abs=1e-5)
+    if importlib.util.find_spec("matplotlib") is not None:
+        names = {p.name for p in tmp_path.iterdir()}
+        assert "depth_attnres.png" in names and "mixers_attnres.png" not in names
+
+
+def test_attnres_is_a_variant_beside_the_manifolds():
+    assert options.choose_manifolds("sinkhorn,attnres") == (["sinkhorn", "attnres"], [])
+
+
 def test_same_init_same_data_gives_identical_plain_runs():
     # The baseline is deterministic, so differences between variants come from hcpass.
     cfg = train.TrainConfig(steps=3, batch=2, corpus_bytes=50_000)
@@ -78,7 +107,7 @@ def test_unknown_manifold_is_a_usage_error(tmp_path, capsys):
 def test_default_manifolds_skip_what_is_not_registered(monkeypatch):
     monkeypatch.setattr(hcpass, "available_manifolds", lambda: {"sinkhorn (mhc)": "mHC"})
     chosen, notes = options.choose_manifolds(None)
-    assert chosen == ["sinkhorn"]
+    assert chosen == ["sinkhorn", "attnres"]
     assert any("'hc' is not registered" in n for n in notes)
     assert any("kronecker" in n for n in notes)
     assert options.choose_manifolds("mhc") == (["mhc"], [])
@@ -92,7 +121,8 @@ def test_default_manifolds_include_an_exact_one():
     ]
     exact = [m for m in options.EXACT if m in registered]
     assert [m for m in chosen if m in options.EXACT] == exact[:1]
-    assert len(notes) == len(options.DEFAULT_MANIFOLDS) + 1 - len(chosen)
+    assert chosen[-1] == "attnres"  # not a manifold: always there
+    assert len(notes) == len(options.DEFAULT_MANIFOLDS) + 1 - (len(chosen) - 1)
 
 
 def result(name: str, val_loss: float, ms: float = 10.0) -> variants.Result:
@@ -117,7 +147,7 @@ def test_table_has_one_row_per_variant():
     assert "+0.0500" in lines[3]
 
 
-@pytest.mark.parametrize("flag", [["--steps", "0"], ["--threads", "0"]])
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--threads", "0"], ["--block-size", "0"]])
 def test_bad_numbers_are_usage_errors(flag, tmp_path, capsys):
     assert cli.main(["demo", *TINY_ARGS, *flag, "--out", str(tmp_path)]) == 2
     assert "must be at least 1" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import TINY
+from models import TwoChains
 
 import hcpass
 from hcpass.tools import plot
@@ -44,6 +45,33 @@ def test_mixers_writes_one_heatmap_per_site(converted, tmp_path):
 def test_gain_writes_a_curve(converted, tmp_path):
     model, inputs = converted
     assert is_png(plot.gain(model, inputs, tmp_path / "gain.png", label="hc"))
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_depth_weights_writes_a_heatmap(block_size, tmp_path):
+    ids = torch.randint(0, TINY.vocab, (2, TINY.context))
+    model = hcpass.convert(GPT(TINY), (ids,), family="attnres", block_size=block_size)
+    with torch.no_grad():
+        for query in model.mixers.parameters():
+            query.normal_()
+    out = plot.depth_weights(model, (ids,), tmp_path / "depth.png", title="attnres")
+    assert out == tmp_path / "depth.png"
+    assert is_png(out)
+
+
+@needs_matplotlib
+def test_depth_weights_draws_a_panel_per_chain(tmp_path):
+    x = torch.randn(2, 5, 16)
+    model = hcpass.convert(TwoChains(), (x,), family="attnres")
+    assert is_png(plot.depth_weights(model, (x,), tmp_path / "chains.png"))
+
+
+def test_depth_weights_plot_needs_an_attnres_model(converted, tmp_path):
+    model, inputs = converted
+    with pytest.raises(TypeError, match="family='attnres'"):
+        plot.depth_weights(model, inputs, tmp_path / "depth.png")
+    assert not (tmp_path / "depth.png").exists()
 
 
 @needs_matplotlib

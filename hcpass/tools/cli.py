@@ -113,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
         "demo",
         help="train a small byte-level GPT plain and converted, compare losses and speed",
         description="Train a small byte-level GPT on Python's standard library, plain and "
-        "converted with several manifolds (same initial weights, batches and steps); print "
+        "converted with several manifolds and to Attention Residuals (same initial weights, "
+        "batches and steps); print "
         "a comparison table and write results.json and pictures to --out.",
     )
     from hcpass.tools.demo.options import add_arguments  # the flags, not the training code

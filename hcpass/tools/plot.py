@@ -1,4 +1,5 @@
-"""Pictures of a converted model: H_res heatmaps, composite gain over depth, loss curves.
+"""Pictures of a converted model: H_res heatmaps, composite gain over depth, Attention
+Residuals' weights over depth, loss curves.
 
 matplotlib is an optional extra (``pip install 'hcpass[plot]'``); it is imported when a
 picture is drawn, not when this module is imported, so ``import hcpass`` works without matplotlib.
@@ -173,6 +174,62 @@ def gains(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path)
     ax.set_title("Composite gain over depth (mean over positions)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(curves) > 2 else 1)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------- depth weights
+def depth_weights(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    path: str | Path,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Heatmap of a model converted with ``family="attnres"``: one row per site (then the
+    chain's output), one column per source (the chain's input, then its blocks -- sites in
+    full Attention Residuals), each cell the weight the row put on that source, averaged
+    over positions. A row sums to 1; sources a row cannot see yet are blank (full AttnRes:
+    lower-triangular). One panel per chain."""
+    found = inspection.depth_weights(model, example_inputs, example_kwargs)
+    if not found:
+        raise ValueError("no site ran in the forward on example_inputs: nothing to plot")
+    panels: dict[str, dict[str, inspection.DepthWeights]] = {}
+    for name, site in found.items():
+        panels.setdefault(site.chain, {})[name] = site
+    widest = max(len(site.sources) for site in found.values())
+    tallest = max(len(rows) for rows in panels.values())
+    cell = 0.55 if widest <= 12 else 0.3  # inches per cell
+    fig = _figure(figsize=(len(panels) * (widest * cell + 2.4) + 1.0, tallest * cell + 2.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    image = None
+    for ax, (chain, rows) in zip(axes.flat, panels.items(), strict=True):
+        columns = max(rows.values(), key=lambda site: len(site.sources)).sources
+        grid = torch.full((len(rows), len(columns)), float("nan"), dtype=torch.float64)
+        for i, site in enumerate(rows.values()):
+            grid[i, : len(site.sources)] = _mean_over_positions(site.weights, 1).double()
+        # NaN where a row has no such source: imshow leaves it blank, as "not readable yet"
+        # is not "weight 0".
+        image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(list(rows), fontsize=7)
+        ax.tick_params(length=0)
+        ax.set_xlabel("source (value read)", fontsize=8)
+        if len(panels) > 1:
+            ax.set_title(f"chain from {chain}", fontsize=9)
+        if len(columns) <= 12:  # beyond that the numbers overlap
+            for (i, j), value in _entries(grid):
+                if not math.isnan(value):
+                    shade = "black" if value > 0.6 else "white"  # viridis is light up there
+                    label = f"{value:.2f}"
+                    ax.text(j, i, label, ha="center", va="center", fontsize=6, color=shade)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight over depth")
+    fig.suptitle(
+        title or "Attention Residuals: weights over depth per site (mean over positions)",
+        fontsize=11,
+    )
     return _save(fig, path)
 
 

@@ -121,16 +121,23 @@ def attnres(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
     if len(values) == 1:
         return first.clone(memory_format=torch.contiguous_format)
     acc = compute_dtype(first.dtype)
+    alpha = weights(values, query, eps).unsqueeze(-1)  # [k, *pos, 1]
+    h = alpha[0] * first.to(acc)
+    for i in range(1, len(values)):
+        h = h + alpha[i] * values[i].to(acc)
+    return h.to(first.dtype).contiguous()
+
+
+def weights(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
+    """``alpha = softmax_i(r_i <w, v_i>)``, the attention over depth, ``[k, *pos]`` in
+    compute dtype (`attnres`'s weights; `hcpass.depth_weights` reports them)."""
+    acc = compute_dtype(values[0].dtype)
     w = query.to(acc)
     logits = []
     for v in values:
         vf = v.to(acc)
         logits.append(_rms_inv(vf, eps) * _dot(vf, w))
-    alpha = torch.softmax(torch.stack(logits), 0).unsqueeze(-1)  # [k, *pos, 1]
-    h = alpha[0] * first.to(acc)
-    for i in range(1, len(values)):
-        h = h + alpha[i] * values[i].to(acc)
-    return h.to(first.dtype).contiguous()
+    return torch.softmax(torch.stack(logits), 0)
 
 
 def attnres_backward(

@@ -12,7 +12,7 @@ from hcpass.text import table
 from hcpass.tools import plot
 from hcpass.tools.demo.gpt import GPTConfig
 from hcpass.tools.demo.train import TrainConfig
-from hcpass.tools.demo.variants import BASELINE, Result
+from hcpass.tools.demo.variants import ATTNRES, BASELINE, Result
 
 
 def describe(gpt: GPTConfig, cfg: TrainConfig, data: tuple[Tensor, Tensor]) -> str:
@@ -69,9 +69,15 @@ def pictures(
     models: dict[str, nn.Module],
     example: Tensor,
 ) -> list[Path]:
-    """Write losses.png, mixers_<variant>.png and gain.png to `out`."""
+    """Write losses.png, mixers_<variant>.png, gain.png and (for attnres) depth_attnres.png
+    to `out`."""
     written = [plot.losses({r.name: r.curve for r in results}, out / "losses.png")]
     for name, model in models.items():
+        if name == ATTNRES:  # no streams, no H_res: what it learnt is where it reads from
+            title = f"{name}: weights over depth per site (mean over positions, held-out batch)"
+            path = out / f"depth_{name}.png"
+            written.append(plot.depth_weights(model, (example,), path, title=title))
+            continue
         title = f"{name}: H_res per site (mean over positions, held-out batch)"
         written.append(plot.mixers(model, (example,), out / f"mixers_{name}.png", title=title))
     gains = {r.name: r.gain for r in results if r.gain}

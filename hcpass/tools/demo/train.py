@@ -28,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     eval_batches: int = 16
     streams: int = 4
+    block_size: int | None = None  # the attnres variant's sites per block (None: full)
     init: str | None = None  # None: hcpass.convert's default
     mixer_lr_scale: float = hcpass.training.MIXER_LR_SCALE
     seed: int = 0

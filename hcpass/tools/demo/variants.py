@@ -1,5 +1,6 @@
-"""The demo's comparison: the plain model and one converted copy per manifold, each trained
-from the same initial weights on the same batches."""
+"""The demo's comparison: the plain model and one converted copy per variant (a manifold,
+or ``attnres``: Attention Residuals), each trained from the same initial weights on the same
+batches."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import hcpass
+from hcpass.frontend.plan import ATTNRES  # also the name of the attnres variant
 from hcpass.tools.demo.gpt import GPT, GPTConfig
 from hcpass.tools.demo.train import TrainConfig, evaluate, step_ms, train, validation_batches
 
@@ -29,29 +31,40 @@ class Result:
     val_loss: float
     ms_per_step: float
     seconds: float  # wall time of the variant: conversion, compilation, training, evaluation
-    gain: list[dict[str, float]] = field(default_factory=list)
+    gain: list[dict[str, float]] = field(default_factory=list)  # hyper-connections
+    # Attention Residuals: per site, its weights over depth (mean over positions)
+    depth_weights: dict[str, list[float]] = field(default_factory=dict)
+
+
+def convert(model: nn.Module, variant: str, example: Tensor, cfg: TrainConfig) -> nn.Module:
+    """`model` converted as `variant` says: ``attnres`` (with ``cfg.block_size``) or a
+    manifold (with ``cfg.streams`` and ``cfg.init``)."""
+    if variant == ATTNRES:
+        return hcpass.convert(model, (example,), family=ATTNRES, block_size=cfg.block_size)
+    options = {} if cfg.init is None else {"init": cfg.init}
+    return hcpass.convert(model, (example,), streams=cfg.streams, manifold=variant, **options)
 
 
 def run_variant(
     name: str,
-    manifold: str | None,
+    variant: str | None,
     base: GPT,
     data: tuple[Tensor, Tensor],
     held_out: list[tuple[Tensor, Tensor]],
     cfg: TrainConfig,
 ) -> tuple[Result, nn.Module]:
+    """Train a copy of `base`: plain (`variant` None), or converted as `variant` says."""
     begin = time.perf_counter()
     model: nn.Module = copy.deepcopy(base)
     example = held_out[0][0]
-    if manifold is not None:
-        options = {} if cfg.init is None else {"init": cfg.init}
-        model = hcpass.convert(model, (example,), streams=cfg.streams, manifold=manifold, **options)
+    if variant is not None:
+        model = convert(model, variant, example, cfg)
     # A fresh Dynamo cache per variant: cached graphs of the previous variant (same GPT
     # class) must not be reused for this one.
     torch._dynamo.reset()
     run: Callable[[Tensor], Tensor] = model
     if cfg.compile:
-        run = torch.compile(model, backend="hcpass" if manifold else "inductor")
+        run = torch.compile(model, backend="hcpass" if variant else "inductor")
     curve, times = train(name, model, run, data, base.cfg, cfg)
     # Evaluated through the uncompiled module (same parameters): a no-grad graph would cost
     # another Inductor compile for a handful of batches.
@@ -59,7 +72,7 @@ def run_variant(
     window = curve[-TRAIN_LOSS_WINDOW:]
     result = Result(
         name=name,
-        manifold=manifold,
+        manifold=None if variant == ATTNRES else variant,
         params=sum(p.numel() for p in model.parameters()),
         curve=curve,
         train_loss=sum(window) / len(window),
@@ -70,22 +83,34 @@ def run_variant(
     return result, model
 
 
+def inspect(result: Result, variant: str, model: nn.Module, example: Tensor) -> None:
+    """Record what the converted model's site modules do on `example`: the composite gain of
+    a hyper-connection variant, the weights over depth of the attnres one."""
+    if variant == ATTNRES:
+        result.depth_weights = {
+            name: site.weights.flatten(0, -2).mean(0).tolist()
+            for name, site in hcpass.depth_weights(model, (example,)).items()
+        }
+    else:
+        result.gain = hcpass.gain(model, (example,))
+
+
 def compare(
-    gpt: GPTConfig, cfg: TrainConfig, manifolds: Sequence[str], data: tuple[Tensor, Tensor]
+    gpt: GPTConfig, cfg: TrainConfig, variants: Sequence[str], data: tuple[Tensor, Tensor]
 ) -> tuple[list[Result], dict[str, nn.Module], Tensor]:
-    """Train the plain model and one converted copy per manifold from the same initial
-    weights. Returns the results (plain first), the converted models and the held-out
-    batch their mixers are inspected on."""
+    """Train the plain model and one converted copy per variant (manifold or ``attnres``)
+    from the same initial weights. Returns the results (plain first), the converted models
+    and the held-out batch their site modules are inspected on."""
     held_out = validation_batches(data[1], gpt, cfg)
     torch.manual_seed(cfg.seed)
     base = GPT(gpt).to(cfg.device)
     results: list[Result] = []
     models: dict[str, nn.Module] = {}
-    for manifold in [None, *manifolds]:
-        name = manifold or BASELINE
-        result, model = run_variant(name, manifold, base, data, held_out, cfg)
-        if manifold is not None:
-            result.gain = hcpass.gain(model, (held_out[0][0],))
+    for variant in [None, *variants]:
+        name = variant or BASELINE
+        result, model = run_variant(name, variant, base, data, held_out, cfg)
+        if variant is not None:
+            inspect(result, variant, model, held_out[0][0])
             models[name] = model
         results.append(result)
     return results, models, held_out[0][0]
