@@ -164,6 +164,8 @@ def _means_last_dim(mean: fx.Node) -> bool:
 
 
 def _describe(node: fx.Node) -> str:
+    if node.op == "output":
+        return "the graph's return (a graph break, or a returned hidden state)"
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
     return f"{name} ({node.name})"

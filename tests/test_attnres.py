@@ -370,3 +370,32 @@ def test_block_attnres_keeps_plain_activation_memory_plus_its_blocks(layers):
     blocks = 2 * layers // block_size
     per_value = ids.numel() * model.cfg.width * 4
     assert _saved_bytes(converted, ids) <= _saved_bytes(model, ids) + (blocks + 1) * per_value
+
+
+class BrokenChain(nn.Module):
+    """Pre-norm blocks with a graph break in the middle of the chain."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.lns = nn.ModuleList(nn.LayerNorm(width) for _ in range(4))
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
+        self.final = nn.LayerNorm(width)
+
+    def block(self, x, i: int):
+        return x + self.fcs[i](self.lns[i](x))
+
+    def forward(self, x):
+        x = self.block(self.block(x, 0), 1)
+        torch._dynamo.graph_break()
+        return self.final(self.block(self.block(x, 2), 3))
+
+
+def test_a_chain_split_by_a_graph_break_converts_after_the_break_only():
+    model = BrokenChain()
+    x = torch.randn(2, 3, 16)
+    report = hcpass.explain(model, (x,), family="attnres")
+    assert [s.status for s in report.sites] == ["skipped", "skipped", "rewritten", "rewritten"]
+    assert "the chain's output is read by the graph's return" in report.sites[0].reason
+    converted = hcpass.convert(model, (x,), family="attnres")
+    with torch.no_grad():
+        assert _rel_err(converted(x), model(x)) <= PRESERVE_RTOL
