@@ -399,3 +399,32 @@ def test_a_chain_split_by_a_graph_break_converts_after_the_break_only():
     converted = hcpass.convert(model, (x,), family="attnres")
     with torch.no_grad():
         assert _rel_err(converted(x), model(x)) <= PRESERVE_RTOL
+
+
+def test_hf_generate_matches_the_original_at_init():
+    model = ZOO["gpt2"][0]().eval()
+    ids = _ids(2, 6)
+    converted = hcpass.convert(model, (ids,), family="attnres", block_size=2)
+    want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(converted.generate(ids, max_new_tokens=5, do_sample=False), want)
+
+
+def test_hf_gradient_checkpointing_gives_the_same_gradients():
+    # The sites lie inside HF's checkpointed layers: their depth attention is recomputed
+    # with the layer (no region of its own inside the layer's).
+    converted = hcpass.convert(ZOO["llama"][0]().train(), (_ids(),), family="attnres", block_size=2)
+    _randomise_queries(converted)
+    ids = _ids()
+
+    def grads() -> dict[str, torch.Tensor]:
+        converted.zero_grad()
+        converted(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    converted.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    assert any(n.startswith("mixers.") for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)
