@@ -1,5 +1,8 @@
+import multiprocessing
 import os
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -15,6 +18,24 @@ os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Shared by the Triton interpreter tests (test_codegen, test_attnres_ops).
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[ProcessPoolExecutor]:
+    """A worker process whose triton was imported with TRITON_INTERPRET=1."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(int).result()  # start it now, while the variable is set
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    yield pool
+    pool.shutdown()
 
 
 def pytest_collection_modifyitems(config, items):

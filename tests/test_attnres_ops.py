@@ -17,10 +17,6 @@ Kernels against the reference (`KERNEL_TOL`, as tests/test_codegen.py): fp64 1e-
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -436,23 +432,6 @@ def run_backward_case(k, pos, C, dtype, layout=None) -> None:
     want_values, want_query = reference.attnres_backward(grad, values, query, EPS)
     assert_matches(grad_values, want_values, KERNEL_TOL[dtype])
     assert_matches(grad_query, want_query, KERNEL_TOL[compute_dtype(dtype)])
-
-
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[ProcessPoolExecutor]:
-    """A worker process whose triton was imported with TRITON_INTERPRET=1."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(int).result()  # start it now, while the variable is set
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    yield pool
-    pool.shutdown()
 
 
 # (n blocks, S queries, pos, C): one block, several; one query, a few, 17 (two query tiles of

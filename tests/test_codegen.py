@@ -19,10 +19,6 @@ computed from its own (truncated) X'. Coefficients stay fp32 and match far tight
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -88,24 +84,7 @@ def run_boundary_case(
     assert_matches(got, reference.post_res_coeffs_pre(*args), TOL[dtype])
 
 
-# --------------------------------------------------------------------------- worker
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[ProcessPoolExecutor]:
-    """A worker process whose triton was imported with TRITON_INTERPRET=1."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(int).result()  # start it now, while the variable is set
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    yield pool
-    pool.shutdown()
-
-
+# ------------------------------------------------ in the interpreter (conftest's worker)
 # (n, positions, C): non-power-of-two n and C, ragged position counts, 2-d positions.
 STREAM_SHAPES = [(2, (7,), 96), (3, (13,), 96), (4, (2, 5), 40), (8, (13,), 96)]
 
