@@ -177,6 +177,19 @@ def test_double_widens_the_mixers_for_gradcheck():
     assert {p.dtype for p in converted.mixers.parameters()} == {torch.float64}
     converted.float()
     assert {p.dtype for p in converted.mixers.parameters()} == {torch.float32}
+    # From fp64 straight to a narrow dtype: fp32 again, not fp64 left behind.
+    converted.double().to(torch.bfloat16)
+    assert {p.dtype for p in converted.mixers.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "double"])
+def test_pseudo_queries_follow_the_mixers_dtype_rules(cast):
+    (ids,), _ = models.token_inputs()
+    converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,), family="attnres")
+    getattr(converted, cast)()
+    want = torch.float64 if cast == "double" else torch.float32
+    assert {p.dtype for p in converted.mixers.parameters()} == {want}
+    assert converted(ids).dtype == converted.head.weight.dtype
 
 
 def test_hf_mamba_residual_in_fp32_sites_are_found():

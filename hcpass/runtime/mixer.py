@@ -40,8 +40,9 @@ class SiteModule(nn.Module):
                 and out.is_floating_point()
                 and torch.finfo(out.dtype).bits < torch.finfo(torch.float32).bits
             )
-            # Move without rounding: casting back after fn would keep the bf16 rounding.
-            return t.to(device=out.device) if narrowed else out
+            # Cast from the original (fp32, or fp64 after .double()) to fp32: casting fn's
+            # result back would keep the bf16 rounding.
+            return t.to(device=out.device, dtype=torch.float32) if narrowed else out
 
         return super()._apply(keep_fp32, recurse)
 
