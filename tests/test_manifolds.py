@@ -319,6 +319,28 @@ def test_res_map_backward_matches_vjp(name: str, n: int, opts: dict[str, Any]) -
     torch.testing.assert_close(m.res_map_backward(logits, grad), vjp(grad)[0], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
+def test_res_map_traces_with_fake_tensors(name: str, n: int, opts: dict[str, Any]) -> None:
+    """backend="hcpass" inlines res_map into AOTAutograd's fake-tensor trace. Its constants
+    (bases, permutation matrices) must be computed in the graph: a cached real tensor fails
+    in a fake trace, a tensor constant (``torch.tensor``) is a get_attr that torch 2.13's
+    Inductor does not pass into a shared subgraph, and tracing must not leave a fake tensor
+    in the eager cache (hcpass.manifolds._constants)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hcpass.manifolds._constants import _cached
+
+    m = create(name, n, **opts)
+    logits = random_logits(m, 1.0, torch.float32, batch=8)
+    _cached.cache_clear()  # trace first, then run eagerly
+    graph = make_fx(lambda t: m.res_map(t), tracing_mode="fake")(logits)
+    assert [node.target for node in graph.graph.nodes if node.op == "get_attr"] == []
+    want = m.res_map(logits)
+    torch.testing.assert_close(graph(logits), want, rtol=0, atol=0)
+    # and eagerly first, then traced: the cached tensors stay out of the trace
+    make_fx(lambda t, g: m.res_map_backward(t, g), tracing_mode="fake")(logits, want)
+
+
 # ------------------------------------------------------------ function preservation
 @pytest.mark.parametrize("init", ["identity", "paper"])
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))

@@ -3,36 +3,49 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-Pairs = tuple[tuple[int, int], ...]
+from hcpass.manifolds._constants import constant
+
+# The free entries of a skew matrix: (i, j) with i < j, i in rows, j in cols, row-major.
+Block = tuple[range, range]
 
 
-def upper_pairs(n: int, limit: int | None = None) -> Pairs:
-    """Row-major (i, j), i < j < limit (default n): the free entries of a skew matrix."""
-    limit = n if limit is None else limit
-    return tuple((i, j) for i in range(limit) for j in range(i + 1, limit))
+def upper(limit: int) -> Block:
+    """The strict upper triangle of the leading limit x limit block."""
+    return range(limit), range(limit)
 
 
-@functools.cache
-def _skew_basis(n: int, pairs: Pairs) -> Tensor:
-    basis = torch.zeros(len(pairs), n, n, dtype=torch.float64)
-    for k, (i, j) in enumerate(pairs):
-        basis[k, i, j] = 1.0
-        basis[k, j, i] = -1.0
-    return basis.flatten(1)
+def block_pairs(block: Block) -> tuple[tuple[int, int], ...]:
+    """The (i, j) of `block`, in the order of `skew`'s entries."""
+    rows, cols = block
+    return tuple((i, j) for i in rows for j in cols if i < j)
 
 
-def skew(entries: Tensor, n: int, pairs: Pairs) -> Tensor:
-    """``[..., len(pairs)]`` -> ``[..., n, n]`` skew matrix with ``W[i, j] = -W[j, i] = entry``.
+def _skew_basis(n: int, block: Block, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[len(block_pairs), n * n]``: row k is the flattened skew matrix with +1 at the k-th
+    free entry (i, j) and -1 at (j, i); built from arange (see hcpass.manifolds._constants)."""
+    (rows, cols), count = block, len(block_pairs(block))
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    in_rows = (i >= rows.start) & (i < rows.stop)
+    in_cols = (j >= cols.start) & (j < cols.stop)
+    free = ((i < j) & in_rows & in_cols).flatten()
+    order = free.cumsum(0) - 1  # row-major rank of each free entry
+    slot = torch.arange(count, device=device)[:, None]
+    upper = (free & (order == slot)).to(dtype).unflatten(-1, (n, n))
+    return (upper - upper.transpose(-2, -1)).flatten(1)
+
+
+def skew(entries: Tensor, n: int, block: Block) -> Tensor:
+    """``[..., len(block_pairs(block))]`` -> ``[..., n, n]`` skew matrix with
+    ``W[i, j] = -W[j, i] = entry`` on the block's free entries, 0 elsewhere.
 
     A matmul with a constant basis rather than an indexed write: no in-place op, so it
     traces, vmaps and differentiates like any other matmul.
     """
-    basis = _skew_basis(n, pairs).to(dtype=entries.dtype, device=entries.device)
+    basis = constant(_skew_basis, n, block, like=entries)
     return (entries @ basis).unflatten(-1, (n, n))
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds import register_manifold
-from hcpass.manifolds._orthogonal import cayley, skew, upper_pairs
+from hcpass.manifolds._orthogonal import cayley, skew, upper
 from hcpass.manifolds.base import Manifold, compute_dtype
 
 
@@ -57,10 +57,9 @@ class Grassmann(Manifold):
         n, p = self.streams, self.rank
         logits = logits.to(compute_dtype(logits.dtype))
         cross, rot = logits.split([p * (n - p), p * (p - 1) // 2], dim=-1)
-        cross_pairs = tuple((j, i) for j in range(p) for i in range(p, n))
-        q = cayley(skew(cross, n, cross_pairs))
+        q = cayley(skew(cross, n, (range(p), range(p, n))))
         # Cayley of a skew matrix supported on the leading p x p block is blockdiag(R, I).
-        rotation = cayley(skew(rot, n, upper_pairs(n, limit=p)))
+        rotation = cayley(skew(rot, n, upper(p)))
         return q @ rotation @ q.transpose(-2, -1)
 
     def res_identity_bias(self) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds import register_manifold
+from hcpass.manifolds._constants import constant
 from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # n! logits per position (and n! * n * n FLOPs): 8! = 40320 is already far past practical.
@@ -82,12 +83,23 @@ def triton_source(n: int) -> str:
     return TRITON_PERMUTATION.format(count=len(perms), n=n, rows="\n".join(rows))
 
 
-@functools.cache
-def permutation_matrices(n: int) -> Tensor:
-    """``[n!, n * n]`` fp64: row k is P_k flattened, ``P_k[i, perm_k[i]] = 1``. The
-    identity comes first (itertools yields permutations in lexicographic order)."""
-    eye = torch.eye(n, dtype=torch.float64)
-    return torch.stack([eye[list(p)] for p in itertools.permutations(range(n))]).flatten(1)
+def permutation_matrices(n: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[n!, n * n]``: row k is P_k flattened, ``P_k[i, perm_k[i]] = 1``, in the order of
+    ``itertools.permutations(range(n))`` (lexicographic: the identity first).
+
+    Built from arange (see hcpass.manifolds._constants): perm_k is the k-th permutation in
+    lexicographic order, decoded from k's factorial digits (Lehmer code): digit i, ``k //
+    (n - 1 - i)! mod (n - i)``, picks perm_k[i] among the values not taken yet.
+    """
+    k = torch.arange(math.factorial(n), device=device)[:, None]
+    free = torch.ones(k.shape[0], n, dtype=torch.bool, device=device)
+    rows = []
+    for i in range(n):
+        digit = k // math.factorial(n - 1 - i) % (n - i)
+        row = free & (free.cumsum(-1) == digit + 1)  # the digit-th value still free
+        rows.append(row)
+        free = free & ~row
+    return torch.stack(rows, dim=1).to(dtype).flatten(1)
 
 
 @register_manifold
@@ -111,7 +123,7 @@ class Permutation(Manifold):
     def res_map(self, logits: Tensor) -> Tensor:
         n = self.streams
         weights = torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
-        basis = permutation_matrices(n).to(dtype=weights.dtype, device=weights.device)
+        basis = constant(permutation_matrices, n, like=weights)
         return (weights @ basis).unflatten(-1, (n, n))
 
     def res_identity_bias(self) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds import register_manifold
-from hcpass.manifolds._orthogonal import cayley, skew, upper_pairs
+from hcpass.manifolds._orthogonal import cayley, skew, upper
 from hcpass.manifolds.base import Manifold, compute_dtype
 
 
@@ -34,7 +34,7 @@ class Stiefel(Manifold):
 
     def res_map(self, logits: Tensor) -> Tensor:
         n = self.streams
-        return cayley(skew(logits.to(compute_dtype(logits.dtype)), n, upper_pairs(n)))
+        return cayley(skew(logits.to(compute_dtype(logits.dtype)), n, upper(n)))
 
     def res_identity_bias(self) -> Tensor:
         return torch.zeros(self.res_logits)
