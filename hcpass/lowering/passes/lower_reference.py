@@ -1,33 +1,97 @@
-"""CPU lowering: replace the ``hcpass::`` ops by their plain-PyTorch references.
+"""CPU lowering: the mixer ops become plain PyTorch that Inductor compiles.
 
-Inductor then traces the references with the rest of the graph, differentiates them with
-AOTAutograd and fuses them into its C++ kernels, instead of calling the ops as opaque
-extern kernels with a recomputing backward.
+``pre`` and ``post_res`` read and write the n-stream state, the model's largest tensors:
+they are replaced by their references inline, so Inductor differentiates them with
+AOTAutograd and fuses them into the C++ kernels of their neighbours (the branch's first op,
+the next site's mix) instead of reading the state back an extra time.
 
-Every site's ``coeffs`` is inlined, so a converted model's cold compile grows with its depth
-faster than the plain model's (docs/performance.md). Sharing one compiled subgraph between
-sites (PyTorch's ``invoke_subgraph``) halved the compile time but gave wrong gradients for
-the `hc` manifold's mixers, so it is not used.
+``coeffs`` is long: Sinkhorn's iterations unroll, and one site's coefficients traced and
+differentiated are ~685 FX nodes (n = 4, 20 iterations). Inlined at every site, that graph
+was traced, partitioned, lowered and scheduled again per site, so a converted model's cold
+compile grew ~12x faster per layer than the plain model's (docs/performance.md). Kept an
+opaque op it compiles fast but runs eagerly, 1.4x slower per training step. Instead every
+site whose coefficients are the same function (manifold spec, which of phi/alpha it has) of
+a state of the same shape and dtype calls one shared subgraph through PyTorch's
+``invoke_subgraph`` higher-order op (what ``torch.compiler.nested_compile_region`` records),
+which AOTAutograd traces and Inductor compiles once per distinct subgraph. A site whose
+state is a channels-last view of an NCHW stream (conv nets) gets the reference inline: the
+layout Inductor picks for that view is not one a shared subgraph can be traced for.
+
+A shared subgraph needs `hcpass.lowering.passes.subgraph_aliases` under Inductor (the backend
+adds it): torch 2.13's Inductor reuses the buffer of a subgraph's operand once the call is
+its last visible use, even when the partitioned subgraph returned that operand as a tensor
+saved for backward. hc's projection saves the state itself, so its backward read a later
+site's state and its gradients came out wrong (relative errors above 1) until that pass gave
+the saved tensors buffers of their own; the base class's projection (sinkhorn, kronecker)
+saves a flattened copy of the state instead, which is why they were right.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
 
+import torch
 from torch import fx
 
 from hcpass.lowering.passes.manager import GraphPass
 from hcpass.ops import REFERENCE
+from hcpass.rewrite.chains import COEFFS_STATE
+
+INLINED = frozenset({torch.ops.hcpass.pre.default, torch.ops.hcpass.post_res.default})
+_COEFFS = torch.ops.hcpass.coeffs.default
+# Where hcpass creates calls of this private higher-order op (its signature:
+# ``invoke_subgraph(subgraph, identifier, *operands)``, returning the subgraph's outputs).
+_INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
 
 class LowerToReference(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target in REFERENCE:
+        shared: set[tuple] = set()
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in INLINED:
                 node.target = REFERENCE[node.target]
+            elif node.op == "call_function" and node.target is _COEFFS:
+                if COEFFS_STATE in node.meta:
+                    _share_coefficients(graph, node, shared)
+                else:
+                    node.target = REFERENCE[node.target]
             elif node.op == "get_attr" and graph.owning_module is not None:
                 # activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions)
                 body = operator.attrgetter(node.target)(graph.owning_module)
                 if isinstance(body, fx.GraphModule):
                     self(body.graph)
                     body.recompile()
+
+
+def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: set[tuple]) -> None:
+    """Replace one ``coeffs`` call by a call of the subgraph its computation shares."""
+    x, *params, spec = node.args
+    present = tuple(p is not None for p in params)
+    key = (spec, present, str(node.meta[COEFFS_STATE]))
+    # The identifier names the subgraph for AOTAutograd's and Inductor's caches beyond this
+    # graph (checkpoint bodies, later graphs): the same name must mean the same function.
+    name = "hcpass_coeffs_" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    if key not in shared:
+        graph.owning_module.register_module(name, _coefficients_body(spec, present))
+        shared.add(key)
+    with graph.inserting_before(node):
+        body = graph.get_attr(name)
+        # The first site reads its input expanded (stride 0), the others a contiguous state:
+        # a shared subgraph must see one layout.
+        dense = graph.call_method("contiguous", (x,))
+        operands = [dense, *(p for p in params if p is not None)]
+        call = graph.call_function(_INVOKE_SUBGRAPH, (body, name, *operands))
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+def _coefficients_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
+    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res)`` by the reference, for `spec`."""
+    body = fx.Graph()
+    x = body.placeholder("x")
+    names = ("phi", "alpha", "bias")
+    params = [body.placeholder(n) if keep else None for n, keep in zip(names, present, strict=True)]
+    out = body.call_function(REFERENCE[_COEFFS], (x, *params, spec))
+    body.output(tuple(body.call_function(operator.getitem, (out, i)) for i in range(3)))
+    return fx.GraphModule(torch.nn.Module(), body, class_name="CoefficientsBody")
