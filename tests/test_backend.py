@@ -15,8 +15,8 @@ from op_inputs import OP_NAMES
 
 import hcpass
 from hcpass.lowering.backend import hcpass_backend, lowering
+from hcpass.lowering.passes.lower_reference import LOWERED
 from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
-from hcpass.ops import REFERENCE
 
 HCPASS_OPS = {
     torch.ops.hcpass.coeffs.default,
@@ -59,8 +59,9 @@ def test_cpu_lowering_inlines_the_stream_ops_and_shares_one_coefficient_subgraph
     targets = [n.target for n in gm.graph.nodes]
     ops = torch.ops.hcpass
     assert not set(targets) & HCPASS_OPS
-    # pre/post_res are inlined, to fuse with their neighbours ...
-    assert {REFERENCE[ops.pre.default], REFERENCE[ops.post_res.default]} <= set(targets)
+    # pre/post_res are inlined (as references on states whose positions are flattened to
+    # one dimension), to fuse with their neighbours ...
+    assert {LOWERED[ops.pre.default], LOWERED[ops.post_res.default]} <= set(targets)
     # ... and the 4 sites' coefficients (the same manifold, state shape and dtype) call one
     # subgraph, which Inductor compiles once instead of once per site.
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]

@@ -1,4 +1,4 @@
-"""Stage 3: rewrite each residual chain of a graph into n-stream mixer ops.
+"""Rewrite each residual chain of a graph into n-stream mixer ops.
 
 Input: a graph (normalised by `sites.normalize_inplace`), its `SiteAnalysis`, and a
 `MixerSlot` per site. Output: the same graph, rewritten in place, plus the placeholders it

@@ -5,6 +5,16 @@ they are replaced by their references inline, so Inductor differentiates them wi
 AOTAutograd and fuses them into the C++ kernels of their neighbours (the branch's first op,
 the next site's mix) instead of reading the state back an extra time.
 
+The references run on states whose positions are flattened into one dimension
+(``x[n, P, C]``), and the coefficients stay flat between a site's ops. A conv net's
+per-position tensors would otherwise be 4-D ``[B, H, W, k]`` (the flattened state the
+projection saves, ``H_pre``), and Inductor treats every 4-D tensor next to a convolution as
+an NCHW activation: its layout optimisation gives a saved one channels-last strides computed
+from ``(B, H, W, k)``, which under dynamic shapes it cannot order (``1 < H`` undecided:
+"cannot determine truth value of Relational") -- training at a second input size failed.
+Flat, they have at most one symbolic dimension, and the saved projection input has static
+strides.
+
 ``coeffs`` is long: Sinkhorn's iterations unroll, and one site's coefficients traced and
 differentiated are ~685 FX nodes (n = 4, 20 iterations). Inlined at every site, that graph
 was traced, partitioned, lowered and scheduled again per site, so a converted model's cold
@@ -32,30 +42,67 @@ import hashlib
 import operator
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from hcpass.lowering.passes.manager import GraphPass
 from hcpass.ops import REFERENCE
 from hcpass.rewrite.chains import COEFFS_STATE
 
-INLINED = frozenset({torch.ops.hcpass.pre.default, torch.ops.hcpass.post_res.default})
 _COEFFS = torch.ops.hcpass.coeffs.default
 # Where hcpass creates calls of this private higher-order op (its signature:
 # ``invoke_subgraph(subgraph, identifier, *operands)``, returning the subgraph's outputs).
 _INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
+_ops = torch.ops.hcpass
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``x[n, *positions, C]`` -> ``x[n, P, C]`` (a copy where the positions are not
+    contiguous, as for a conv state whose channels were moved last; Inductor fuses it)."""
+    return x.flatten(1, -2) if x.dim() > 3 else x
+
+
+def coeffs(x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, manifold: str):
+    """Flat coefficients ``[P, n]``, ``[P, n]``, ``[P, n, n]``: only `pre` and `post_res`
+    below read them."""
+    return REFERENCE[_ops.coeffs.default](_flat(x), phi, alpha, bias, manifold)
+
+
+def pre(x: Tensor, h_pre: Tensor) -> Tensor:
+    u = REFERENCE[_ops.pre.default](_flat(x), h_pre)
+    return u.view(x.shape[1:])
+
+
+def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    out = REFERENCE[_ops.post_res.default](_flat(x), y.flatten(0, -2), h_post, h_res)
+    return out.view(x.shape)
+
+
+def post_res_coeffs_pre(x, y, h_post, h_res, phi, alpha, bias, manifold):
+    out = post_res(x, y, h_post, h_res)
+    h_pre_next, h_post_next, h_res_next = coeffs(out, phi, alpha, bias, manifold)
+    return out, h_pre_next, h_post_next, h_res_next, pre(out, h_pre_next)
+
+
+# Every op of a rewritten graph that makes or reads coefficients: all of them must be
+# replaced together, since the coefficients between them are flat.
+LOWERED = {
+    _ops.coeffs.default: coeffs,
+    _ops.pre.default: pre,
+    _ops.post_res.default: post_res,
+    _ops.post_res_coeffs_pre.default: post_res_coeffs_pre,
+}
 
 
 class LowerToReference(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         shared: set[tuple] = set()
         for node in list(graph.nodes):
-            if node.op == "call_function" and node.target in INLINED:
-                node.target = REFERENCE[node.target]
-            elif node.op == "call_function" and node.target is _COEFFS:
-                if COEFFS_STATE in node.meta:
-                    _share_coefficients(graph, node, shared)
-                else:
-                    node.target = REFERENCE[node.target]
+            if node.op == "call_function" and node.target is _COEFFS and COEFFS_STATE in node.meta:
+                _share_coefficients(graph, node, shared)
+            elif node.op == "call_function" and node.target in LOWERED:
+                node.target = LOWERED[node.target]
+            elif node.op == "call_function" and node.target in REFERENCE:
+                node.target = REFERENCE[node.target]  # Attention Residuals
             elif node.op == "get_attr" and graph.owning_module is not None:
                 # activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions)
                 body = operator.attrgetter(node.target)(graph.owning_module)
@@ -65,7 +112,10 @@ class LowerToReference(GraphPass):
 
 
 def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: set[tuple]) -> None:
-    """Replace one ``coeffs`` call by a call of the subgraph its computation shares."""
+    """Replace one ``coeffs`` call by a call of the subgraph its computation shares; its
+    coefficients are flattened after the call, as `pre` and `post_res` above read them. (The
+    state goes in unflattened: an operand whose size is a product of symbols, ``B*T`` under
+    dynamic shapes, fails Inductor's codegen of the subgraph's inputs.)"""
     x, *params, spec = node.args
     present = tuple(p is not None for p in params)
     key = (spec, present, str(node.meta[COEFFS_STATE]))
@@ -82,8 +132,15 @@ def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: set[tuple]) -> N
         dense = graph.call_method("contiguous", (x,))
         operands = [dense, *(p for p in params if p is not None)]
         call = graph.call_function(_INVOKE_SUBGRAPH, (body, name, *operands))
-    node.replace_all_uses_with(call)
+        flat = graph.call_function(_flat_coefficients, (call,))
+    node.replace_all_uses_with(flat)
     graph.erase_node(node)
+
+
+def _flat_coefficients(coefficients: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """``H_pre, H_post [*pos, n]``, ``H_res [*pos, n, n]`` -> ``[P, n]``, ``[P, n, n]``."""
+    h_pre, h_post, h_res = coefficients
+    return h_pre.flatten(0, -2), h_post.flatten(0, -2), h_res.flatten(0, -3)
 
 
 def _coefficients_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
