@@ -15,7 +15,8 @@ from op_inputs import OP_NAMES
 
 import hcpass
 from hcpass.lowering.backend import hcpass_backend, lowering
-from hcpass.ops import REFERENCE
+from hcpass.lowering.passes.lower_reference import LOWERED, _side_effects
+from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
 
 HCPASS_OPS = {
     torch.ops.hcpass.coeffs.default,
@@ -50,14 +51,37 @@ def test_other_backends_cannot_drop_the_mixers():
         torch.compile(converted, backend="aot_eager")(*x)
 
 
-def test_cpu_lowering_replaces_the_ops_by_their_references():
+def test_cpu_lowering_inlines_the_stream_ops_and_shares_one_coefficient_subgraph():
     converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
-    graph = converted.graph_module.graph
-    assert HCPASS_OPS <= {n.target for n in graph.nodes}
-    lowering(cuda=False)(graph)
-    targets = {n.target for n in graph.nodes}
-    assert not targets & HCPASS_OPS
-    assert {REFERENCE[op] for op in HCPASS_OPS} <= targets
+    gm = converted.graph_module
+    assert HCPASS_OPS <= {n.target for n in gm.graph.nodes}
+    lowering(cuda=False)(gm.graph)
+    targets = [n.target for n in gm.graph.nodes]
+    ops = torch.ops.hcpass
+    assert not set(targets) & HCPASS_OPS
+    # pre/post_res are inlined (as references on states whose positions are flattened to
+    # one dimension), to fuse with their neighbours ...
+    assert {LOWERED[ops.pre.default], LOWERED[ops.post_res.default]} <= set(targets)
+    # ... and the 4 sites' coefficients (the same manifold, state shape and dtype) call one
+    # subgraph, which Inductor compiles once instead of once per site.
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 4
+    assert len({call.args[1] for call in calls}) == 1
+
+
+def test_cpu_lowering_inlines_coefficients_that_call_an_op_with_side_effects(caplog):
+    """stiefel's Cayley transform (linalg.solve) calls aten._linalg_check_errors; in a shared
+    subgraph AOTAutograd dropped every gradient through it, so it is inlined at every site."""
+    (ids,), _ = models.token_inputs()
+    converted = hcpass.convert(models.tiny_gpt(), (ids,), manifold="stiefel")
+    gm = converted.graph_module
+    _side_effects.cache_clear()  # so it logs here
+    with caplog.at_level("INFO", logger="hcpass"):
+        lowering(cuda=False)(gm.graph)
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.ops.higher_order.invoke_subgraph not in targets
+    assert not set(targets) & HCPASS_OPS
+    assert any("_linalg_check_errors" in r.getMessage() for r in caplog.records)
 
 
 # Every registered manifold, and hc static (phi-less: one set of logits for every position).
@@ -68,12 +92,15 @@ _MANIFOLDS = [
 
 @pytest.mark.parametrize(("manifold", "options"), _MANIFOLDS)
 def test_compiled_gradients_match_eager(manifold, options):
-    """The CPU lowering inlines the references and AOTAutograd differentiates them: the
-    output and every parameter's gradient, the mixers' included, must match the eager
-    runtime's. grassmann, permutation, spectral and stiefel once failed to compile at all:
-    their cached constant bases were real tensors in AOTAutograd's fake-tensor trace
-    (hcpass.manifolds._constants). One layer (two sites) keeps each case's cold compile
-    short."""
+    """The CPU lowering differentiates the references, every site's coefficients through one
+    shared subgraph where it can: the output and every parameter's gradient, the mixers'
+    included, must match the eager runtime's. (A tensor the shared subgraph saved for
+    backward once had its buffer reused by Inductor, which broke hc's: see
+    hcpass.lowering.passes.subgraph_aliases. grassmann, permutation, spectral and stiefel
+    once failed to compile at all: their cached constant bases were real tensors in
+    AOTAutograd's fake-tensor trace, see hcpass.manifolds._constants; shared, the Cayley
+    ones lost their gradients, see LowerToReference.) One layer, two sites, keeps each
+    case's cold compile short."""
     (ids,), _ = models.token_inputs()
     torch.manual_seed(0)
     converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,), manifold=manifold, **options)
@@ -93,6 +120,35 @@ def test_compiled_gradients_match_eager(manifold, options):
         torch.testing.assert_close(
             p.grad, want[name], atol=1e-4 * want[name].abs().max().item() + 1e-7, rtol=0, msg=name
         )
+
+
+def test_a_tensor_a_shared_subgraph_saves_survives_inductor_buffer_reuse():
+    """The region saves its own input x1 for w1's gradient; x2 has x1's size and is computed
+    after x1's last visible use, so Inductor (torch 2.13) hands x1's buffer to x2 unless the
+    pass gives the saved tensor a buffer of its own (w1's gradient was 5x off)."""
+
+    @torch.compiler.nested_compile_region
+    def region(x, w):
+        return (x * w).sum(-1)
+
+    def f(a, w1, w2):
+        o1 = region(a * 2, w1)
+        return o1.sum() + region(a * o1[:, None], w2).sum()
+
+    torch.manual_seed(0)
+    leaves = [
+        torch.randn(64, 64, requires_grad=True),
+        *(torch.randn(64).requires_grad_() for _ in "ww"),
+    ]
+    f(*leaves).backward()
+    want = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch._dynamo.reset()
+    options = {"post_grad_custom_post_pass": CopySubgraphOutputAliases()}
+    torch.compile(f, backend="inductor", fullgraph=True, options=options)(*leaves).backward()
+    for t, g in zip(leaves, want, strict=True):
+        torch.testing.assert_close(t.grad, g, atol=1e-4 * g.abs().max().item(), rtol=0)
 
 
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
 from hcpass import logs
 from hcpass.frontend.capture import annotate_call, annotate_parameters, parameter_names
@@ -27,6 +28,7 @@ from hcpass.frontend.plan import analyse
 from hcpass.lowering.passes import PassManager
 from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.lowering.passes.lower_reference import LowerToReference
+from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
 from hcpass.runtime import handoff
 from hcpass.runtime.module import MixedGraph, current_owner
 
@@ -34,9 +36,20 @@ log = logging.getLogger("hcpass")
 
 
 def _compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs))
+    patches = None
+    if any(
+        m.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+        for m in gm.modules()  # checkpoint bodies too
+        if isinstance(m, fx.GraphModule)
+    ):
+        # Shared coefficient subgraphs (LowerToReference): without this pass Inductor can
+        # recycle the buffer of a tensor a subgraph saved for backward (see the pass).
+        given = get_custom_graph_passes(config.post_grad_custom_post_pass)
+        patches = {"post_grad_custom_post_pass": [*given, CopySubgraphOutputAliases()]}
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def _on_cuda(example_inputs: Sequence[Any]) -> bool:

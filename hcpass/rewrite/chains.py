@@ -44,6 +44,12 @@ from hcpass.rewrite.base import dtype as _dtype
 from hcpass.rewrite.base import rank as _rank
 from hcpass.rewrite.regions import outline_checkpoints
 
+# node.meta key of a coeffs node: (shape, dtype) of the stream state it reads, so a lowering
+# can tell which sites' coefficient computations are the same function of the same inputs.
+# Absent where the state is a channels-last view of an NCHW stream (its layout is Inductor's
+# choice, which a shared subgraph cannot follow).
+COEFFS_STATE = "hcpass_coeffs_state"
+
 
 def rewrite_chains(
     graph: fx.Graph,
@@ -158,6 +164,9 @@ class _Rewriter:
         coeffs = cursor.call(
             "call_function", torch.ops.hcpass.coeffs.default, (x, *params, mixer.slot.spec)
         )
+        if not moved:
+            read = site.read.meta["example_value"]
+            coeffs.meta[COEFFS_STATE] = ((mixer.slot.streams, *read.shape), read.dtype)
         h_pre, h_post, h_res = (
             cursor.call("call_function", operator.getitem, (coeffs, i)) for i in range(3)
         )
