@@ -122,6 +122,13 @@ def calls_one_of(node: fx.Node, targets: frozenset[object]) -> bool:
     return node.op in ("call_function", "call_method") and node.target in targets
 
 
+def target_name(node: fx.Node) -> str:
+    """The name of what `node` calls (``layer_norm``, ``relu``, ``output``), for reasons a
+    user reads."""
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 def is_stream_op(node: fx.Node) -> bool:
     return calls_one_of(node, STREAM_OPS)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .node_sets import calls_one_of, is_cast
+from .node_sets import calls_one_of, is_cast, target_name
 from .result import Match, Skip
 
 # name -> (position of eps in the call's arguments, its default when left out; None: the
@@ -69,17 +69,13 @@ def norms_reading(
     readers = set(readers)
     norms: list[ScaleInvariantNorm] = []
     while readers:
-        reader = min(readers, key=_position)
+        reader = min(readers)  # the first in graph order
         found = _norm_at(value, reader)
         if isinstance(found, Skip):
             return found
         norms.append(found)
         readers -= found.nodes
     return Match(norms)
-
-
-def _position(node: fx.Node) -> int:
-    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
 
 
 def _norm_at(value: fx.Node, reader: fx.Node) -> ScaleInvariantNorm | Skip:
@@ -166,6 +162,4 @@ def _means_last_dim(mean: fx.Node) -> bool:
 def _describe(node: fx.Node) -> str:
     if node.op == "output":
         return "the graph's return (a graph break, or a returned hidden state)"
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    return f"{name} ({node.name})"
+    return f"{target_name(node)} ({node.name})"

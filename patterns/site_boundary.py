@@ -24,6 +24,7 @@ from torch import fx
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 
 from .matcher import Call, Outputs, Pattern, User
+from .node_sets import target_name
 
 _OPS = torch.ops.hcpass
 
@@ -41,7 +42,7 @@ class SiteBoundary:
 
 def _goes_to(merge: fx.Node) -> str:
     """Names what reads the merge instead, for the log."""
-    readers = sorted({str(getattr(u.target, "__name__", u.target)) for u in merge.users})
+    readers = sorted({target_name(u) for u in merge.users})
     return "no site reads its output directly" + (
         f" (it goes to {', '.join(readers)})" if readers else ""
     )

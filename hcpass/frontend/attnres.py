@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from hcpass.frontend.sites import Chain, Site, SiteAnalysis, Skipped
+from hcpass.patterns.node_sets import target_name
 from hcpass.patterns.result import Match, Skip
 from hcpass.patterns.scale_invariant_norm import ScaleInvariantNorm, norms_reading
 
@@ -33,7 +34,7 @@ def chain_norms(chain: Chain) -> Match[ChainNorms] | Skip:
     if chain.stream_ops:
         op = chain.stream_ops[0]
         return Skip(
-            f"the stream passes through {_name(op)} between sites (a post-norm or "
+            f"the stream passes through {target_name(op)} between sites (a post-norm or "
             "post-activation block): Attention Residuals need a pre-norm chain"
         )
     dtypes = {_value(s.node).dtype for s in chain.sites}
@@ -80,8 +81,3 @@ def keep_convertible(analysis: SiteAnalysis) -> None:
 
 def _value(node: fx.Node):
     return node.meta["example_value"]
-
-
-def _name(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
