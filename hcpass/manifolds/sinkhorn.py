@@ -53,6 +53,50 @@ def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     return g * m0
 
 
+# `sinkhorn` as ops of their own, so that torch.compile sees one call, not the unrolled
+# iterations: traced on CPU, the 2 * iters normalisations and their backward became two C++
+# kernels of ~1.4k and ~4k lines for Inductor to generate and compile (a third of a converted
+# model's cold compile, docs/performance.md) that ran no faster than these eager kernels,
+# which keep the positions contiguous.
+@torch.library.custom_op("hcpass::sinkhorn", mutates_args=())
+def sinkhorn_op(logits: Tensor, iters: int) -> Tensor:
+    return sinkhorn(logits, iters).contiguous()
+
+
+@torch.library.custom_op("hcpass::sinkhorn_backward", mutates_args=())
+def sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    return sinkhorn_vjp(logits, grad, iters).contiguous()
+
+
+@sinkhorn_op.register_fake
+@sinkhorn_backward_op.register_fake
+def _(logits: Tensor, *args: Any) -> Tensor:
+    return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
+
+
+class UnrolledSinkhorn(torch.autograd.Function):
+    """`sinkhorn` through the two ops, differentiated by `sinkhorn_vjp` from the logits alone.
+    An autograd.Function rather than the op's own autograd registration: torch.func
+    transforms (`Manifold._coefficients_vjp`) go through a Function, not through a custom
+    op's registered backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, iters: int) -> Tensor:
+        return sinkhorn_op(logits, iters)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
+        logits, ctx.iters = inputs
+        ctx.save_for_backward(logits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (logits,) = ctx.saved_tensors
+        return sinkhorn_backward_op(logits, grad, ctx.iters).to(logits.dtype), None
+
+
 # `sinkhorn` and its backward as the Triton epilogue of the fused coefficient kernels (see
 # Manifold.triton_res_map). The backward recomputes instead of storing the 2 * iters
 # intermediate matrices: before stepping back through iteration t it rebuilds t's input from
@@ -183,7 +227,7 @@ class Sinkhorn(Manifold):
             # Cast outside the Function: autograd's cast node hands back the logits' dtype.
             matrix = matrix.to(compute_dtype(matrix.dtype))
             return ImplicitSinkhorn.apply(matrix, self.options["sinkhorn_iters"])
-        return sinkhorn(matrix, self.options["sinkhorn_iters"])
+        return UnrolledSinkhorn.apply(matrix, self.options["sinkhorn_iters"])
 
     def res_map_backward(self, logits: Tensor, grad: Tensor) -> Tensor:
         n = self.streams
