@@ -43,10 +43,11 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
 def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     """Gradient of `sinkhorn` w.r.t. its logits given ``grad = dL/dH``: the forward again,
     keeping each step's matrix, clamped sums and ``s >= eps`` mask (2 * iters n x n per
-    position), then back through ``out = m / max(s, eps)``: ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``, the sum
-    along the step's axis. The max subtracted before exp gets no gradient (the map is
-    shift-invariant, its share sums to 0); ``dlogits = dm0 * m0``. Stream axes first, as
-    in `sinkhorn`; returns ``[..., n, n]``, a view."""
+    position), then back through ``out = m / max(s, eps)``:
+    ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``, the sum along the step's axis. The
+    max subtracted before exp gets no gradient (the map is shift-invariant, its share sums to
+    0); ``dlogits = dm0 * m0``. Stream axes first, as in `sinkhorn`; returns ``[..., n, n]``,
+    a view."""
     m0 = _exp_stream_axes_first(logits)
     steps = []
     m = m0
