@@ -116,15 +116,25 @@ def test_batched_kernels_match_the_reference(op, n, pos, C, dtype):
         torch.testing.assert_close(g, w, atol=BATCHED_TOL[dtype] * scale, rtol=BATCHED_TOL[dtype])
 
 
-def test_batched_kernels_read_an_expanded_state():
-    """A chain's first site reads its input expanded to n streams (stride 0)."""
-    x, h_pre = stream_inputs("pre", 4, (2, 3), 8, torch.float32)
-    expanded = x[:1].expand(x.shape)
-    torch.testing.assert_close(batched.pre(expanded, h_pre), reference.pre(expanded, h_pre))
-    g = torch.randn_like(x)
-    for got, want in zip(
-        batched.pre_backward(g[0], expanded, h_pre),
-        reference.pre_backward(g[0], expanded, h_pre),
-        strict=True,
-    ):
-        torch.testing.assert_close(got, want)
+# Stream states the kernels must read whatever their layout: a chain's first site reads its
+# input expanded to n streams (stride 0, not a BLAS matrix per position), and a state can be
+# a view of a positions-first ``[*pos, n, C]`` tensor.
+STATE_LAYOUTS = {
+    "expanded": lambda x: x[:1].expand(x.shape),
+    "positions-first": lambda x: x.movedim(0, -2).contiguous().movedim(-2, 0),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(STATE_LAYOUTS))
+@pytest.mark.parametrize("op", STREAM_OPS)
+def test_batched_kernels_read_any_state_layout(op, layout):
+    args = stream_inputs(op, 4, (2, 3), 8, torch.float32)
+    state = args[1] if op == "pre_backward" else args[0]
+    # every n-stream state argument (x, and grad_out of post_res_backward) in that layout
+    args = tuple(STATE_LAYOUTS[layout](a) if a.shape == state.shape else a for a in args)
+    want, got = getattr(reference, op)(*args), getattr(batched, op)(*args)
+    want, got = (want,) if isinstance(want, torch.Tensor) else want, got
+    got = (got,) if isinstance(got, torch.Tensor) else got
+    for w, g in zip(want, got, strict=True):
+        assert g.is_contiguous()
+        torch.testing.assert_close(g, w)

@@ -61,6 +61,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def flatten_positions(x: Tensor) -> Tensor:
+    """A stream state ``[n, *pos, C]`` as ``[n, P, C]`` with ``P = prod(pos)``, a view where
+    the layout allows (``-1`` for P would be ambiguous in an empty batch)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
+
+
+def _stream_blocks(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    """x ``[n, *pos, C]`` as ``[n, P, C]`` and phi ``[n*C, k]`` as its n row blocks
+    ``[n, C, k]``, so that ``vec(X) @ phi = sum_i X[i] @ phi_i``: a matmul batched over the
+    streams reads the stream-major state in place, where the positions-first ``vec X``
+    (``[*pos, n*C]``) would be a copy of it."""
+    return flatten_positions(x), phi.reshape(x.shape[0], x.shape[-1], phi.shape[-1])
+
+
 class Manifold:
     """Base class of every mixer manifold. Subclasses set the class attributes and
     implement `res_logits`, `res_map` and `res_identity_bias`."""
@@ -171,11 +185,14 @@ class Manifold:
 
         x: ``[n, *positions, C]`` -> ``[*positions, num_logits]`` in fp32. Dividing after
         the matmul equals projecting RMSNorm(vec X) (the norm weight is folded into phi).
+        Computed stream by stream (`_stream_blocks`): the mean over vec X is over axes 0
+        and -1 of x.
         """
         dtype = compute_dtype(x.dtype)
-        flat = x.to(dtype).movedim(0, -2).flatten(-2)
-        rms = flat.pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt()
-        return (flat @ phi.to(dtype)) / rms
+        x = x.to(dtype)
+        xs, w = _stream_blocks(x, phi.to(dtype))
+        rms = x.square().mean((0, -1)).unsqueeze(-1).add(RMS_EPS).sqrt()
+        return (xs @ w).sum(0).reshape(*x.shape[1:-1], w.shape[-1]) / rms
 
     def split(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n = self.streams
@@ -225,7 +242,9 @@ class Manifold:
         ``dl_pre = g_pre h(1 - h)``, ``dl_post = g_post h_post (1 - h_post / 2)``,
         ``dl_res = res_map_backward``; ``db = sum_pos dl``, ``da_k = sum dl_k * d_k``; with
         ``dd = a * dl``: ``dphi = f^T (dd s)`` and
-        ``df = (dd s) @ phi^T - (sum dd * d) s^2 f / nC``.
+        ``df = (dd s) @ phi^T - (sum dd * d) s^2 f / nC``. As in `project`, the products with
+        f and phi are computed per stream: ``dphi_i = X[i]^T (dd s)``,
+        ``dX[i] = (dd s) @ phi_i^T - (sum dd * d) s^2 X[i] / nC``.
         A subclass that overrides `coefficients` or `project` gets the vjp of its forward.
         """
         if (
@@ -248,10 +267,10 @@ class Manifold:
                 g_res.sum(positions),
             )
             return torch.zeros_like(x), None, None, dl.to(bias.dtype)
-        flat = x.to(dtype).movedim(0, -2).flatten(-2)
-        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-        w = phi.to(dtype)
-        d = (flat @ w) * inv_rms
+        xd = x.to(dtype)
+        xs, w = _stream_blocks(xd, phi.to(dtype))
+        inv_rms = torch.rsqrt(xd.square().mean((0, -1)).unsqueeze(-1) + RMS_EPS)
+        d = (xs @ w).sum(0).reshape(*x.shape[1:-1], w.shape[-1]) * inv_rms
         a = alpha.to(dtype)
         d_pre, d_post, d_res = self.split(d)
         dl = self._logit_grads(
@@ -263,16 +282,17 @@ class Manifold:
             g_res,
         )
         n = self.streams
-        scale = a.repeat_interleave(torch.tensor([n, n, self.res_logits], device=a.device))
+        scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(self.res_logits)])
         rows = dl.flatten(0, -2)
         g_bias = rows.sum(0)
         g_alpha = torch.stack([s.sum() for s in self.split((dl * d).flatten(0, -2).sum(0))])
         dd = dl * scale
         d_proj = dd * inv_rms
-        g_phi = flat.flatten(0, -2).transpose(0, 1) @ d_proj.flatten(0, -2)
-        norm_share = (dd * d).sum(-1, keepdim=True) * inv_rms.square() / flat.shape[-1]
-        g_flat = d_proj @ w.transpose(0, 1) - norm_share * flat
-        g_x = g_flat.unflatten(-1, (n, -1)).movedim(-2, 0)
+        # d_proj broadcast over the streams ([n, P, k], stride 0): the matmuls batch over them
+        d_streams = d_proj.reshape(xs.shape[1], w.shape[-1]).expand(n, -1, -1)
+        g_phi = (xs.transpose(1, 2) @ d_streams).flatten(0, 1)
+        norm_share = (dd * d).sum(-1, keepdim=True) * inv_rms.square() / (n * xs.shape[-1])
+        g_x = (d_streams @ w.transpose(1, 2)).view(x.shape).addcmul_(norm_share, xd, value=-1)
         return g_x.to(x.dtype), g_phi.to(phi.dtype), g_alpha.to(alpha.dtype), g_bias.to(bias.dtype)
 
     def _logit_grads(

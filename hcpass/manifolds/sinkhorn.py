@@ -15,42 +15,53 @@ from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 OFF_DIAGONAL_LOGIT = -8.0
 
 
+def _exp_stream_axes_first(logits: Tensor) -> Tensor:
+    """``exp(logits - max)`` of ``[..., n, n]`` logits, in fp32 (or fp64), laid out
+    ``[n, n, ...]`` and contiguous. With the positions last, each normalisation's sum and
+    division run over contiguous length-P vectors; positions-first, every op would reduce or
+    broadcast a length-n row per position, several times slower eagerly. The max is
+    subtracted so |logit| up to 1e4 stays finite."""
+    logits = logits.to(compute_dtype(logits.dtype)).movedim((-2, -1), (0, 1)).contiguous()
+    return torch.exp(logits - logits.amax(dim=(0, 1), keepdim=True))
+
+
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Alternate column then row normalisation of exp(logits), `iters` times, in fp32 (or fp64).
 
     Ending on the row step makes every row sum to 1 up to rounding, so n identical streams
     stay identical (the function-preservation argument in docs/math.md); columns converge
-    to 1 as iterations grow. The max is subtracted first so |logit| up to 1e4 stays finite.
+    to 1 as iterations grow. Works on ``m[i, j, ...]`` (`_exp_stream_axes_first`): a
+    column sum is over axis 0, a row sum over axis 1. Returns ``[..., n, n]``, a view of it.
     """
-    logits = logits.to(compute_dtype(logits.dtype))
-    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    m = _exp_stream_axes_first(logits)
     for _ in range(iters):
-        m = m / m.sum(-2, keepdim=True).clamp_min(1e-30)
-        m = m / m.sum(-1, keepdim=True).clamp_min(1e-30)
-    return m
+        m = m / m.sum(0, keepdim=True).clamp_min(1e-30)
+        m = m / m.sum(1, keepdim=True).clamp_min(1e-30)
+    return m.movedim((0, 1), (-2, -1))
 
 
 def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     """Gradient of `sinkhorn` w.r.t. its logits given ``grad = dL/dH``: the forward again,
-    keeping each step's matrix and sums (2 * iters n x n per position), then back through
-    ``out = m / max(s, eps)``: ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``, the sum
-    along the step's axis. The max subtracted before exp gets no gradient (the map is
-    shift-invariant, its share sums to 0); ``dlogits = dm0 * m0``."""
-    dtype = compute_dtype(logits.dtype)
-    logits = logits.to(dtype)
-    m0 = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    keeping each step's matrix, clamped sums and ``s >= eps`` mask (2 * iters n x n per
+    position), then back through ``out = m / max(s, eps)``:
+    ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``, the sum along the step's axis. The
+    max subtracted before exp gets no gradient (the map is shift-invariant, its share sums to
+    0); ``dlogits = dm0 * m0``. Stream axes first, as in `sinkhorn`; returns ``[..., n, n]``,
+    a view."""
+    m0 = _exp_stream_axes_first(logits)
     steps = []
     m = m0
     for _ in range(iters):
-        for axis in (-2, -1):
+        for axis in (0, 1):
             total = m.sum(axis, keepdim=True)
-            m = m / total.clamp_min(1e-30)
-            steps.append((axis, total, m))
-    g = grad.to(dtype)
-    for axis, total, out in reversed(steps):
-        share = torch.where(total >= 1e-30, (g * out).sum(axis, keepdim=True), 0.0)
-        g = (g - share) / total.clamp_min(1e-30)
-    return g * m0
+            clamped = total.clamp_min(1e-30)
+            m = m / clamped
+            steps.append((axis, total >= 1e-30, clamped, m))
+    g = grad.to(m0.dtype).movedim((-2, -1), (0, 1)).contiguous()
+    for axis, active, clamped, out in reversed(steps):
+        share = torch.where(active, (g * out).sum(axis, keepdim=True), 0.0)
+        g = (g - share) / clamped
+    return (g * m0).movedim((0, 1), (-2, -1))
 
 
 # `sinkhorn` as ops of their own, so that torch.compile sees one call, not the unrolled

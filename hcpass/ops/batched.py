@@ -1,20 +1,27 @@
-"""The stream ops' eager CPU kernels: per-position n x n mixes as batched matmuls.
+"""The stream ops' eager CPU kernels: the per-position n x n mixes as n (or n^2) products of
+contiguous ``[P, C]`` slabs.
 
 Same signatures and results as `hcpass.ops.reference` (tests/test_ops.py compares them over
-shapes and dtypes). The reference writes each mix as a broadcast product and a sum, the form
-Inductor fuses into one loop without materialising the product -- which is why the CPU
-lowering inlines the reference. Run eagerly, that product is materialised: ``post_res``
+shapes, dtypes and layouts). The reference writes each mix as a broadcast product and a sum,
+the form Inductor fuses into one loop without materialising the product -- which is why the
+CPU lowering inlines the reference. Run eagerly, that product is materialised: ``post_res``
 builds an ``[n, n, *pos, C]`` temporary (n^2 times the stream state), and its backward two
-more. Here every position's mix is one small matmul over the stream-major state viewed
-positions-first (``P = prod(pos)``):
+more. Here the stream-major state is read as n slabs ``X[i]`` of ``[P, C]``
+(``P = prod(pos)``) and every output stream is accumulated slab by slab, with the
+coefficients as per-position ``[P, 1]`` columns:
 
-    post_res:  X'[p]        = H_res[p] @ X[p] + H_post[p]^T y[p]       X[p]: [n, C]
-    backward:  dX[p]        = H_res[p]^T @ G[p]
-               dy[p]        = H_post[p] @ G[p]                          (1 x n @ n x C)
-               dH_post[p]   = G[p] @ y[p]^T                             (n x C @ C x 1)
-               dH_res[p]    = G[p] @ X[p]^T
-    pre:       u[p]         = H_pre[p] @ X[p]                           (1 x n @ n x C)
-    backward:  dX[p]        = H_pre[p]^T g[p],  dH_pre[p] = X[p] @ g[p]^T
+    post_res:  X'[i]         = sum_j H_res[:, i, j] X[j] + H_post[:, i] y
+    backward:  dX[j]         = sum_i H_res[:, i, j] G[i]
+               dy            = sum_i H_post[:, i] G[i]
+               dH_post[:, i] = <G[i], y>                      (<a, b> = sum over C)
+               dH_res[:, i, j] = <G[i], X[j]>                 (one bmm over positions)
+    pre:       u             = sum_i H_pre[:, i] X[i]
+    backward:  dX[i]         = H_pre[:, i] g,   dH_pre[:, i] = <X[i], g>
+
+Slabs rather than one matmul per position: positions-first (``[P, n, C]``), every output
+would need a transposed copy back to stream-major, and a state whose streams are not laid
+out as BLAS matrices -- a chain's first site reads its input expanded to n streams, stride
+0 -- makes bmm copy it position by position (P clones per call).
 
 Coefficients are fp32 (fp64 for fp64 streams); stream arithmetic accumulates in that dtype
 and returns the stream dtype; every output is contiguous.
@@ -22,70 +29,81 @@ and returns the stream dtype; every output is contiguous.
 
 from __future__ import annotations
 
-import math
-
+import torch
 from torch import Tensor
 
-from hcpass.manifolds.base import compute_dtype
+from hcpass.manifolds.base import compute_dtype, flatten_positions
 
 
-def _positions(x: Tensor) -> int:
-    """P, the number of positions of a stream state ``[n, *pos, C]`` (0 for an empty batch,
-    where ``reshape(-1, ...)`` could not tell)."""
-    return math.prod(x.shape[1:-1])
+def _mix(weights: Tensor, streams: Tensor, out: Tensor) -> Tensor:
+    """``out = sum_j weights[:, j] * streams[j]`` for ``weights [P, m]``, ``streams [m, P, C]``
+    and ``out [P, C]`` (written in place, returned)."""
+    torch.mul(weights[:, :1], streams[0], out=out)
+    for j in range(1, streams.shape[0]):
+        out.addcmul_(weights[:, j : j + 1], streams[j])
+    return out
 
 
-def _positions_first(x: Tensor, dtype) -> Tensor:
-    """``[n, *pos, C]`` -> ``[P, n, C]`` (a view where the layout allows)."""
-    return x.to(dtype).reshape(x.shape[0], _positions(x), x.shape[-1]).transpose(0, 1)
-
-
-def _stream_major(t: Tensor, shape) -> Tensor:
-    """``[P, n, C]`` -> ``[n, *pos, C]``, contiguous."""
-    return t.transpose(0, 1).contiguous().view(shape)
+def _dots(streams: Tensor, other: Tensor) -> Tensor:
+    """``[P, m]``, contiguous: entry ``[p, i] = <streams[i, p], other[p]>`` for
+    ``streams [m, P, C]``."""
+    return (streams * other).sum(-1).transpose(0, 1).contiguous()
 
 
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
     acc = compute_dtype(x.dtype)
-    n, P = x.shape[0], _positions(x)
-    u = h_pre.to(acc).reshape(P, 1, n) @ _positions_first(x, acc)
-    return u.reshape(x.shape[1:]).to(x.dtype)
+    xs = flatten_positions(x).to(acc)
+    n, P = xs.shape[:2]
+    u = _mix(h_pre.to(acc).reshape(P, n), xs, xs.new_empty(xs.shape[1:]))
+    return u.view(x.shape[1:]).to(x.dtype)
 
 
 def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(x.dtype)
-    n, P, C = x.shape[0], _positions(x), x.shape[-1]
-    g = grad_u.to(acc).reshape(P, 1, C)
-    grad_x = h_pre.to(acc).reshape(P, n, 1) * g  # [P, n, C]
-    grad_h_pre = _positions_first(x, acc) @ g.transpose(1, 2)  # [P, n, 1]
+    xs = flatten_positions(x).to(acc)
+    n, P = xs.shape[:2]
+    g = grad_u.to(acc).reshape(xs.shape[1:])
+    # weights stream-major ([n, P, 1], contiguous) so the product comes out stream-major too
+    weights = h_pre.to(acc).reshape(P, n).transpose(0, 1).contiguous()
+    grad_x = weights.unsqueeze(-1) * g
     return (
-        _stream_major(grad_x, x.shape).to(x.dtype),
-        grad_h_pre.reshape(h_pre.shape).to(h_pre.dtype),
+        grad_x.view(x.shape).to(x.dtype),
+        _dots(xs, g).reshape(h_pre.shape).to(h_pre.dtype),
     )
 
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     acc = compute_dtype(x.dtype)
-    n, P, C = x.shape[0], _positions(x), x.shape[-1]
-    mixed = h_res.to(acc).reshape(P, n, n) @ _positions_first(x, acc)
-    out = mixed + h_post.to(acc).reshape(P, n, 1) * y.to(acc).reshape(P, 1, C)
-    return _stream_major(out, x.shape).to(x.dtype)
+    xs = flatten_positions(x).to(acc)
+    n, P = xs.shape[:2]
+    ys = y.to(acc).reshape(xs.shape[1:])
+    post, res = h_post.to(acc).reshape(P, n), h_res.to(acc).reshape(P, n, n)
+    out = xs.new_empty(xs.shape)
+    for i in range(n):
+        _mix(res[:, i], xs, out[i]).addcmul_(post[:, i : i + 1], ys)
+    return out.view(x.shape).to(x.dtype)
 
 
 def post_res_backward(
     grad_out: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = compute_dtype(x.dtype)
-    n, P, C = x.shape[0], _positions(x), x.shape[-1]
-    g = _positions_first(grad_out, acc)  # [P, n, C]
-    ys = y.to(acc).reshape(P, C, 1)
-    grad_x = h_res.to(acc).reshape(P, n, n).transpose(1, 2) @ g
-    grad_y = h_post.to(acc).reshape(P, 1, n) @ g
-    grad_h_post = g @ ys
-    grad_h_res = g @ _positions_first(x, acc).transpose(1, 2)
+    gs = flatten_positions(grad_out).to(acc)
+    n, P = gs.shape[:2]
+    ys = y.to(acc).reshape(gs.shape[1:])
+    post, res = h_post.to(acc).reshape(P, n), h_res.to(acc).reshape(P, n, n)
+    grad_x = gs.new_empty(gs.shape)
+    for j in range(n):
+        _mix(res[:, :, j], gs, grad_x[j])
+    grad_y = _mix(post, gs, ys.new_empty(ys.shape))
+    # The n^2 dots as one bmm over positions, [n, C] @ [C, n] each: it reads both states
+    # positions-first in place, provided their streams are laid out as BLAS matrices, which a
+    # stride-0 (expanded) state is not -- contiguous() copies it once, not once per position.
+    xs = flatten_positions(x.contiguous()).to(acc)
+    grad_h_res = gs.transpose(0, 1) @ xs.permute(1, 2, 0)
     return (
-        _stream_major(grad_x, x.shape).to(x.dtype),
-        grad_y.reshape(y.shape).to(y.dtype),
-        grad_h_post.reshape(h_post.shape).to(h_post.dtype),
+        grad_x.view(x.shape).to(x.dtype),
+        grad_y.view(y.shape).to(y.dtype),
+        _dots(gs, ys).reshape(h_post.shape).to(h_post.dtype),
         grad_h_res.reshape(h_res.shape).to(h_res.dtype),
     )

@@ -1,8 +1,9 @@
 """The ``hcpass::`` custom ops: one schema, a CPU kernel, fake kernels, autograd.
 
 The CPU kernels are the references (`reference`), except the stream ops (``pre``,
-``post_res`` and their backward), which run as batched matmuls over positions (`batched`):
-eagerly, the references' broadcast products would be materialised at n^2 times the state.
+``post_res`` and their backward), which accumulate each stream from contiguous per-stream
+slabs (`batched`): eagerly, the references' broadcast products would be materialised at n^2
+times the state.
 
 Forward and backward are separate ops so a back end can replace each (the CUDA path
 registers generated Triton kernels for all of them); autograd wires them together.

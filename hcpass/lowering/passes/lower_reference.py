@@ -7,13 +7,12 @@ the next site's mix) instead of reading the state back an extra time.
 
 The references run on states whose positions are flattened into one dimension
 (``x[n, P, C]``), and the coefficients stay flat between a site's ops. A conv net's
-per-position tensors would otherwise be 4-D ``[B, H, W, k]`` (the flattened state the
-projection saves, ``H_pre``), and Inductor treats every 4-D tensor next to a convolution as
+per-position tensors would otherwise be 4-D ``[B, H, W, k]`` (``H_pre``, the projection's
+logits), and Inductor treats every 4-D tensor next to a convolution as
 an NCHW activation: its layout optimisation gives a saved one channels-last strides computed
 from ``(B, H, W, k)``, which under dynamic shapes it cannot order (``1 < H`` undecided:
 "cannot determine truth value of Relational") -- training at a second input size failed.
-Flat, they have at most one symbolic dimension, and the saved projection input has static
-strides.
+Flat, they have at most one symbolic dimension.
 
 ``coeffs`` is long: Sinkhorn's iterations unroll, and one site's coefficients traced and
 differentiated are ~685 FX nodes (n = 4, 20 iterations). Inlined at every site, that graph
@@ -33,7 +32,8 @@ its last visible use, even when the partitioned subgraph returned that operand a
 saved for backward. hc's projection saves the state itself, so its backward read a later
 site's state and its gradients came out wrong (relative errors above 1) until that pass gave
 the saved tensors buffers of their own; the base class's projection (sinkhorn, kronecker)
-saves a flattened copy of the state instead, which is why they were right.
+then saved a flattened copy of the state, which is why they were right. It now reads the
+state in place as well (stream by stream), so every manifold relies on that pass.
 """
 
 from __future__ import annotations

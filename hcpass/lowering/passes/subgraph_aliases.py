@@ -10,7 +10,8 @@ visible use is the call, the planner frees its buffer and hands it to a later te
 same size (``buf26 = buf3; del buf3  # reuse``), which overwrites the saved tensor; the
 backward then reads another site's state. That is what gave hc's mixers wrong gradients with
 a shared coefficient subgraph (hc's ``project`` reads the state itself, so the state is
-saved; the base class's projection saves a flattened copy, which is why sinkhorn was right).
+saved; sinkhorn was right because the base class's projection then saved a flattened copy
+-- it now reads the state in place too, stream by stream, and relies on this pass as well).
 
 The fix: each such output is replaced by a copy made inside the body, so the buffer the caller
 gets is one the body allocated. It costs one copy of the aliased input per call: hc's stream
