@@ -14,11 +14,12 @@ from ``(B, H, W, k)``, which under dynamic shapes it cannot order (``1 < H`` und
 "cannot determine truth value of Relational") -- training at a second input size failed.
 Flat, they have at most one symbolic dimension.
 
-``coeffs`` is long: Sinkhorn's iterations unroll, and one site's coefficients traced and
-differentiated are ~685 FX nodes (n = 4, 20 iterations). Inlined at every site, that graph
-was traced, partitioned, lowered and scheduled again per site, so a converted model's cold
-compile grew ~12x faster per layer than the plain model's (docs/performance.md). Kept an
-opaque op it compiles fast but runs eagerly, 1.4x slower per training step. Instead every
+``coeffs`` is long: the projection, the maps and their backward (Sinkhorn's iterations are
+one op, `hcpass::sinkhorn`; unrolled they made one site's coefficients ~685 FX nodes).
+Inlined at every site, that graph was traced, partitioned, lowered and scheduled again per
+site, so a converted model's cold compile grew ~12x faster per layer than the plain model's
+(docs/performance.md). Kept an opaque op it compiles fast but runs eagerly, slower per
+training step. Instead every
 site whose coefficients are the same function (manifold spec, which of phi/alpha it has) of
 a state of the same shape and dtype calls one shared subgraph through PyTorch's
 ``invoke_subgraph`` higher-order op (what ``torch.compiler.nested_compile_region`` records),
