@@ -72,12 +72,20 @@ def pre_backward(grad_u: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tens
     )
 
 
+def _merge_operands(
+    state: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, acc: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The merge's operands in `acc`, positions flattened: a stream state ``[n, P, C]``,
+    ``y [P, C]``, ``H_post [P, n]`` and ``H_res [P, n, n]``."""
+    states = flatten_positions(state).to(acc)
+    n, P = states.shape[:2]
+    ys = y.to(acc).reshape(states.shape[1:])
+    return states, ys, h_post.to(acc).reshape(P, n), h_res.to(acc).reshape(P, n, n)
+
+
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    acc = compute_dtype(x.dtype)
-    xs = flatten_positions(x).to(acc)
-    n, P = xs.shape[:2]
-    ys = y.to(acc).reshape(xs.shape[1:])
-    post, res = h_post.to(acc).reshape(P, n), h_res.to(acc).reshape(P, n, n)
+    xs, ys, post, res = _merge_operands(x, y, h_post, h_res, compute_dtype(x.dtype))
+    n = xs.shape[0]
     out = xs.new_empty(xs.shape)
     for i in range(n):
         _mix(res[:, i], xs, out[i]).addcmul_(post[:, i : i + 1], ys)
@@ -88,10 +96,8 @@ def post_res_backward(
     grad_out: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = compute_dtype(x.dtype)
-    gs = flatten_positions(grad_out).to(acc)
-    n, P = gs.shape[:2]
-    ys = y.to(acc).reshape(gs.shape[1:])
-    post, res = h_post.to(acc).reshape(P, n), h_res.to(acc).reshape(P, n, n)
+    gs, ys, post, res = _merge_operands(grad_out, y, h_post, h_res, acc)
+    n = gs.shape[0]
     grad_x = gs.new_empty(gs.shape)
     for j in range(n):
         _mix(res[:, :, j], gs, grad_x[j])
