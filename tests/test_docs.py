@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
-TEXT_FILES = sorted(
-    path
-    for pattern in ("*.md", "*.py", "*.toml", "*.sh")
-    for path in REPO.rglob(pattern)
-    if not any(part.startswith(".") or part == "build" for part in path.relative_to(REPO).parts)
-)
+# What git tracks, not what lies in the folder: a virtual environment or build output there
+# holds third-party files that are not ours to check.
+TRACKED = subprocess.run(
+    ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+).stdout.split("\0")
+TEXT_FILES = [
+    REPO / name
+    for name in TRACKED
+    if name.endswith((".md", ".py", ".toml", ".sh")) or name == ".ci/run"
+]
 CONFLICT_MARKER = re.compile(r"^(<{7}|>{7}) ", re.MULTILINE)
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
 
