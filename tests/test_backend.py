@@ -13,11 +13,16 @@ import models
 import pytest
 import torch
 from op_inputs import OP_NAMES, coeffs_inputs
+from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import hcpass
 from hcpass.lowering.backend import hcpass_backend, lowering
 from hcpass.lowering.passes.lower_reference import LOWERED, _side_effects
+from hcpass.lowering.passes.save_stream_states import (
+    STREAM_STATE,
+    SaveStreamStates,
+)
 from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
 
 HCPASS_OPS = {
@@ -159,6 +164,93 @@ def test_a_tensor_a_shared_subgraph_saves_survives_inductor_buffer_reuse():
     torch.compile(f, backend="inductor", fullgraph=True, options=options)(*leaves).backward()
     for t, g in zip(leaves, want, strict=True):
         torch.testing.assert_close(t.grad, g, atol=1e-4 * g.abs().max().item(), rtol=0)
+
+
+def _joint_graph_of_one_merge() -> fx.Graph:
+    """A joint graph as AOTAutograd traces a lowered merge: the merge's nodes (tagged),
+    a forward op reading its result through a view, and backward (tangent-fed) ops reading
+    an intermediate."""
+    aten = torch.ops.aten
+    g = fx.Graph()
+
+    def op(name, target, *args):
+        return g.create_node("call_function", target, args, name=name)
+
+    x, y, tangent = (g.placeholder(name) for name in ("primals_1", "primals_2", "tangents_1"))
+    upcast = op("upcast", aten.mul.Tensor, x, 2.0)
+    merged = op("merged", aten.add.Tensor, upcast, y)
+    flat = op("flat", aten.view.default, merged, [24])
+    for node in (upcast, merged, flat):
+        node.meta["custom"] = {STREAM_STATE: "post_res_1"}
+    following = op("following", aten.relu.default, flat)
+    grad = op(
+        "grad", aten.mul.Tensor, op("tangent_view", aten.view.default, tangent, [4, 6]), upcast
+    )
+    g.output((following, grad))
+    return g
+
+
+def test_the_merges_results_are_saved_for_backward_not_their_intermediates():
+    """SaveStreamStates marks a merge's result MUST_SAVE (and the base of the view it is
+    read through), so the partitioner does not rebuild every site's state in the backward;
+    an intermediate only the backward reads stays recomputable (for bf16 the fp32 upcasts)."""
+    g = _joint_graph_of_one_merge()
+    SaveStreamStates()(g)
+    policy = {n.name: n.meta.get("recompute") for n in g.nodes if n.op == "call_function"}
+    must_save = torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    assert policy == {
+        "upcast": None,
+        "merged": must_save,
+        "flat": must_save,
+        "following": None,
+        "tangent_view": None,
+        "grad": None,
+    }
+
+
+def test_saving_the_merges_results_leaves_the_users_recompute_choices_alone():
+    """Activation checkpointing's policies stay as they are, and an activation memory
+    budget below 1 (the user asked to trade compute for memory) turns the pass off."""
+    prefer = torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+    g = _joint_graph_of_one_merge()
+    merged = next(n for n in g.nodes if n.name == "merged")
+    merged.meta["recompute"] = prefer
+    SaveStreamStates()(g)
+    assert merged.meta["recompute"] is prefer
+    g = _joint_graph_of_one_merge()
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        SaveStreamStates()(g)
+    assert not any("recompute" in n.meta for n in g.nodes)
+
+
+def test_the_compiled_backward_does_not_rebuild_the_stream_states():
+    """Under the backend, no merge's forward arithmetic reappears in the backward graph
+    (without SaveStreamStates the partitioner rebuilt each state there: the merge's
+    mul, sum, mul, add, from the saved branch outputs and coefficients)."""
+    graphs = []
+    (ids,), _ = models.token_inputs()
+    converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,))
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graphs.append):
+        torch.compile(converted, backend="hcpass")(ids).square().mean().backward()
+    backward = max(
+        (g for g in graphs if any(n.name.startswith("tangents") for n in g.nodes)),
+        key=lambda g: len(g.nodes),
+    )
+    reads_a_tangent: set[fx.Node] = set()
+    for n in backward.nodes:
+        if n.name.startswith("tangents") or set(n.all_input_nodes) & reads_a_tangent:
+            reads_a_tangent.add(n)
+    rebuilt = [
+        n
+        for n in backward.nodes
+        if STREAM_STATE in (n.meta.get("custom") or {})
+        and n.op == "call_function"
+        and n not in reads_a_tangent
+        and not getattr(n.target, "is_view", False)
+    ]
+    assert any(STREAM_STATE in (n.meta.get("custom") or {}) for n in backward.nodes)
+    assert rebuilt == []
 
 
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():

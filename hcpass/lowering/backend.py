@@ -28,6 +28,7 @@ from hcpass.frontend.plan import analyse
 from hcpass.lowering.passes import PassManager
 from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.lowering.passes.lower_reference import LowerToReference
+from hcpass.lowering.passes.save_stream_states import SaveStreamStates
 from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
 from hcpass.runtime import handoff
 from hcpass.runtime.module import MixedGraph, current_owner
@@ -39,7 +40,9 @@ def _compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[.
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    patches = None
+    # Every merge's new state is saved for backward instead of rebuilt there (see the pass).
+    given = get_custom_graph_passes(config.joint_custom_post_pass)
+    patches: dict[str, Any] = {"joint_custom_post_pass": [*given, SaveStreamStates()]}
     if any(
         m.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
         for m in gm.modules()  # checkpoint bodies too
@@ -48,7 +51,7 @@ def _compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[.
         # Shared coefficient subgraphs (LowerToReference): without this pass Inductor can
         # recycle the buffer of a tensor a subgraph saved for backward (see the pass).
         given = get_custom_graph_passes(config.post_grad_custom_post_pass)
-        patches = {"post_grad_custom_post_pass": [*given, CopySubgraphOutputAliases()]}
+        patches["post_grad_custom_post_pass"] = [*given, CopySubgraphOutputAliases()]
     return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 

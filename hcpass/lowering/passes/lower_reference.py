@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, fx
 
 from hcpass.lowering.passes.manager import GraphPass
+from hcpass.lowering.passes.save_stream_states import tag_stream_state
 from hcpass.manifolds import resolve
 from hcpass.ops import REFERENCE
 from hcpass.rewrite.chains import COEFFS_STATE
@@ -107,6 +108,8 @@ class LowerToReference(GraphPass):
                 _share_coefficients(graph, node, shared)
             elif node.op == "call_function" and node.target in LOWERED:
                 node.target = LOWERED[node.target]
+                if node.target in (post_res, post_res_coeffs_pre):
+                    tag_stream_state(node)
             elif node.op == "call_function" and node.target in REFERENCE:
                 node.target = REFERENCE[node.target]  # Attention Residuals
             elif node.op == "get_attr" and graph.owning_module is not None:
