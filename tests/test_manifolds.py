@@ -24,6 +24,7 @@ from torch import Tensor
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.manifolds import Manifold, available, create, resolve
 from hcpass.manifolds.base import INIT_ONLY, INITS, MIXED_DIAGONAL
+from hcpass.manifolds.sinkhorn import sinkhorn_vjp
 from hcpass.runtime.mixer import Mixer
 
 registry = hcpass.manifolds
@@ -467,6 +468,31 @@ def test_sinkhorn_implicit_gradient_finite_for_saturated_logits() -> None:
         logits = random_logits(implicit, 1e4, dtype).requires_grad_()
         (grad,) = torch.autograd.grad((implicit.res_map(logits) ** 2).sum(), logits)
         assert grad.dtype == dtype and grad.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clamped", [False, True], ids=["unclamped", "clamped"])
+def test_sinkhorn_op_backward_drops_the_clamp_masks_only_where_none_clamped(
+    dtype: torch.dtype, clamped: bool
+) -> None:
+    """The op's backward checks once whether any row or column sum fell below eps and
+    builds the clamp's gradient masks only then; it equals the always-masked (traceable)
+    vjp bit for bit. Clamped: a column of logits 80 below the rest sums to ~1e-34 < eps at
+    the first step, where the mask drops the sum's share of the gradient (finite here)."""
+    logits = random_logits(create("sinkhorn", 4), 1.0, dtype, batch=16).unflatten(-1, (4, 4))
+    if clamped:
+        logits[::2, :, 0] -= 80.0
+    grad = torch.randn(logits.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    first_sums = torch.exp(logits - logits.amax((-2, -1), keepdim=True)).sum(-2)
+    assert bool((first_sums < 1e-30).any()) == clamped
+    masked = sinkhorn_vjp(logits, grad, 20)
+    assert masked.isfinite().all()
+    torch.testing.assert_close(
+        sinkhorn_vjp(logits, grad, 20, check_clamps=True), masked, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        torch.ops.hcpass.sinkhorn_backward(logits, grad, 20), masked, rtol=0, atol=0
+    )
 
 
 def saved_bytes(fn: Callable[[Tensor], Tensor], logits: Tensor) -> int:

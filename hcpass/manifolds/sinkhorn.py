@@ -25,43 +25,57 @@ def _exp_stream_axes_first(logits: Tensor) -> Tensor:
     return torch.exp(logits - logits.amax(dim=(0, 1), keepdim=True))
 
 
+# Floor of a row or column sum: one whose entries all underflowed stays 0, not 0 / 0.
+_EPS = 1e-30
+
+
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Alternate column then row normalisation of exp(logits), `iters` times, in fp32 (or fp64).
 
     Ending on the row step makes every row sum to 1 up to rounding, so n identical streams
     stay identical (the function-preservation argument in docs/math.md); columns converge
     to 1 as iterations grow. Works on ``m[i, j, ...]`` (`_exp_stream_axes_first`): a
-    column sum is over axis 0, a row sum over axis 1. Returns ``[..., n, n]``, a view of it.
+    column sum is over axis 0, a row sum over axis 1, normalised in place (not for autograd:
+    `sinkhorn_vjp` is the backward). Returns ``[..., n, n]``, a view of it.
     """
     m = _exp_stream_axes_first(logits)
     for _ in range(iters):
-        m = m / m.sum(0, keepdim=True).clamp_min(1e-30)
-        m = m / m.sum(1, keepdim=True).clamp_min(1e-30)
+        m.div_(m.sum(0, keepdim=True).clamp_min_(_EPS))
+        m.div_(m.sum(1, keepdim=True).clamp_min_(_EPS))
     return m.movedim((0, 1), (-2, -1))
 
 
-def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int, *, check_clamps: bool = False) -> Tensor:
     """Gradient of `sinkhorn` w.r.t. its logits given ``grad = dL/dH``: the forward again,
-    keeping each step's matrix, clamped sums and ``s >= eps`` mask (2 * iters n x n per
-    position), then back through ``out = m / max(s, eps)``:
-    ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``, the sum along the step's axis. The
-    max subtracted before exp gets no gradient (the map is shift-invariant, its share sums to
-    0); ``dlogits = dm0 * m0``. Stream axes first, as in `sinkhorn`; returns ``[..., n, n]``,
-    a view."""
+    keeping each step's matrix and sums (2 * iters n x n and n per position), then back
+    through ``out = m / max(s, eps)``: ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``,
+    the sum along the step's axis. The max subtracted before exp gets no gradient (the map
+    is shift-invariant, its share sums to 0); ``dlogits = dm0 * m0``. Stream axes first, as
+    in `sinkhorn`; returns ``[..., n, n]``, a view.
+
+    ``check_clamps`` (eager only: it branches on the data) drops the ``[s >= eps]`` masks
+    when one check finds no sum below eps, the usual case: at n = 4 each op costs its
+    dispatch, not its arithmetic, and the loop runs ~290 ops instead of ~410, bit-identical.
+    """
     m0 = _exp_stream_axes_first(logits)
     steps = []
     m = m0
-    for _ in range(iters):
-        for axis in (0, 1):
-            total = m.sum(axis, keepdim=True)
-            clamped = total.clamp_min(1e-30)
-            m = m / clamped
-            steps.append((axis, total >= 1e-30, clamped, m))
+    for k in range(2 * iters):
+        total = m.sum(k % 2, keepdim=True)
+        clamped = total.clamp_min(_EPS)
+        m = m / clamped
+        steps.append((k % 2, total, clamped, m))
+    active = None
+    if not check_clamps or bool((torch.cat([t.view(-1) for _, t, _, _ in steps]) < _EPS).any()):
+        active = [total >= _EPS for _, total, _, _ in steps]
     g = grad.to(m0.dtype).movedim((-2, -1), (0, 1)).contiguous()
-    for axis, active, clamped, out in reversed(steps):
-        share = torch.where(active, (g * out).sum(axis, keepdim=True), 0.0)
-        g = (g - share) / clamped
-    return (g * m0).movedim((0, 1), (-2, -1))
+    for k in reversed(range(2 * iters)):
+        axis, _, clamped, out = steps[k]
+        share = (g * out).sum(axis, keepdim=True)
+        if active is not None:
+            share = torch.where(active[k], share, 0.0)
+        g = (g - share).div_(clamped)
+    return g.mul_(m0).movedim((0, 1), (-2, -1))
 
 
 # `sinkhorn` as ops of their own, so that torch.compile sees one call, not the unrolled
@@ -76,7 +90,7 @@ def sinkhorn_op(logits: Tensor, iters: int) -> Tensor:
 
 @torch.library.custom_op("hcpass::sinkhorn_backward", mutates_args=())
 def sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
-    return sinkhorn_vjp(logits, grad, iters).contiguous()
+    return sinkhorn_vjp(logits, grad, iters, check_clamps=True).contiguous()
 
 
 @sinkhorn_op.register_fake
