@@ -6,8 +6,11 @@ gpt.py, plain ``torch.compile`` vs ``torch.compile(hcpass.convert(model), backen
 
 Each measurement runs in its own process with a fresh Inductor cache directory, so nothing
 (Dynamo, AOTAutograd, FX graph or C++ caches) is warm. Plain and hcpass alternate per layer
-count, so a loaded machine slows both alike: compare the ratios. Also reported: the extra
-seconds per added layer of each, and Dynamo's per-phase compile-time totals
+count, so a loaded machine slows both alike: compare the ratios. Besides wall time, the CPU
+time of the first step across the child's whole process tree (Inductor's compile workers and
+the compilers they run included; the steadier figure on a shared machine): the parent's
+children rusage over the run minus what the child had spent before the step. Also reported:
+the extra seconds per added layer of each, and Dynamo's per-phase compile-time totals
 (``torch._dynamo.utils.compilation_time_metrics``). Results go to
 benchmarks/results/<device>-<date>.json (section "compile_time").
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 
 # Run in the child: build, (convert), compile, time the first step, print JSON.
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 import torch
 sys.path.insert(0, {here!r})
 import gpt, hcpass
@@ -39,12 +43,14 @@ if {converted}:
     model = torch.compile(hcpass.convert(model, (ids,), streams={streams}), backend="hcpass")
 else:
     model = torch.compile(model)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+setup_cpu = usage.ru_utime + usage.ru_stime
 start = time.perf_counter()
 gpt.loss(model, ids, targets).backward()
 first = time.perf_counter() - start
 phases = {{k: round(sum(v), 2) for k, v in
           getattr(torch._dynamo.utils, "compilation_time_metrics", {{}}).items()}}
-print("RESULT" + json.dumps({{"first_step_s": first, "phases": phases}}))
+print("RESULT" + json.dumps({{"first_step_s": first, "setup_cpu_s": setup_cpu, "phases": phases}}))
 """
 
 
@@ -61,11 +67,21 @@ def first_step(args: argparse.Namespace, layers: int, converted: bool) -> dict:
     )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        before = _children_cpu_s()
         done = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
+        tree = _children_cpu_s() - before
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line.removeprefix("RESULT"))
+    result = json.loads(line.removeprefix("RESULT"))
+    result["first_step_cpu_s"] = tree - result.pop("setup_cpu_s")
+    return result
+
+
+def _children_cpu_s() -> float:
+    """User + system seconds of every finished child process tree (waited for) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -83,20 +99,31 @@ def main() -> None:
         plain = first_step(args, layers, converted=False)
         hc = first_step(args, layers, converted=True)
         ratio = hc["first_step_s"] / plain["first_step_s"]
-        results[layers] = {"plain": plain, "hcpass": hc, "ratio": ratio}
+        cpu_ratio = hc["first_step_cpu_s"] / plain["first_step_cpu_s"]
+        results[layers] = {"plain": plain, "hcpass": hc, "ratio": ratio, "cpu_ratio": cpu_ratio}
         rows.append(
-            [layers, f"{plain['first_step_s']:.1f}", f"{hc['first_step_s']:.1f}", f"{ratio:.2f}x"]
+            [
+                layers,
+                f"{plain['first_step_s']:.1f}",
+                f"{hc['first_step_s']:.1f}",
+                f"{ratio:.2f}x",
+                f"{plain['first_step_cpu_s']:.1f}",
+                f"{hc['first_step_cpu_s']:.1f}",
+                f"{cpu_ratio:.2f}x",
+            ]
         )
         print(f"layers={layers}: {json.dumps(results[layers])}", flush=True)
-    common.print_table(["layers", "plain s", "hcpass s", "ratio"], rows)
+    header = ["layers", "plain s", "hcpass s", "ratio", "plain CPU s", "hcpass CPU s", "CPU ratio"]
+    common.print_table(header, rows)
     if len(args.layers) >= 2:
         lo, hi = min(args.layers), max(args.layers)
-        per = {
-            v: (results[hi][v]["first_step_s"] - results[lo][v]["first_step_s"]) / (hi - lo)
-            for v in ("plain", "hcpass")
-        }
-        print(f"added seconds per layer: plain {per['plain']:.1f}, hcpass {per['hcpass']:.1f}")
-        results["per_layer_s"] = per
+        for key, name in (("first_step_s", "per_layer_s"), ("first_step_cpu_s", "per_layer_cpu_s")):
+            per = {
+                v: (results[hi][v][key] - results[lo][v][key]) / (hi - lo)
+                for v in ("plain", "hcpass")
+            }
+            print(f"{name}: plain {per['plain']:.1f}, hcpass {per['hcpass']:.1f}")
+            results[name] = per
     path = common.write_results("compile_time", {"config": vars(args), "results": results})
     print(f"results: {path}")
 
