@@ -7,9 +7,8 @@ in the previous state, so it saved the branch outputs ``y`` and the coefficients
 smaller) and rebuilt every site's state in backward -- all of them, in one kernel at the
 start of the backward (the states of a 4-layer GPT: 8 loops over ``[P, n, C]``, 8.5 ms of a
 ~150 ms step on one CPU thread), whose buffers then live as long as saved ones would have.
-The rebuild chains every site to the one before, so its kernel grows with depth, and the
-backward's cold compile with it (8 layers: 24 s of backward compile with it, 16 s without;
-docs/performance.md).
+The rebuild chains every site to the one before, so its kernel grows with depth (the
+8-layer cold first step: 47-52 s with it, 43-47 s without; docs/performance.md).
 
 `LowerToReference` tags the nodes of each lowered merge (node meta ``custom``, which
 AOTAutograd copies onto every node it traces from them); this pass marks each merge's result

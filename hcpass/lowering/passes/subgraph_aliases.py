@@ -73,10 +73,13 @@ def _read_returned_inputs_from_operands(calls: list[fx.Node], body: fx.Graph) ->
     instead of the call's output: a graph that uses (or saves) the operand itself keeps its
     buffer alive, and no copy is needed. Returns the indices of the outputs so handed on.
     An output is left to `copy_output_aliases` unless every call's operand has the
-    placeholder's exact layout (a consumer was traced with the placeholder's strides)."""
+    placeholder's exact layout (a consumer was traced with the placeholder's strides), and
+    all of them are unless the calls' outputs are only read through ``getitem``."""
     placeholders = list(body.find_nodes(op="placeholder"))
     outputs = body.output_node().args[0]
-    if not isinstance(outputs, (tuple, list)):
+    if not isinstance(outputs, (tuple, list)) or any(
+        user.target is not operator.getitem for call in calls for user in call.users
+    ):
         return set()
     returned = {
         k: placeholders.index(out)
