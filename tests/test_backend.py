@@ -3,15 +3,18 @@ refuses to let another backend drop the mixers silently."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 from collections import Counter
 from importlib.metadata import entry_points
 
+import graphs
 import models
 import pytest
 import torch
+from expecttest import TestCase
 from op_inputs import OP_NAMES, coeffs_inputs
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -58,29 +61,81 @@ def test_other_backends_cannot_drop_the_mixers():
         torch.compile(converted, backend="aot_eager")(*x)
 
 
-def test_cpu_lowering_inlines_the_stream_ops_and_shares_one_coefficient_subgraph():
+class TwoResidualLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.a(x)
+        return x + self.b(x)
+
+
+def _shared_calls(gm: fx.GraphModule) -> list[str]:
+    """The identifier of every shared-subgraph call, in graph order."""
+    return [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+
+
+class TestCpuLowering(TestCase):
+    def test_each_site_calls_two_shared_subgraphs(self):
+        """A site's entry (coeffs and pre) is one call, its merge (post_res) another; every
+        site of the same manifold, state shape and dtype calls the same two subgraphs, which
+        AOTAutograd traces and Inductor compiles once, so a site adds a few nodes to the
+        graph whatever its manifold. The state and the branch output go in dense (a subgraph
+        is traced for one layout), the coefficients stay [*pos, n] between the calls."""
+        converted = hcpass.convert(TwoResidualLinears(), (torch.randn(2, 3, 8),))
+        gm = converted.graph_module
+        lowering(cuda=False)(gm.graph)
+        gm.recompile()
+        code = re.sub(r"(hcpass_(entry|merge))_[0-9a-f]{16}", r"\1", graphs.body(gm))
+        self.assertExpectedInline(
+            code,
+            """\
+contiguous = args_0_streams.contiguous()
+hcpass_entry = self.hcpass_entry
+invoke_subgraph = torch.ops.higher_order.invoke_subgraph(hcpass_entry, 'hcpass_entry', contiguous, a_phi, a_alpha, a_bias)
+getitem_7 = invoke_subgraph[1]
+getitem_8 = invoke_subgraph[2]
+getitem_9 = invoke_subgraph[3]
+linear = torch.nn.functional.linear(getitem_9, a.weight, a.bias)
+contiguous_1 = linear.contiguous()
+hcpass_merge = self.hcpass_merge
+invoke_subgraph_1 = torch.ops.higher_order.invoke_subgraph(hcpass_merge, 'hcpass_merge', contiguous, contiguous_1, getitem_7, getitem_8)
+getitem_10 = invoke_subgraph_1[0]
+contiguous_2 = getitem_10.contiguous()
+hcpass_entry_1 = self.hcpass_entry
+invoke_subgraph_2 = torch.ops.higher_order.invoke_subgraph(hcpass_entry_1, 'hcpass_entry', contiguous_2, b_phi, b_alpha, b_bias)
+getitem_12 = invoke_subgraph_2[1]
+getitem_13 = invoke_subgraph_2[2]
+getitem_14 = invoke_subgraph_2[3]
+linear_1 = torch.nn.functional.linear(getitem_14, b.weight, b.bias)
+contiguous_3 = linear_1.contiguous()
+hcpass_merge_1 = self.hcpass_merge
+invoke_subgraph_3 = torch.ops.higher_order.invoke_subgraph(hcpass_merge_1, 'hcpass_merge', contiguous_2, contiguous_3, getitem_12, getitem_13)
+getitem_15 = invoke_subgraph_3[0]
+mean = getitem_15.mean(0)
+return (mean, getitem_15)""",
+        )
+
+
+def test_cpu_lowering_shares_the_stream_ops_and_the_coefficients_of_every_site():
     converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     gm = converted.graph_module
     assert HCPASS_OPS <= {n.target for n in gm.graph.nodes}
     lowering(cuda=False)(gm.graph)
     targets = [n.target for n in gm.graph.nodes]
-    ops = torch.ops.hcpass
-    assert not set(targets) & HCPASS_OPS
-    # pre/post_res are inlined (as references on states whose positions are flattened to
-    # one dimension), to fuse with their neighbours ...
-    assert {LOWERED[ops.pre.default], LOWERED[ops.post_res.default]} <= set(targets)
-    # ... and the 4 sites' coefficients (the same manifold, state shape and dtype) call one
-    # subgraph, which Inductor compiles once instead of once per site.
-    calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
-    assert len(calls) == 4
-    assert len({call.args[1] for call in calls}) == 1
-    # Inside it, Sinkhorn's iterations are one op, not 2 * 20 unrolled normalisations (whose
-    # traced forward and backward were C++ kernels of thousands of lines).
-    body = getattr(gm, calls[0].args[0].target)
+    assert not set(targets) & (HCPASS_OPS | set(LOWERED.values()))
+    # the 4 sites (2 blocks) call one entry and one merge subgraph
+    calls = Counter(_shared_calls(gm))
+    assert sorted(calls.values()) == [4, 4]
+    entry = next(name for name in calls if name.startswith("hcpass_entry_"))
+    # Inside the entry, Sinkhorn's iterations are one op, not 2 * 20 unrolled
+    # normalisations (whose traced forward and backward were C++ kernels of thousands of lines).
     x, phi, alpha, bias, _ = coeffs_inputs("sinkhorn", 4, (2, 3), 8, torch.float32, {})
-    traced = make_fx(body)(x, phi, alpha, bias)
+    traced = make_fx(getattr(gm, entry))(x, phi, alpha, bias)
     counts = Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
-    assert counts[ops.sinkhorn.default] == 1
+    assert counts[torch.ops.hcpass.sinkhorn.default] == 1
     assert counts[torch.ops.aten.div.Tensor] < 5
 
 
@@ -94,6 +149,7 @@ def test_cpu_lowering_inlines_coefficients_that_call_an_op_with_side_effects(cap
     with caplog.at_level("INFO", logger="hcpass"):
         lowering(cuda=False)(gm.graph)
     targets = [n.target for n in gm.graph.nodes]
+    # not shared, and neither are pre and post_res, which read its coefficients
     assert torch.ops.higher_order.invoke_subgraph not in targets
     assert not set(targets) & HCPASS_OPS
     assert any("_linalg_check_errors" in r.getMessage() for r in caplog.records)
@@ -223,20 +279,42 @@ def test_saving_the_merges_results_leaves_the_users_recompute_choices_alone():
     assert not any("recompute" in n.meta for n in g.nodes)
 
 
-def test_the_compiled_backward_does_not_rebuild_the_stream_states():
-    """Under the backend, no merge's forward arithmetic reappears in the backward graph
-    (without SaveStreamStates the partitioner rebuilt each state there: the merge's
-    mul, sum, mul, add, from the saved branch outputs and coefficients)."""
-    graphs = []
-    (ids,), _ = models.token_inputs()
-    converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,))
+def _compiled_graphs(converted: torch.nn.Module, ids: torch.Tensor) -> list[fx.Graph]:
+    """The post-grad graphs of one compiled training step: forward, then backward."""
+    graphs: list[fx.Graph] = []
     torch._dynamo.reset()
     with torch._inductor.config.patch(post_grad_custom_post_pass=graphs.append):
         torch.compile(converted, backend="hcpass")(ids).square().mean().backward()
-    backward = max(
+    return graphs
+
+
+def _backward(graphs: list[fx.Graph]) -> fx.Graph:
+    return max(
         (g for g in graphs if any(n.name.startswith("tangents") for n in g.nodes)),
         key=lambda g: len(g.nodes),
     )
+
+
+def test_the_compiled_backward_does_not_rebuild_the_shared_merges():
+    """A shared merge's state is an output of its subgraph call, which the partitioner
+    saves: the backward calls only the subgraphs' backward."""
+    (ids,), _ = models.token_inputs()
+    backward = _backward(_compiled_graphs(hcpass.convert(models.tiny_gpt(layers=1), (ids,)), ids))
+    calls = [
+        n.args[1] for n in backward.nodes if n.target is torch.ops.higher_order.invoke_subgraph
+    ]
+    assert len(calls) == 4  # two sites' entries and merges
+    assert all(name.startswith("partitioned_bw_hcpass_") for name in calls), calls
+
+
+def test_the_compiled_backward_does_not_rebuild_the_inlined_merges():
+    """Where the merges are inlined (here: stiefel's coefficients, which are not shared, and
+    the stream ops that read them), no merge's forward arithmetic reappears in the backward
+    graph (without SaveStreamStates the partitioner rebuilt each state there: the merge's
+    mul, sum, mul, add, from the saved branch outputs and coefficients)."""
+    (ids,), _ = models.token_inputs()
+    converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,), manifold="stiefel")
+    backward = _backward(_compiled_graphs(converted, ids))
     reads_a_tangent: set[fx.Node] = set()
     for n in backward.nodes:
         if n.name.startswith("tangents") or set(n.all_input_nodes) & reads_a_tangent:

@@ -260,7 +260,9 @@ class Sinkhorn(Manifold):
         iters = self.options["sinkhorn_iters"]
         if self.options["sinkhorn_backward"] == "implicit":
             return sinkhorn_fixed_point_vjp(sinkhorn(matrix, iters), grad).flatten(-2)
-        return sinkhorn_vjp(matrix, grad, iters).flatten(-2)
+        # The op, not `sinkhorn_vjp`: run eagerly (the coeffs_backward kernel) it drops the
+        # clamp masks where no sum was clamped; traced, it stays one node.
+        return sinkhorn_backward_op(matrix, grad, iters).flatten(-2)
 
     def res_identity_bias(self) -> Tensor:
         n = self.streams

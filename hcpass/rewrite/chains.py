@@ -49,6 +49,9 @@ from hcpass.rewrite.regions import outline_checkpoints
 # Absent where the state is a channels-last view of an NCHW stream (its layout is Inductor's
 # choice, which a shared subgraph cannot follow).
 COEFFS_STATE = "hcpass_coeffs_state"
+# node.meta key of a post_res node: (shape, dtype) of the stream state it writes (its x and y
+# are cast to that dtype); absent on the same channels-last sites.
+MERGE_STATE = "hcpass_merge_state"
 
 
 def rewrite_chains(
@@ -197,6 +200,9 @@ class _Rewriter:
             x = cursor.call("call_method", "movedim", (x, site.channel_dim + 1, -1))
             y = cursor.call("call_method", "movedim", (y, site.channel_dim, -1))
         out = cursor.call("call_function", torch.ops.hcpass.post_res.default, (x, y, h_post, h_res))
+        if not moved:
+            written = site.node.meta["example_value"]
+            out.meta[MERGE_STATE] = ((self._mixer(site).slot.streams, *written.shape), dtype)
         if moved:
             out = _channels_back(cursor, out, -1, site.channel_dim + 1)
         return out

@@ -1,40 +1,37 @@
 """CPU lowering: the mixer ops become plain PyTorch that Inductor compiles.
 
-``pre`` and ``post_res`` read and write the n-stream state, the model's largest tensors:
-they are replaced by their references inline, so Inductor differentiates them with
-AOTAutograd and fuses them into the C++ kernels of their neighbours (the branch's first op,
-the next site's mix) instead of reading the state back an extra time.
+Every site does the same mixer work: its entry (``coeffs`` and the ``pre`` that reads its
+H_pre) and its merge (``post_res``). Inlined at every site, that work was traced,
+partitioned, lowered and scheduled again per site, so a converted model's cold compile grew
+several times faster per layer than the plain model's (docs/performance.md). Instead every
+site whose entry is the same function (manifold spec, which of phi/alpha it has) of a state of
+the same shape and dtype calls one shared entry subgraph, and every merge of the same state
+one shared merge subgraph, through PyTorch's ``invoke_subgraph`` higher-order op (what
+``torch.compiler.nested_compile_region`` records): AOTAutograd traces each once, Inductor
+compiles each once, and a site adds a few nodes to the graph. Inside, Inductor fuses the
+entry's reads of the state (the projection's norm, the branch input) and the merge's
+arithmetic; what a shared subgraph gives up is fusing with the branch's first and last ops.
+Sinkhorn's iterations are one op, `hcpass::sinkhorn` (unrolled they made one site's
+coefficients ~685 FX nodes).
 
-The references run on states whose positions are flattened into one dimension
-(``x[n, P, C]``), and the coefficients stay flat between a site's ops. A conv net's
-per-position tensors would otherwise be 4-D ``[B, H, W, k]`` (``H_pre``, the projection's
-logits), and Inductor treats every 4-D tensor next to a convolution as
-an NCHW activation: its layout optimisation gives a saved one channels-last strides computed
+Not shared, and lowered inline as before: a site whose state is a channels-last view of an
+NCHW stream (conv nets; the layout Inductor picks for that view is not one a shared subgraph
+can be traced for), and coefficients that call an op with side effects (`_side_effects`),
+with the stream ops that read them. Inline, the references run on states whose positions are
+flattened into one dimension (``x[n, P, C]``) and the coefficients stay flat between a site's
+ops: a conv net's per-position tensors would otherwise be 4-D ``[B, H, W, k]`` (``H_pre``,
+the projection's logits), and Inductor treats every 4-D tensor next to a convolution as an
+NCHW activation: its layout optimisation gives a saved one channels-last strides computed
 from ``(B, H, W, k)``, which under dynamic shapes it cannot order (``1 < H`` undecided:
 "cannot determine truth value of Relational") -- training at a second input size failed.
 Flat, they have at most one symbolic dimension.
-
-``coeffs`` is long: the projection, the maps and their backward (Sinkhorn's iterations are
-one op, `hcpass::sinkhorn`; unrolled they made one site's coefficients ~685 FX nodes).
-Inlined at every site, that graph was traced, partitioned, lowered and scheduled again per
-site, so a converted model's cold compile grew ~12x faster per layer than the plain model's
-(docs/performance.md). Kept an opaque op it compiles fast but runs eagerly, slower per
-training step. Instead every
-site whose coefficients are the same function (manifold spec, which of phi/alpha it has) of
-a state of the same shape and dtype calls one shared subgraph through PyTorch's
-``invoke_subgraph`` higher-order op (what ``torch.compiler.nested_compile_region`` records),
-which AOTAutograd traces and Inductor compiles once per distinct subgraph. A site whose
-state is a channels-last view of an NCHW stream (conv nets) gets the reference inline: the
-layout Inductor picks for that view is not one a shared subgraph can be traced for.
 
 A shared subgraph needs `hcpass.lowering.passes.subgraph_aliases` under Inductor (the backend
 adds it): torch 2.13's Inductor reuses the buffer of a subgraph's operand once the call is
 its last visible use, even when the partitioned subgraph returned that operand as a tensor
 saved for backward. hc's projection saves the state itself, so its backward read a later
-site's state and its gradients came out wrong (relative errors above 1) until that pass gave
-the saved tensors buffers of their own; the base class's projection (sinkhorn, kronecker)
-then saved a flattened copy of the state, which is why they were right. It now reads the
-state in place as well (stream by stream), so every manifold relies on that pass.
+site's state and its gradients came out wrong (relative errors above 1) until that pass had
+the callers read the operand itself.
 """
 
 from __future__ import annotations
@@ -43,6 +40,7 @@ import functools
 import hashlib
 import logging
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx
@@ -50,8 +48,9 @@ from torch import Tensor, fx
 from hcpass.lowering.passes.manager import GraphPass
 from hcpass.lowering.passes.save_stream_states import tag_stream_state
 from hcpass.manifolds import resolve
+from hcpass.manifolds.base import compute_dtype
 from hcpass.ops import REFERENCE
-from hcpass.rewrite.chains import COEFFS_STATE
+from hcpass.rewrite.chains import COEFFS_STATE, MERGE_STATE
 
 _COEFFS = torch.ops.hcpass.coeffs.default
 # Where hcpass creates calls of this private higher-order op (its signature:
@@ -75,12 +74,14 @@ def coeffs(x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, ma
 
 
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
-    u = REFERENCE[_ops.pre.default](_flat(x), h_pre)
+    u = REFERENCE[_ops.pre.default](_flat(x), h_pre.flatten(0, -2))
     return u.view(x.shape[1:])
 
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    out = REFERENCE[_ops.post_res.default](_flat(x), y.flatten(0, -2), h_post, h_res)
+    out = REFERENCE[_ops.post_res.default](
+        _flat(x), y.flatten(0, -2), h_post.flatten(0, -2), h_res.flatten(0, -3)
+    )
     return out.view(x.shape)
 
 
@@ -102,10 +103,12 @@ LOWERED = {
 
 class LowerToReference(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
-        shared: set[tuple] = set()
+        shared = _SharedSubgraphs(graph)
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target is _COEFFS and _shareable(node):
-                _share_coefficients(graph, node, shared)
+                shared.site_entry(node)
+            elif node.op == "call_function" and shared.can_merge(node):
+                shared.merge(node)
             elif node.op == "call_function" and node.target in LOWERED:
                 node.target = LOWERED[node.target]
                 if node.target in (post_res, post_res_coeffs_pre):
@@ -173,44 +176,130 @@ def _side_effects(spec: str, present: tuple[bool, ...], dtype: torch.dtype) -> t
     return effects
 
 
-def _share_coefficients(graph: fx.Graph, node: fx.Node, shared: set[tuple]) -> None:
-    """Replace one ``coeffs`` call by a call of the subgraph its computation shares; its
-    coefficients are flattened after the call, as `pre` and `post_res` above read them. (The
-    state goes in unflattened: an operand whose size is a product of symbols, ``B*T`` under
-    dynamic shapes, fails Inductor's codegen of the subgraph's inputs.)"""
-    x, *params, spec = node.args
-    present = tuple(p is not None for p in params)
-    key = (spec, present, str(node.meta[COEFFS_STATE]))
-    # The identifier names the subgraph for AOTAutograd's and Inductor's caches beyond this
-    # graph (checkpoint bodies, later graphs): the same name must mean the same function.
-    name = "hcpass_coeffs_" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-    if key not in shared:
-        graph.owning_module.register_module(name, _coefficients_body(spec, present))
-        shared.add(key)
-    with graph.inserting_before(node):
-        body = graph.get_attr(name)
-        # The first site reads its input expanded (stride 0), the others a contiguous state:
-        # a shared subgraph must see one layout.
-        dense = graph.call_method("contiguous", (x,))
-        operands = [dense, *(p for p in params if p is not None)]
-        call = graph.call_function(_INVOKE_SUBGRAPH, (body, name, *operands))
-        flat = graph.call_function(_flat_coefficients, (call,))
-    node.replace_all_uses_with(flat)
-    graph.erase_node(node)
+class _SharedSubgraphs:
+    """The shared subgraphs of one graph and the calls that replace its mixer ops.
+
+    A site's entry -- ``coeffs`` and the ``pre`` that reads its H_pre -- becomes one call,
+    ``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``; its merge ``post_res`` another,
+    ``(x, y, H_post, H_res) -> (X',)``, where its coefficients come from a shared entry.
+    Every call of one subgraph passes dense operands (the first site reads its input expanded
+    to n streams, stride 0; a subgraph is traced for one layout), and the coefficients stay
+    ``[*pos, n]`` between calls: flattened, an operand whose size is a product of symbols
+    (``B*T`` under dynamic shapes) fails Inductor's codegen of the subgraph's inputs.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.registered: set[str] = set()
+        self.dense: dict[fx.Node, fx.Node] = {}
+        # coefficient outputs of shared calls: [*pos, n] (not flat) and dense
+        self.coefficients: dict[fx.Node, torch.dtype] = {}
+
+    def site_entry(self, node: fx.Node) -> None:
+        x, *params, spec = node.args
+        present = tuple(p is not None for p in params)
+        getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        h_pre_users = list(getitems[0].users) if 0 in getitems else []
+        with_pre = (
+            len(h_pre_users) == 1
+            and h_pre_users[0].target is _ops.pre.default
+            and h_pre_users[0].args[0] is x
+        )
+        shape, dtype = node.meta[COEFFS_STATE]
+        key = ("entry" if with_pre else "coeffs", spec, present, str(shape), str(dtype))
+        body = functools.partial(_entry_body if with_pre else _coefficients_body, spec, present)
+        operands = [self._dense(x, node), *(p for p in params if p is not None)]
+        outputs = self._call(node, key, body, operands, 4 if with_pre else 3)
+        if with_pre:
+            h_pre_users[0].replace_all_uses_with(outputs[3])
+            self.graph.erase_node(h_pre_users[0])
+        for i, getitem in getitems.items():
+            getitem.replace_all_uses_with(outputs[i])
+            self.graph.erase_node(getitem)
+        self.graph.erase_node(node)
+        for h in outputs[:3]:
+            if h.users:
+                self.coefficients[h] = compute_dtype(dtype)
+            else:
+                self.graph.erase_node(h)  # H_pre, read only inside the entry
+
+    def can_merge(self, node: fx.Node) -> bool:
+        return (
+            node.target is _ops.post_res.default
+            and MERGE_STATE in node.meta
+            and all(h in self.coefficients for h in node.args[2:])
+        )
+
+    def merge(self, node: fx.Node) -> None:
+        x, y, h_post, h_res = node.args
+        shape, dtype = node.meta[MERGE_STATE]
+        key = ("merge", str(shape), str(dtype), str(self.coefficients[h_post]))
+        operands = [self._dense(x, node), self._dense(y, node), h_post, h_res]
+        (out,) = self._call(node, key, _merge_body, operands, 1)
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+
+    def _dense(self, value: fx.Node, before: fx.Node) -> fx.Node:
+        if value not in self.dense:
+            with self.graph.inserting_before(before):
+                self.dense[value] = self.graph.call_method("contiguous", (value,))
+        return self.dense[value]
+
+    def _call(
+        self,
+        node: fx.Node,
+        key: tuple[str, ...],
+        body: Callable[[], fx.GraphModule],
+        operands: list[fx.Node],
+        outputs: int,
+    ) -> list[fx.Node]:
+        # The identifier names the subgraph for AOTAutograd's and Inductor's caches beyond
+        # this graph (checkpoint bodies, later graphs): the same name must mean the same
+        # function of operands of the same shapes and dtypes.
+        name = f"hcpass_{key[0]}_" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        if name not in self.registered:
+            self.graph.owning_module.register_module(name, body())
+            self.registered.add(name)
+        with self.graph.inserting_before(node):
+            attr = self.graph.get_attr(name)
+            call = self.graph.call_function(_INVOKE_SUBGRAPH, (attr, name, *operands))
+            return [self.graph.call_function(operator.getitem, (call, i)) for i in range(outputs)]
 
 
-def _flat_coefficients(coefficients: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
-    """``H_pre, H_post [*pos, n]``, ``H_res [*pos, n, n]`` -> ``[P, n]``, ``[P, n, n]``."""
-    h_pre, h_post, h_res = coefficients
-    return h_pre.flatten(0, -2), h_post.flatten(0, -2), h_res.flatten(0, -3)
+def _entry(x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, manifold: str):
+    h_pre, h_post, h_res = REFERENCE[_COEFFS](x, phi, alpha, bias, manifold)
+    return h_pre, h_post, h_res, pre(x, h_pre)
+
+
+def _merge(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor]:
+    return (post_res(x, y, h_post, h_res),)
+
+
+def _body(function: Callable, inputs: tuple[str, ...], outputs: int, *constants) -> fx.GraphModule:
+    """A graph ``(*inputs) -> function(*inputs, *constants)`` of `outputs` tensors."""
+    body = fx.Graph()
+    args = [body.placeholder(n) if n else None for n in inputs]
+    out = body.call_function(function, (*args, *constants))
+    body.output(tuple(body.call_function(operator.getitem, (out, i)) for i in range(outputs)))
+    return fx.GraphModule(torch.nn.Module(), body, class_name="SharedBody")
+
+
+def _parameters(present: tuple[bool, ...]) -> tuple[str, ...]:
+    return tuple(
+        n if keep else "" for n, keep in zip(("phi", "alpha", "bias"), present, strict=True)
+    )
 
 
 def _coefficients_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
-    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res)`` by the reference, for `spec`."""
-    body = fx.Graph()
-    x = body.placeholder("x")
-    names = ("phi", "alpha", "bias")
-    params = [body.placeholder(n) if keep else None for n, keep in zip(names, present, strict=True)]
-    out = body.call_function(REFERENCE[_COEFFS], (x, *params, spec))
-    body.output(tuple(body.call_function(operator.getitem, (out, i)) for i in range(3)))
-    return fx.GraphModule(torch.nn.Module(), body, class_name="CoefficientsBody")
+    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res)`` by the reference."""
+    return _body(REFERENCE[_COEFFS], ("x", *_parameters(present)), 3, spec)
+
+
+def _entry_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
+    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``."""
+    return _body(_entry, ("x", *_parameters(present)), 4, spec)
+
+
+def _merge_body() -> fx.GraphModule:
+    """``(x, y, H_post, H_res) -> (X',)``."""
+    return _body(_merge, ("x", "y", "h_post", "h_res"), 1)
