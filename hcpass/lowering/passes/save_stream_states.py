@@ -10,14 +10,15 @@ start of the backward (the states of a 4-layer GPT: 8 loops over ``[P, n, C]``, 
 The rebuild chains every site to the one before, so its kernel grows with depth (the
 8-layer cold first step: 47-52 s with it, 43-47 s without; docs/performance.md).
 
-`LowerToReference` tags the nodes of each lowered merge (node meta ``custom``, which
-AOTAutograd copies onto every node it traces from them); this pass marks each merge's result
--- the tagged node read outside its merge -- ``MUST_SAVE``, the policy selective activation
-checkpointing uses. Only the result: a bf16 model's merge upcasts its inputs to fp32, and
-banning those casts from recomputation would save the fp32 copies instead. Left alone: nodes
-that already carry a policy (the user's activation checkpointing) and every node when the user
-set ``torch._functorch.config.activation_memory_budget`` below 1 (they asked the partitioner
-to trade compute for memory).
+Only the merges `LowerToReference` inlines need it (a shared merge's state is the output of
+a subgraph call, which the partitioner never recomputes). It tags their nodes (node meta
+``custom``, which AOTAutograd copies onto every node it traces from them); this pass marks
+each merge's result -- the tagged node read outside its merge -- ``MUST_SAVE``, the policy
+selective activation checkpointing uses. Only the result: a bf16 model's merge upcasts its
+inputs to fp32, and banning those casts from recomputation would save the fp32 copies
+instead. Left alone: nodes that already carry a policy (the user's activation checkpointing)
+and every node when the user set ``torch._functorch.config.activation_memory_budget`` below 1
+(they asked the partitioner to trade compute for memory).
 """
 
 from __future__ import annotations
