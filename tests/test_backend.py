@@ -62,6 +62,8 @@ def test_other_backends_cannot_drop_the_mixers():
 
 
 class TwoResidualLinears(torch.nn.Module):
+    """Two sites in one chain: ``x + a(x)``, then ``+ b(...)``."""
+
     def __init__(self) -> None:
         super().__init__()
         self.a = torch.nn.Linear(8, 8)
@@ -79,16 +81,18 @@ def _shared_calls(gm: fx.GraphModule) -> list[str]:
 
 class TestCpuLowering(TestCase):
     def test_each_site_calls_two_shared_subgraphs(self):
-        """A site's entry (coeffs and pre) is one call, its merge (post_res) another; every
-        site of the same manifold, state shape and dtype calls the same two subgraphs, which
-        AOTAutograd traces and Inductor compiles once, so a site adds a few nodes to the
-        graph whatever its manifold. The state and the branch output go in dense (a subgraph
-        is traced for one layout), the coefficients stay [*pos, n] between the calls."""
+        """The first site's entry (coeffs and pre) is one call; each boundary between two
+        sites (a merge and the next site's entry on the merged state) one; the last merge
+        one. Every boundary of the same manifold, state shape and dtype calls the same
+        subgraph, which AOTAutograd traces and Inductor compiles once, so a site adds a few
+        nodes to the graph whatever its manifold. The state and the branch output go in dense
+        (a subgraph is traced for one layout), the coefficients stay [*pos, n] between the
+        calls."""
         converted = hcpass.convert(TwoResidualLinears(), (torch.randn(2, 3, 8),))
         gm = converted.graph_module
         lowering(cuda=False)(gm.graph)
         gm.recompile()
-        code = re.sub(r"(hcpass_(entry|merge))_[0-9a-f]{16}", r"\1", graphs.body(gm))
+        code = re.sub(r"(hcpass_(entry|boundary|merge))_[0-9a-f]{16}", r"\1", graphs.body(gm))
         self.assertExpectedInline(
             code,
             """\
@@ -100,20 +104,18 @@ getitem_8 = invoke_subgraph[2]
 getitem_9 = invoke_subgraph[3]
 linear = torch.nn.functional.linear(getitem_9, a.weight, a.bias)
 contiguous_1 = linear.contiguous()
-hcpass_merge = self.hcpass_merge
-invoke_subgraph_1 = torch.ops.higher_order.invoke_subgraph(hcpass_merge, 'hcpass_merge', contiguous, contiguous_1, getitem_7, getitem_8)
+hcpass_boundary = self.hcpass_boundary
+invoke_subgraph_1 = torch.ops.higher_order.invoke_subgraph(hcpass_boundary, 'hcpass_boundary', contiguous, contiguous_1, getitem_7, getitem_8, b_phi, b_alpha, b_bias)
 getitem_10 = invoke_subgraph_1[0]
-contiguous_2 = getitem_10.contiguous()
-hcpass_entry_1 = self.hcpass_entry
-invoke_subgraph_2 = torch.ops.higher_order.invoke_subgraph(hcpass_entry_1, 'hcpass_entry', contiguous_2, b_phi, b_alpha, b_bias)
-getitem_12 = invoke_subgraph_2[1]
-getitem_13 = invoke_subgraph_2[2]
-getitem_14 = invoke_subgraph_2[3]
+getitem_12 = invoke_subgraph_1[2]
+getitem_13 = invoke_subgraph_1[3]
+getitem_14 = invoke_subgraph_1[4]
 linear_1 = torch.nn.functional.linear(getitem_14, b.weight, b.bias)
+contiguous_2 = getitem_10.contiguous()
 contiguous_3 = linear_1.contiguous()
-hcpass_merge_1 = self.hcpass_merge
-invoke_subgraph_3 = torch.ops.higher_order.invoke_subgraph(hcpass_merge_1, 'hcpass_merge', contiguous_2, contiguous_3, getitem_12, getitem_13)
-getitem_15 = invoke_subgraph_3[0]
+hcpass_merge = self.hcpass_merge
+invoke_subgraph_2 = torch.ops.higher_order.invoke_subgraph(hcpass_merge, 'hcpass_merge', contiguous_2, contiguous_3, getitem_12, getitem_13)
+getitem_15 = invoke_subgraph_2[0]
 mean = getitem_15.mean(0)
 return (mean, getitem_15)""",
         )
@@ -126,10 +128,10 @@ def test_cpu_lowering_shares_the_stream_ops_and_the_coefficients_of_every_site()
     lowering(cuda=False)(gm.graph)
     targets = [n.target for n in gm.graph.nodes]
     assert not set(targets) & (HCPASS_OPS | set(LOWERED.values()))
-    # the 4 sites (2 blocks) call one entry and one merge subgraph
-    calls = Counter(_shared_calls(gm))
-    assert sorted(calls.values()) == [4, 4]
-    entry = next(name for name in calls if name.startswith("hcpass_entry_"))
+    # 4 sites (2 blocks) in one chain: the first site's entry, 3 boundaries, the last merge
+    calls = Counter(name.rsplit("_", 1)[0] for name in _shared_calls(gm))
+    assert calls == {"hcpass_entry": 1, "hcpass_boundary": 3, "hcpass_merge": 1}
+    entry = next(name for name in _shared_calls(gm) if name.startswith("hcpass_entry_"))
     # Inside the entry, Sinkhorn's iterations are one op, not 2 * 20 unrolled
     # normalisations (whose traced forward and backward were C++ kernels of thousands of lines).
     x, phi, alpha, bias, _ = coeffs_inputs("sinkhorn", 4, (2, 3), 8, torch.float32, {})

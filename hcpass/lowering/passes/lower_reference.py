@@ -105,6 +105,8 @@ class LowerToReference(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         shared = _SharedSubgraphs(graph)
         for node in list(graph.nodes):
+            if node in shared.erased:  # an entry lowered with the merge before it
+                continue
             if node.op == "call_function" and node.target is _COEFFS and _shareable(node):
                 shared.site_entry(node)
             elif node.op == "call_function" and shared.can_merge(node):
@@ -179,17 +181,24 @@ def _side_effects(spec: str, present: tuple[bool, ...], dtype: torch.dtype) -> t
 class _SharedSubgraphs:
     """The shared subgraphs of one graph and the calls that replace its mixer ops.
 
-    A site's entry -- ``coeffs`` and the ``pre`` that reads its H_pre -- becomes one call,
-    ``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``; its merge ``post_res`` another,
-    ``(x, y, H_post, H_res) -> (X',)``, where its coefficients come from a shared entry.
-    Every call of one subgraph passes dense operands (the first site reads its input expanded
-    to n streams, stride 0; a subgraph is traced for one layout), and the coefficients stay
-    ``[*pos, n]`` between calls: flattened, an operand whose size is a product of symbols
-    (``B*T`` under dynamic shapes) fails Inductor's codegen of the subgraph's inputs.
+    A chain's first site's entry -- ``coeffs`` and the ``pre`` that reads its H_pre --
+    becomes one call, ``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``. Each boundary
+    between two sites -- site l's merge ``post_res`` and site l+1's entry on the merged state --
+    becomes another, ``(x, y, H_post, H_res, [phi', alpha',] bias') -> (X', H_pre', H_post',
+    H_res', u')``: the merged state is read back from the kernel that writes it, and its
+    gradient from both sites is summed inside the boundary's backward. A merge with no entry
+    after it (the chain's last) is a call ``(x, y, H_post, H_res) -> (X',)``. Merges are shared
+    where their coefficients come from a shared call. Every call of one subgraph passes dense
+    operands (the first site reads its input expanded to n streams, stride 0; a subgraph is
+    traced for one layout), and the coefficients stay ``[*pos, n]`` between calls: flattened,
+    an operand whose size is a product of symbols (``B*T`` under dynamic shapes) fails
+    Inductor's codegen of the subgraph's inputs.
     """
 
     def __init__(self, graph: fx.Graph) -> None:
         self.graph = graph
+        self.position = {node: i for i, node in enumerate(graph.nodes)}
+        self.erased: set[fx.Node] = set()
         self.registered: set[str] = set()
         self.dense: dict[fx.Node, fx.Node] = {}
         # coefficient outputs of shared calls: [*pos, n] (not flat) and dense
@@ -197,31 +206,13 @@ class _SharedSubgraphs:
 
     def site_entry(self, node: fx.Node) -> None:
         x, *params, spec = node.args
+        pre_node = _entry_pre(node)
+        key = ("entry" if pre_node else "coeffs", *_entry_key(node))
         present = tuple(p is not None for p in params)
-        getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        h_pre_users = list(getitems[0].users) if 0 in getitems else []
-        with_pre = (
-            len(h_pre_users) == 1
-            and h_pre_users[0].target is _ops.pre.default
-            and h_pre_users[0].args[0] is x
-        )
-        shape, dtype = node.meta[COEFFS_STATE]
-        key = ("entry" if with_pre else "coeffs", spec, present, str(shape), str(dtype))
-        body = functools.partial(_entry_body if with_pre else _coefficients_body, spec, present)
+        body = functools.partial(_entry_body if pre_node else _coefficients_body, spec, present)
         operands = [self._dense(x, node), *(p for p in params if p is not None)]
-        outputs = self._call(node, key, body, operands, 4 if with_pre else 3)
-        if with_pre:
-            h_pre_users[0].replace_all_uses_with(outputs[3])
-            self.graph.erase_node(h_pre_users[0])
-        for i, getitem in getitems.items():
-            getitem.replace_all_uses_with(outputs[i])
-            self.graph.erase_node(getitem)
-        self.graph.erase_node(node)
-        for h in outputs[:3]:
-            if h.users:
-                self.coefficients[h] = compute_dtype(dtype)
-            else:
-                self.graph.erase_node(h)  # H_pre, read only inside the entry
+        outputs = self._call(node, key, body, operands, 4 if pre_node else 3)
+        self._replace_entry(node, pre_node, outputs)
 
     def can_merge(self, node: fx.Node) -> bool:
         return (
@@ -235,9 +226,57 @@ class _SharedSubgraphs:
         shape, dtype = node.meta[MERGE_STATE]
         key = ("merge", str(shape), str(dtype), str(self.coefficients[h_post]))
         operands = [self._dense(x, node), self._dense(y, node), h_post, h_res]
-        (out,) = self._call(node, key, _merge_body, operands, 1)
+        entry = self._next_entry(node)
+        if entry is None:
+            (out,) = self._call(node, key, _merge_body, operands, 1)
+        else:
+            _, *params, spec = entry.args
+            present = tuple(p is not None for p in params)
+            key = ("boundary", *key, *_entry_key(entry))
+            body = functools.partial(_boundary_body, spec, present)
+            operands += [p for p in params if p is not None]
+            out, *outputs = self._call(node, key, body, operands, 5)
+            self._replace_entry(entry, _entry_pre(entry), outputs)
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
+
+    def _next_entry(self, merge: fx.Node) -> fx.Node | None:
+        """The shareable entry (coeffs with its pre) on `merge`'s state, if one can move up to
+        the merge: its parameters are defined before it."""
+        for user in merge.users:
+            if (
+                user.target is _COEFFS
+                and user.args[0] is merge
+                and _shareable(user)
+                and _entry_pre(user) is not None
+                and all(
+                    self.position.get(p, len(self.position)) < self.position[merge]
+                    for p in user.args[1:-1]
+                    if p is not None
+                )
+            ):
+                return user
+        return None
+
+    def _replace_entry(self, node: fx.Node, pre_node: fx.Node | None, outputs: list[fx.Node]):
+        """Point the readers of an entry's coefficients and branch input at `outputs`."""
+        getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        if pre_node is not None:
+            pre_node.replace_all_uses_with(outputs[3])
+            self._erase(pre_node)
+        for i, getitem in getitems.items():
+            getitem.replace_all_uses_with(outputs[i])
+            self._erase(getitem)
+        self._erase(node)
+        for h in outputs[:3]:
+            if h.users:
+                self.coefficients[h] = compute_dtype(node.meta[COEFFS_STATE][1])
+            else:
+                self.graph.erase_node(h)  # H_pre, read only inside the subgraph
+
+    def _erase(self, node: fx.Node) -> None:
+        self.graph.erase_node(node)
+        self.erased.add(node)
 
     def _dense(self, value: fx.Node, before: fx.Node) -> fx.Node:
         if value not in self.dense:
@@ -266,6 +305,27 @@ class _SharedSubgraphs:
             return [self.graph.call_function(operator.getitem, (call, i)) for i in range(outputs)]
 
 
+def _entry_pre(coeffs: fx.Node) -> fx.Node | None:
+    """The ``pre`` that is the only reader of `coeffs`'s H_pre, on the same state, if any."""
+    readers = [
+        reader
+        for getitem in coeffs.users
+        if getitem.target is operator.getitem and getitem.args[1] == 0
+        for reader in getitem.users
+    ]
+    if len(readers) == 1 and readers[0].target is _ops.pre.default:
+        if readers[0].args[0] is coeffs.args[0]:
+            return readers[0]
+    return None
+
+
+def _entry_key(coeffs: fx.Node) -> tuple[str, ...]:
+    """What makes two sites' coefficients the same function of the same operands."""
+    _, *params, spec = coeffs.args
+    shape, dtype = coeffs.meta[COEFFS_STATE]
+    return spec, str(tuple(p is not None for p in params)), str(shape), str(dtype)
+
+
 def _entry(x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, manifold: str):
     h_pre, h_post, h_res = REFERENCE[_COEFFS](x, phi, alpha, bias, manifold)
     return h_pre, h_post, h_res, pre(x, h_pre)
@@ -273,6 +333,11 @@ def _entry(x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, ma
 
 def _merge(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor]:
     return (post_res(x, y, h_post, h_res),)
+
+
+def _boundary(x, y, h_post, h_res, phi, alpha, bias, manifold: str):
+    out = post_res(x, y, h_post, h_res)
+    return (out, *_entry(out, phi, alpha, bias, manifold))
 
 
 def _body(function: Callable, inputs: tuple[str, ...], outputs: int, *constants) -> fx.GraphModule:
@@ -298,6 +363,12 @@ def _coefficients_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
 def _entry_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
     """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``."""
     return _body(_entry, ("x", *_parameters(present)), 4, spec)
+
+
+def _boundary_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
+    """``(x, y, H_post, H_res, [phi, alpha,] bias) -> (X', H_pre', H_post', H_res', u')``."""
+    inputs = ("x", "y", "h_post", "h_res", *_parameters(present))
+    return _body(_boundary, inputs, 5, spec)
 
 
 def _merge_body() -> fx.GraphModule:
