@@ -3,16 +3,17 @@
 Every site does the same mixer work: its entry (``coeffs`` and the ``pre`` that reads its
 H_pre) and its merge (``post_res``). Inlined at every site, that work was traced,
 partitioned, lowered and scheduled again per site, so a converted model's cold compile grew
-several times faster per layer than the plain model's (docs/performance.md). Instead every
-site whose entry is the same function (manifold spec, which of phi/alpha it has) of a state of
-the same shape and dtype calls one shared entry subgraph, and every merge of the same state
-one shared merge subgraph, through PyTorch's ``invoke_subgraph`` higher-order op (what
-``torch.compiler.nested_compile_region`` records): AOTAutograd traces each once, Inductor
-compiles each once, and a site adds a few nodes to the graph. Inside, Inductor fuses the
-entry's reads of the state (the projection's norm, the branch input) and the merge's
-arithmetic; what a shared subgraph gives up is fusing with the branch's first and last ops.
-Sinkhorn's iterations are one op, `hcpass::sinkhorn` (unrolled they made one site's
-coefficients ~685 FX nodes).
+several times faster per layer than the plain model's (docs/performance.md). Instead it goes
+into subgraphs called through PyTorch's ``invoke_subgraph`` higher-order op (what
+``torch.compiler.nested_compile_region`` records), which AOTAutograd traces once and Inductor
+compiles once however many sites call them (`_SharedSubgraphs`): a chain's first entry, each
+boundary between two sites (a merge, then the next site's entry on the merged state: the
+grouping `FuseAcrossSites` gives the CUDA kernels) and the chain's last merge. A site adds a
+call and a few getitems to the graph. Inside, Inductor fuses the boundary's merge with the
+new state's norm; what a subgraph gives up is fusing with the branch's first and last ops
+(the steady step is up to 10 % slower at 8 layers, docs/performance.md). Sinkhorn's
+iterations are one op, `hcpass::sinkhorn` (unrolled they made one site's coefficients ~685
+FX nodes).
 
 Not shared, and lowered inline as before: a site whose state is a channels-last view of an
 NCHW stream (conv nets; the layout Inductor picks for that view is not one a shared subgraph
@@ -126,7 +127,8 @@ class LowerToReference(GraphPass):
 
 
 def _shareable(node: fx.Node) -> bool:
-    if COEFFS_STATE not in node.meta:
+    """Whether a coeffs node's entry -- it and the pre that reads its H_pre -- can be shared."""
+    if COEFFS_STATE not in node.meta or _entry_pre(node) is None:
         return False
     _, *params, spec = node.args
     present = tuple(p is not None for p in params)
@@ -206,13 +208,11 @@ class _SharedSubgraphs:
 
     def site_entry(self, node: fx.Node) -> None:
         x, *params, spec = node.args
-        pre_node = _entry_pre(node)
-        key = ("entry" if pre_node else "coeffs", *_entry_key(node))
         present = tuple(p is not None for p in params)
-        body = functools.partial(_entry_body if pre_node else _coefficients_body, spec, present)
+        body = functools.partial(_entry_body, spec, present)
         operands = [self._dense(x, node), *(p for p in params if p is not None)]
-        outputs = self._call(node, key, body, operands, 4 if pre_node else 3)
-        self._replace_entry(node, pre_node, outputs)
+        outputs = self._call(node, ("entry", *_entry_key(node)), body, operands, 4)
+        self._replace_entry(node, _entry_pre(node), outputs)
 
     def can_merge(self, node: fx.Node) -> bool:
         return (
@@ -248,7 +248,6 @@ class _SharedSubgraphs:
                 user.target is _COEFFS
                 and user.args[0] is merge
                 and _shareable(user)
-                and _entry_pre(user) is not None
                 and all(
                     self.position.get(p, len(self.position)) < self.position[merge]
                     for p in user.args[1:-1]
@@ -258,12 +257,11 @@ class _SharedSubgraphs:
                 return user
         return None
 
-    def _replace_entry(self, node: fx.Node, pre_node: fx.Node | None, outputs: list[fx.Node]):
+    def _replace_entry(self, node: fx.Node, pre_node: fx.Node, outputs: list[fx.Node]) -> None:
         """Point the readers of an entry's coefficients and branch input at `outputs`."""
         getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        if pre_node is not None:
-            pre_node.replace_all_uses_with(outputs[3])
-            self._erase(pre_node)
+        pre_node.replace_all_uses_with(outputs[3])
+        self._erase(pre_node)
         for i, getitem in getitems.items():
             getitem.replace_all_uses_with(outputs[i])
             self._erase(getitem)
@@ -353,11 +351,6 @@ def _parameters(present: tuple[bool, ...]) -> tuple[str, ...]:
     return tuple(
         n if keep else "" for n, keep in zip(("phi", "alpha", "bias"), present, strict=True)
     )
-
-
-def _coefficients_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
-    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res)`` by the reference."""
-    return _body(REFERENCE[_COEFFS], ("x", *_parameters(present)), 3, spec)
 
 
 def _entry_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
