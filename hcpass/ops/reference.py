@@ -34,11 +34,17 @@ def pre(x: Tensor, h_pre: Tensor) -> Tensor:
 
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """New stream state ``X'[i] = sum_j H_res[..., i, j] X[j] + H_post[..., i] * y``."""
+    """New stream state ``X'[i] = sum_j H_res[..., i, j] X[j] + H_post[..., i] * y``.
+
+    Written positions first (``[*pos, i, j, C]`` products, summed over j), so that the
+    gradient AOTAutograd derives for H_res, ``sum_C dX'[i] X[j]``, is a reduction laid out
+    ``[*pos, i, j]``: Inductor's kernel then reads each position's n rows of both states
+    once, where stream-major (``[i, j, *pos]``) it streamed both whole states n^2 times."""
     acc = compute_dtype(x.dtype)
-    mixed = (h_res.to(acc).movedim((-2, -1), (0, 1)).unsqueeze(-1) * x.to(acc).unsqueeze(0)).sum(1)
-    out = mixed + h_post.to(acc).movedim(-1, 0).unsqueeze(-1) * y.to(acc)
-    return out.to(x.dtype).contiguous()
+    streams = x.to(acc).movedim(0, -2)  # [*pos, n, C]
+    mixed = (h_res.to(acc).unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2)
+    out = mixed + h_post.to(acc).unsqueeze(-1) * y.to(acc).unsqueeze(-2)
+    return out.movedim(-2, 0).to(x.dtype).contiguous()
 
 
 def post_res_coeffs_pre(
