@@ -99,25 +99,25 @@ class TestCpuLowering(TestCase):
 contiguous = args_0_streams.contiguous()
 hcpass_entry = self.hcpass_entry
 invoke_subgraph = torch.ops.higher_order.invoke_subgraph(hcpass_entry, 'hcpass_entry', contiguous, a_phi, a_alpha, a_bias)
+getitem_6 = invoke_subgraph[0]
 getitem_7 = invoke_subgraph[1]
 getitem_8 = invoke_subgraph[2]
-getitem_9 = invoke_subgraph[3]
-linear = torch.nn.functional.linear(getitem_9, a.weight, a.bias)
+linear = torch.nn.functional.linear(getitem_8, a.weight, a.bias)
 contiguous_1 = linear.contiguous()
 hcpass_boundary = self.hcpass_boundary
-invoke_subgraph_1 = torch.ops.higher_order.invoke_subgraph(hcpass_boundary, 'hcpass_boundary', contiguous, contiguous_1, getitem_7, getitem_8, b_phi, b_alpha, b_bias)
-getitem_10 = invoke_subgraph_1[0]
-getitem_12 = invoke_subgraph_1[2]
-getitem_13 = invoke_subgraph_1[3]
-getitem_14 = invoke_subgraph_1[4]
-linear_1 = torch.nn.functional.linear(getitem_14, b.weight, b.bias)
-contiguous_2 = getitem_10.contiguous()
+invoke_subgraph_1 = torch.ops.higher_order.invoke_subgraph(hcpass_boundary, 'hcpass_boundary', contiguous, contiguous_1, getitem_6, getitem_7, b_phi, b_alpha, b_bias)
+getitem_9 = invoke_subgraph_1[0]
+getitem_10 = invoke_subgraph_1[1]
+getitem_11 = invoke_subgraph_1[2]
+getitem_12 = invoke_subgraph_1[3]
+linear_1 = torch.nn.functional.linear(getitem_12, b.weight, b.bias)
+contiguous_2 = getitem_9.contiguous()
 contiguous_3 = linear_1.contiguous()
 hcpass_merge = self.hcpass_merge
-invoke_subgraph_2 = torch.ops.higher_order.invoke_subgraph(hcpass_merge, 'hcpass_merge', contiguous_2, contiguous_3, getitem_12, getitem_13)
-getitem_15 = invoke_subgraph_2[0]
-mean = getitem_15.mean(0)
-return (mean, getitem_15)""",
+invoke_subgraph_2 = torch.ops.higher_order.invoke_subgraph(hcpass_merge, 'hcpass_merge', contiguous_2, contiguous_3, getitem_10, getitem_11)
+getitem_13 = invoke_subgraph_2[0]
+mean = getitem_13.mean(0)
+return (mean, getitem_13)""",
         )
 
 

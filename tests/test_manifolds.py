@@ -476,9 +476,9 @@ def test_sinkhorn_op_backward_drops_the_clamp_masks_only_where_none_clamped(
     dtype: torch.dtype, clamped: bool
 ) -> None:
     """The op's backward checks once whether any row or column sum fell below eps and
-    builds the clamp's gradient masks only then; it equals the always-masked (traceable)
-    vjp bit for bit. Clamped: a column of logits 80 below the rest sums to ~1e-34 < eps at
-    the first step, where the mask drops the sum's share of the gradient (finite here)."""
+    builds the clamp's gradient masks only then; it equals the always-masked vjp bit for
+    bit. Clamped: a column of logits 80 below the rest sums to ~1e-34 < eps at the first
+    step, where the mask drops the sum's share of the gradient (finite here)."""
     logits = random_logits(create("sinkhorn", 4), 1.0, dtype, batch=16).unflatten(-1, (4, 4))
     if clamped:
         logits[::2, :, 0] -= 80.0

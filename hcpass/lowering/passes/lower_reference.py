@@ -184,17 +184,17 @@ class _SharedSubgraphs:
     """The shared subgraphs of one graph and the calls that replace its mixer ops.
 
     A chain's first site's entry -- ``coeffs`` and the ``pre`` that reads its H_pre --
-    becomes one call, ``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``. Each boundary
-    between two sites -- site l's merge ``post_res`` and site l+1's entry on the merged state --
-    becomes another, ``(x, y, H_post, H_res, [phi', alpha',] bias') -> (X', H_pre', H_post',
-    H_res', u')``: the merged state is read back from the kernel that writes it, and its
-    gradient from both sites is summed inside the boundary's backward. A merge with no entry
-    after it (the chain's last) is a call ``(x, y, H_post, H_res) -> (X',)``. Merges are shared
-    where their coefficients come from a shared call. Every call of one subgraph passes dense
-    operands (the first site reads its input expanded to n streams, stride 0; a subgraph is
-    traced for one layout), and the coefficients stay ``[*pos, n]`` between calls: flattened,
-    an operand whose size is a product of symbols (``B*T`` under dynamic shapes) fails
-    Inductor's codegen of the subgraph's inputs.
+    becomes one call, ``(x, [phi, alpha,] bias) -> (H_post, H_res, u)`` (H_pre is read only
+    inside). Each boundary between two sites -- site l's merge ``post_res`` and site l+1's
+    entry on the merged state -- becomes another, ``(x, y, H_post, H_res, [phi', alpha',]
+    bias') -> (X', H_post', H_res', u')``: the merged state is read back from the kernel that
+    writes it, and its gradient from both sites is summed inside the boundary's backward. A
+    merge with no entry after it (the chain's last) is a call ``(x, y, H_post, H_res) ->
+    (X',)``. Merges are shared where their coefficients come from a shared call. Every call
+    of one subgraph passes dense operands (the first site reads its input expanded to n
+    streams, stride 0; a subgraph is traced for one layout), and the coefficients stay
+    ``[*pos, n]`` between calls: flattened, an operand whose size is a product of symbols
+    (``B*T`` under dynamic shapes) fails Inductor's codegen of the subgraph's inputs.
     """
 
     def __init__(self, graph: fx.Graph) -> None:
@@ -211,7 +211,7 @@ class _SharedSubgraphs:
         present = tuple(p is not None for p in params)
         body = functools.partial(_entry_body, spec, present)
         operands = [self._dense(x, node), *(p for p in params if p is not None)]
-        outputs = self._call(node, ("entry", *_entry_key(node)), body, operands, 4)
+        outputs = self._call(node, ("entry", *_entry_key(node)), body, operands, 3)
         self._replace_entry(node, _entry_pre(node), outputs)
 
     def can_merge(self, node: fx.Node) -> bool:
@@ -235,7 +235,7 @@ class _SharedSubgraphs:
             key = ("boundary", *key, *_entry_key(entry))
             body = functools.partial(_boundary_body, spec, present)
             operands += [p for p in params if p is not None]
-            out, *outputs = self._call(node, key, body, operands, 5)
+            out, *outputs = self._call(node, key, body, operands, 4)
             self._replace_entry(entry, _entry_pre(entry), outputs)
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
@@ -258,19 +258,19 @@ class _SharedSubgraphs:
         return None
 
     def _replace_entry(self, node: fx.Node, pre_node: fx.Node, outputs: list[fx.Node]) -> None:
-        """Point the readers of an entry's coefficients and branch input at `outputs`."""
-        getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        pre_node.replace_all_uses_with(outputs[3])
+        """Point the readers of an entry's H_post, H_res and branch input at `outputs`; its
+        H_pre's only reader is `pre_node`, replaced with it."""
+        h_post, h_res, u = outputs
+        pre_node.replace_all_uses_with(u)
         self._erase(pre_node)
-        for i, getitem in getitems.items():
-            getitem.replace_all_uses_with(outputs[i])
+        replacement = {1: h_post, 2: h_res}
+        for getitem in [user for user in node.users if user.target is operator.getitem]:
+            if getitem.args[1] in replacement:  # H_pre's lost its only reader above
+                getitem.replace_all_uses_with(replacement[getitem.args[1]])
             self._erase(getitem)
         self._erase(node)
-        for h in outputs[:3]:
-            if h.users:
-                self.coefficients[h] = compute_dtype(node.meta[COEFFS_STATE][1])
-            else:
-                self.graph.erase_node(h)  # H_pre, read only inside the subgraph
+        for h in (h_post, h_res):
+            self.coefficients[h] = compute_dtype(node.meta[COEFFS_STATE][1])
 
     def _erase(self, node: fx.Node) -> None:
         self.graph.erase_node(node)
@@ -326,7 +326,7 @@ def _entry_key(coeffs: fx.Node) -> tuple[str, ...]:
 
 def _entry(x: Tensor, phi: Tensor | None, alpha: Tensor | None, bias: Tensor, manifold: str):
     h_pre, h_post, h_res = REFERENCE[_COEFFS](x, phi, alpha, bias, manifold)
-    return h_pre, h_post, h_res, pre(x, h_pre)
+    return h_post, h_res, pre(x, h_pre)
 
 
 def _merge(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor]:
@@ -354,14 +354,14 @@ def _parameters(present: tuple[bool, ...]) -> tuple[str, ...]:
 
 
 def _entry_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
-    """``(x, [phi, alpha,] bias) -> (H_pre, H_post, H_res, u)``."""
-    return _body(_entry, ("x", *_parameters(present)), 4, spec)
+    """``(x, [phi, alpha,] bias) -> (H_post, H_res, u)``."""
+    return _body(_entry, ("x", *_parameters(present)), 3, spec)
 
 
 def _boundary_body(spec: str, present: tuple[bool, ...]) -> fx.GraphModule:
-    """``(x, y, H_post, H_res, [phi, alpha,] bias) -> (X', H_pre', H_post', H_res', u')``."""
+    """``(x, y, H_post, H_res, [phi, alpha,] bias) -> (X', H_post', H_res', u')``."""
     inputs = ("x", "y", "h_post", "h_res", *_parameters(present))
-    return _body(_boundary, inputs, 5, spec)
+    return _body(_boundary, inputs, 4, spec)
 
 
 def _merge_body() -> fx.GraphModule:
