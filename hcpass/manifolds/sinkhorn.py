@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hcpass.manifolds import register_manifold
+from hcpass.manifolds import _cpp, register_manifold
 from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # Off-diagonal logit of the near-identity init: exp(-8) ~ 3e-4 (the mHC implementations' choice).
@@ -81,16 +81,44 @@ def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int, *, check_clamps: bool
 # `sinkhorn` as ops of their own, so that torch.compile sees one call, not the unrolled
 # iterations: traced on CPU, the 2 * iters normalisations and their backward became two C++
 # kernels of ~1.4k and ~4k lines for Inductor to generate and compile (a third of a converted
-# model's cold compile, docs/performance.md) that ran no faster than these eager kernels,
-# which keep the positions contiguous.
+# model's cold compile, docs/performance.md) that ran no faster than these eager kernels.
+# On CPU the ops run sinkhorn.cpp (the same steps, a block of positions at a time in SIMD
+# lanes); elsewhere, or where it cannot be built, the reference above.
 @torch.library.custom_op("hcpass::sinkhorn", mutates_args=())
 def sinkhorn_op(logits: Tensor, iters: int) -> Tensor:
-    return sinkhorn(logits, iters).contiguous()
+    out = _cpu_kernel(logits, None, iters)
+    return out if out is not None else sinkhorn(logits, iters).contiguous()
 
 
 @torch.library.custom_op("hcpass::sinkhorn_backward", mutates_args=())
 def sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    out = _cpu_kernel(logits, grad, iters)
+    if out is not None:
+        return out
     return sinkhorn_vjp(logits, grad, iters, check_clamps=True).contiguous()
+
+
+_CPU_KERNEL_ARGS = ("const void*", "const void*", "void*", *["int64_t"] * 6)
+
+
+def _cpu_kernel(logits: Tensor, grad: Tensor | None, iters: int) -> Tensor | None:
+    """sinkhorn.cpp's forward (`grad` None) or backward of ``[..., n, n]`` logits on CPU, in
+    `compute_dtype`; None where it does not apply (another device, no kernel)."""
+    if logits.device.type != "cpu":
+        return None
+    kernel = _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS)
+    if kernel is None:
+        return None
+    dtype = compute_dtype(logits.dtype)
+    logits = logits.to(dtype).contiguous()
+    n = logits.shape[-1]
+    out = torch.empty_like(logits)
+    kind = 0 if grad is None else 1
+    grad = logits if grad is None else grad.to(dtype).contiguous()
+    positions = logits.numel() // (n * n) if n else 0
+    double = int(dtype == torch.float64)
+    kernel(logits, grad, out, positions, n, iters, torch.get_num_threads(), kind, double)
+    return out
 
 
 @sinkhorn_op.register_fake

@@ -1,0 +1,128 @@
+"""sinkhorn.cpp, the CPU kernel behind ``hcpass::sinkhorn`` and ``hcpass::sinkhorn_backward``,
+against the PyTorch reference (`sinkhorn`, `sinkhorn_vjp`).
+
+Tolerances: the kernel runs the reference's steps in the same order but divides by a sum as
+a multiplication by its reciprocal (within an ulp per step), and its exp is libm's, not
+ATen's; over 2 * iters steps that stays within 1e-5 relative in fp32 and 1e-12 in fp64.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import Tensor
+
+from hcpass.manifolds import _cpp
+from hcpass.manifolds.sinkhorn import _CPU_KERNEL_ARGS, sinkhorn, sinkhorn_vjp
+
+TOL = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.float64: {"rtol": 1e-12, "atol": 1e-14},
+}
+ops = torch.ops.hcpass
+
+
+def logits_and_grad(shape: tuple[int, ...], dtype: torch.dtype, scale: float = 3.0):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return logits, grad
+
+
+def assert_matches_reference(logits: Tensor, grad: Tensor, iters: int) -> None:
+    out, dlogits = ops.sinkhorn(logits, iters), ops.sinkhorn_backward(logits, grad, iters)
+    tol = TOL[out.dtype]
+    torch.testing.assert_close(out, sinkhorn(logits, iters).contiguous(), **tol)
+    torch.testing.assert_close(dlogits, sinkhorn_vjp(logits, grad, iters).contiguous(), **tol)
+
+
+def test_the_kernel_is_built_on_this_machine() -> None:
+    """Otherwise every comparison below would compare the reference with itself."""
+    assert _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("iters", [1, 7, 20])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_matches_the_reference(n: int, iters: int, dtype: torch.dtype) -> None:
+    # 185 positions: two full blocks of 64 and a partial one
+    assert_matches_reference(*logits_and_grad((5, 37, n, n), dtype), iters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamped_and_underflowed_sums_match_the_reference(dtype: torch.dtype) -> None:
+    """A column 80 below the rest sums to ~1e-34 < eps at the first step: the clamp is
+    active and its share of the gradient dropped. One 1e4 below underflows to 0: its
+    forward is a zero column, its backward NaN in both (the unrolled vjp's known limit,
+    docs/limitations.md)."""
+    logits, grad = logits_and_grad((48, 4, 4), dtype, scale=1.0)
+    logits[::2, :, 0] -= 80.0
+    assert_matches_reference(logits, grad, 20)
+    logits[1::2, :, 1] -= 1e4
+    out, dlogits = ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)
+    torch.testing.assert_close(out, sinkhorn(logits, 20).contiguous(), **TOL[dtype])
+    assert (out[1::2, :, 1] == 0).all() and dlogits[1::2].isnan().all()
+    reference = sinkhorn_vjp(logits, grad, 20)
+    torch.testing.assert_close(dlogits, reference.contiguous(), equal_nan=True, **TOL[dtype])
+
+
+def test_nan_stays_in_its_position() -> None:
+    logits, grad = logits_and_grad((70, 4, 4), torch.float32)
+    logits[66, 1, 2] = float("nan")
+    out, dlogits = ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)
+    assert out[66].isnan().all() and dlogits[66].isnan().all()
+    rest = torch.arange(70) != 66
+    assert out[rest].isfinite().all() and dlogits[rest].isfinite().all()
+    torch.testing.assert_close(out[rest], sinkhorn(logits[rest], 20), **TOL[torch.float32])
+
+
+def test_low_precision_logits_compute_in_fp32() -> None:
+    logits, grad = logits_and_grad((3, 50, 4, 4), torch.bfloat16)
+    out, dlogits = ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)
+    assert out.dtype == dlogits.dtype == torch.float32
+    assert_matches_reference(logits, grad, 20)
+
+
+def test_any_layout_and_no_positions() -> None:
+    logits, grad = logits_and_grad((4, 4, 90), torch.float32)
+    assert_matches_reference(logits.movedim(-1, 0), grad.movedim(-1, 0), 20)  # strided
+    assert_matches_reference(logits[:, :, :1].movedim(-1, 0).expand(9, 4, 4), grad.movedim(-1, 0)[:9].mT, 5)
+    empty = torch.empty(0, 3, 4, 4)
+    assert ops.sinkhorn(empty, 20).shape == ops.sinkhorn_backward(empty, empty, 20).shape
+
+
+def test_threads_do_not_change_the_result() -> None:
+    logits, grad = logits_and_grad((1000, 4, 4), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append((ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_without_the_kernel_the_ops_run_the_reference(monkeypatch, caplog) -> None:
+    """A build failure (no compiler, say) is logged once and the ops fall back."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find a C++ compiler")
+
+    monkeypatch.setattr(_cpp, "_KERNELS", {})
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+    logits, grad = logits_and_grad((10, 4, 4), torch.float32)
+    with caplog.at_level(logging.WARNING, logger="hcpass"):
+        out, dlogits = ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)
+    assert [r.getMessage() for r in caplog.records] == [
+        "hcpass: could not build the C++ kernel sinkhorn.cpp (RuntimeError: Failed to find a "
+        "C++ compiler); its op runs the PyTorch reference on CPU instead, correct but slower"
+    ]
+    torch.testing.assert_close(out, sinkhorn(logits, 20).contiguous(), rtol=0, atol=0)
+    reference = sinkhorn_vjp(logits, grad, 20).contiguous()
+    torch.testing.assert_close(dlogits, reference, rtol=0, atol=0)
