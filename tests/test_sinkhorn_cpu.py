@@ -9,6 +9,8 @@ ATen's; over 2 * iters steps that stays within 1e-5 relative in fp32 and 1e-12 i
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -88,7 +90,9 @@ def test_low_precision_logits_compute_in_fp32() -> None:
 def test_any_layout_and_no_positions() -> None:
     logits, grad = logits_and_grad((4, 4, 90), torch.float32)
     assert_matches_reference(logits.movedim(-1, 0), grad.movedim(-1, 0), 20)  # strided
-    assert_matches_reference(logits[:, :, :1].movedim(-1, 0).expand(9, 4, 4), grad.movedim(-1, 0)[:9].mT, 5)
+    assert_matches_reference(
+        logits[:, :, :1].movedim(-1, 0).expand(9, 4, 4), grad.movedim(-1, 0)[:9].mT, 5
+    )
     empty = torch.empty(0, 3, 4, 4)
     assert ops.sinkhorn(empty, 20).shape == ops.sinkhorn_backward(empty, empty, 20).shape
 
@@ -103,7 +107,7 @@ def test_threads_do_not_change_the_result() -> None:
             results.append((ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)))
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(*results):
+    for one, two in zip(*results, strict=True):
         torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
@@ -126,3 +130,26 @@ def test_without_the_kernel_the_ops_run_the_reference(monkeypatch, caplog) -> No
     torch.testing.assert_close(out, sinkhorn(logits, 20).contiguous(), rtol=0, atol=0)
     reference = sinkhorn_vjp(logits, grad, 20).contiguous()
     torch.testing.assert_close(dlogits, reference, rtol=0, atol=0)
+
+
+def test_a_cpu_trace_builds_the_kernel_in_the_background(monkeypatch) -> None:
+    """The fake kernels start the build, so the compiler runs while the trace goes on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    builders = []
+
+    def build(name, argtypes):
+        builders.append(threading.current_thread().name)
+        return print
+
+    monkeypatch.setattr(_cpp, "_KERNELS", {})
+    monkeypatch.setattr(_cpp, "_PREFETCHING", set())
+    monkeypatch.setattr(_cpp, "_build", build)
+    with FakeTensorMode():
+        ops.sinkhorn_backward(torch.empty(8, 4, 4), torch.empty(8, 4, 4), 20)
+        ops.sinkhorn(torch.empty(8, 4, 4), 20)
+    deadline = time.monotonic() + 60
+    while "sinkhorn.cpp" not in _cpp._KERNELS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is print
+    assert builders == ["hcpass-build-sinkhorn.cpp"]

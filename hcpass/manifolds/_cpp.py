@@ -19,6 +19,7 @@ from hcpass.logs import log
 
 _LOCK = threading.Lock()
 _KERNELS: dict[str, Callable[..., None] | None] = {}
+_PREFETCHING: set[str] = set()
 
 
 def load(name: str, argtypes: Sequence[str]) -> Callable[..., None] | None:
@@ -28,6 +29,19 @@ def load(name: str, argtypes: Sequence[str]) -> Callable[..., None] | None:
         if name not in _KERNELS:
             _KERNELS[name] = _build(name, argtypes)
         return _KERNELS[name]
+
+
+def prefetch(name: str, argtypes: Sequence[str]) -> None:
+    """Start building `name` on a background thread unless it is built or being built: the
+    compiler then runs while a trace goes on (its ops' fake kernels call this), not at the
+    first real call. `load` waits for it."""
+    with _LOCK:
+        if name in _KERNELS or name in _PREFETCHING:
+            return
+        _PREFETCHING.add(name)
+    threading.Thread(
+        target=load, args=(name, argtypes), name=f"hcpass-build-{name}", daemon=True
+    ).start()
 
 
 def _build(name: str, argtypes: Sequence[str]) -> Callable[..., None] | None:

@@ -124,6 +124,8 @@ def _cpu_kernel(logits: Tensor, grad: Tensor | None, iters: int) -> Tensor | Non
 @sinkhorn_op.register_fake
 @sinkhorn_backward_op.register_fake
 def _(logits: Tensor, *args: Any) -> Tensor:
+    if logits.device.type == "cpu":  # a trace that will call the CPU kernel: build it meanwhile
+        _cpp.prefetch("sinkhorn.cpp", _CPU_KERNEL_ARGS)
     return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
 
 
