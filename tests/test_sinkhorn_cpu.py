@@ -113,13 +113,13 @@ def test_threads_do_not_change_the_result() -> None:
 
 def test_without_the_kernel_the_ops_run_the_reference(monkeypatch, caplog) -> None:
     """A build failure (no compiler, say) is logged once and the ops fall back."""
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
+    from torch._inductor.codecache import CppCodeCache
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Failed to find a C++ compiler")
 
     monkeypatch.setattr(_cpp, "_KERNELS", {})
-    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+    monkeypatch.setattr(CppCodeCache, "load", no_compiler)
     logits, grad = logits_and_grad((10, 4, 4), torch.float32)
     with caplog.at_level(logging.WARNING, logger="hcpass"):
         out, dlogits = ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)

@@ -1,12 +1,13 @@
-"""C++ kernels of the manifold ops on CPU, built on first use with Inductor's CPU toolchain:
-the compiler, flags and on-disk cache it builds its own kernels with (a few seconds once,
-then a load from the cache). Not a manifold: nothing here is registered.
+"""C++ kernels of the manifold ops on CPU, built on first use with Inductor's C++ toolchain
+(`CppCodeCache`: the compiler, flags and on-disk cache it builds its own kernels with), then
+loaded from that cache. Not a manifold: nothing here is registered.
 
-A kernel is a ``.cpp`` file in this package defining ``void kernel(...)``; `load` wraps it in
-Inductor's Python bindings, which take tensors for pointer arguments (their data pointers)
-and Python ints for ``int64_t``. Where it cannot be built (no C++ compiler, a torch whose
-Inductor lacks these bindings) `load` says why once, in the ``hcpass`` log, and returns None:
-the op then runs its PyTorch reference.
+A kernel is a ``.cpp`` file in this package defining ``extern "C" void kernel(...)``, called
+through ctypes (pointer arguments as ``tensor.data_ptr()``). It includes no ATen header and
+is built without Inductor's vector-ISA probe, which compiles ATen's vector headers once per
+cache directory (~10 s cold): a build is ~1-2 s, ``-march=native`` still picks the ISA. Where
+it cannot be built (no C++ compiler, a torch without this Inductor API) `load` says why once,
+in the ``hcpass`` log, and returns None: the op then runs its PyTorch reference.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ _KERNELS: dict[str, Callable[..., None] | None] = {}
 _PREFETCHING: set[str] = set()
 
 
-def load(name: str, argtypes: Sequence[str]) -> Callable[..., None] | None:
-    """The ``kernel`` function of ``hcpass/manifolds/<name>``, or None where it cannot be
-    built. `argtypes` are its C++ parameter types, e.g. ``("const void*", "int64_t")``."""
+def load(name: str, argtypes: Sequence[type]) -> Callable[..., None] | None:
+    """The ``kernel`` function of ``hcpass/manifolds/<name>`` taking `argtypes` (ctypes
+    types, e.g. ``(ctypes.c_void_p, ctypes.c_int64)``), or None where it cannot be built."""
     with _LOCK:  # one build per process, whichever thread asks first
         if name not in _KERNELS:
             _KERNELS[name] = _build(name, argtypes)
         return _KERNELS[name]
 
 
-def prefetch(name: str, argtypes: Sequence[str]) -> None:
+def prefetch(name: str, argtypes: Sequence[type]) -> None:
     """Start building `name` on a background thread unless it is built or being built: the
     compiler then runs while a trace goes on (its ops' fake kernels call this), not at the
     first real call. `load` waits for it."""
@@ -39,17 +40,21 @@ def prefetch(name: str, argtypes: Sequence[str]) -> None:
         if name in _KERNELS or name in _PREFETCHING:
             return
         _PREFETCHING.add(name)
-    threading.Thread(
-        target=load, args=(name, argtypes), name=f"hcpass-build-{name}", daemon=True
-    ).start()
+    thread = threading.Thread(target=load, args=(name, argtypes), name=f"hcpass-build-{name}")
+    thread.daemon = True
+    thread.start()
 
 
-def _build(name: str, argtypes: Sequence[str]) -> Callable[..., None] | None:
+def _build(name: str, argtypes: Sequence[type]) -> Callable[..., None] | None:
     source = resources.files(__package__).joinpath(name).read_text()
     try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
+        from torch._inductor.codecache import CppCodeCache
 
-        return CppPythonBindingsCodeCache.load_pybinding(list(argtypes), source)
+        try:
+            library = CppCodeCache.load(source, needs_vec_isa=False)
+        except TypeError:  # an Inductor without the flag: it probes the ISA first, once
+            library = CppCodeCache.load(source)
+        kernel = library.kernel
     except Exception as error:  # noqa: BLE001 -- any failure to build means: use the reference
         log.warning(
             "hcpass: could not build the C++ kernel %s (%s: %s); its op runs the PyTorch "
@@ -59,3 +64,6 @@ def _build(name: str, argtypes: Sequence[str]) -> Callable[..., None] | None:
             str(error).splitlines()[0] if str(error) else "",
         )
         return None
+    kernel.argtypes = list(argtypes)
+    kernel.restype = None
+    return kernel

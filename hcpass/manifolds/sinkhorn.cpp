@@ -156,7 +156,7 @@ void backward(const T* logits, const T* grad, T* out, int64_t positions, int64_t
 
 // `logits` and `grad` are [positions, n, n] and contiguous, `out` likewise; `grad` is read
 // only by the backward. kind: 0 forward, 1 backward; double_precision: 0 fp32, 1 fp64.
-void kernel(const void* logits, const void* grad, void* out, int64_t positions, int64_t n,
+extern "C" void kernel(const void* logits, const void* grad, void* out, int64_t positions, int64_t n,
             int64_t iters, int64_t threads, int64_t kind, int64_t double_precision) {
   if (double_precision) {
     auto l = static_cast<const double*>(logits);

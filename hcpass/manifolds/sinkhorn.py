@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -98,7 +99,7 @@ def sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     return sinkhorn_vjp(logits, grad, iters, check_clamps=True).contiguous()
 
 
-_CPU_KERNEL_ARGS = ("const void*", "const void*", "void*", *["int64_t"] * 6)
+_CPU_KERNEL_ARGS = (*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 6)
 
 
 def _cpu_kernel(logits: Tensor, grad: Tensor | None, iters: int) -> Tensor | None:
@@ -115,9 +116,9 @@ def _cpu_kernel(logits: Tensor, grad: Tensor | None, iters: int) -> Tensor | Non
     out = torch.empty_like(logits)
     kind = 0 if grad is None else 1
     grad = logits if grad is None else grad.to(dtype).contiguous()
-    positions = logits.numel() // (n * n) if n else 0
+    pointers = (logits.data_ptr(), grad.data_ptr(), out.data_ptr())
     double = int(dtype == torch.float64)
-    kernel(logits, grad, out, positions, n, iters, torch.get_num_threads(), kind, double)
+    kernel(*pointers, logits.numel() // (n * n), n, iters, torch.get_num_threads(), kind, double)
     return out
 
 
