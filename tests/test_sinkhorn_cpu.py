@@ -9,6 +9,8 @@ ATen's; over 2 * iters steps that stays within 1e-5 relative in fp32 and 1e-12 i
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -153,3 +155,18 @@ def test_a_cpu_trace_builds_the_kernel_in_the_background(monkeypatch) -> None:
         time.sleep(0.01)
     assert _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is print
     assert builders == ["hcpass-build-sinkhorn.cpp"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_inherit_a_held_build_lock(monkeypatch) -> None:
+    """Forked while another thread builds a kernel (holding the lock), a child that calls
+    the op must not wait for a build that does not exist in it."""
+    monkeypatch.setattr(_cpp, "_KERNELS", {})
+    monkeypatch.setattr(_cpp, "_build", lambda name, argtypes: print)
+    with _cpp._LOCK:
+        pid = os.fork()
+        if pid == 0:  # the child: an alarm turns a deadlock into a failure
+            signal.alarm(20)
+            os._exit(0 if _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is print else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -12,6 +12,7 @@ in the ``hcpass`` log, and returns None: the op then runs its PyTorch reference.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -21,6 +22,18 @@ from hcpass.logs import log
 _LOCK = threading.Lock()
 _KERNELS: dict[str, Callable[..., None] | None] = {}
 _PREFETCHING: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) has none of the parent's threads: a build that
+    was running there never finishes here, and the lock it held would stay held."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    _PREFETCHING.intersection_update(_KERNELS)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def load(name: str, argtypes: Sequence[type]) -> Callable[..., None] | None:
