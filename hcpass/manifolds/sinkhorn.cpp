@@ -152,21 +152,21 @@ void backward(const T* logits, const T* grad, T* out, int64_t positions, int64_t
   }
 }
 
+template <typename T>
+void run(const void* logits, const void* grad, void* out, int64_t positions, int64_t n,
+         int64_t iters, int64_t threads, int64_t kind) {
+  auto l = static_cast<const T*>(logits);
+  auto o = static_cast<T*>(out);
+  if (kind == 0) forward(l, o, positions, n, iters, threads);
+  else backward(l, static_cast<const T*>(grad), o, positions, n, iters, threads);
+}
+
 }  // namespace
 
 // `logits` and `grad` are [positions, n, n] and contiguous, `out` likewise; `grad` is read
 // only by the backward. kind: 0 forward, 1 backward; double_precision: 0 fp32, 1 fp64.
 extern "C" void kernel(const void* logits, const void* grad, void* out, int64_t positions, int64_t n,
             int64_t iters, int64_t threads, int64_t kind, int64_t double_precision) {
-  if (double_precision) {
-    auto l = static_cast<const double*>(logits);
-    auto o = static_cast<double*>(out);
-    if (kind == 0) forward(l, o, positions, n, iters, threads);
-    else backward(l, static_cast<const double*>(grad), o, positions, n, iters, threads);
-  } else {
-    auto l = static_cast<const float*>(logits);
-    auto o = static_cast<float*>(out);
-    if (kind == 0) forward(l, o, positions, n, iters, threads);
-    else backward(l, static_cast<const float*>(grad), o, positions, n, iters, threads);
-  }
+  if (double_precision) run<double>(logits, grad, out, positions, n, iters, threads, kind);
+  else run<float>(logits, grad, out, positions, n, iters, threads, kind);
 }

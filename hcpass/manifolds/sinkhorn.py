@@ -89,7 +89,9 @@ def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int, *, check_clamps: bool
 @torch.library.custom_op("hcpass::sinkhorn", mutates_args=())
 def sinkhorn_op(logits: Tensor, iters: int) -> Tensor:
     out = _cpu_kernel(logits, None, iters)
-    return out if out is not None else sinkhorn(logits, iters).contiguous()
+    if out is not None:
+        return out
+    return sinkhorn(logits, iters).contiguous()
 
 
 @torch.library.custom_op("hcpass::sinkhorn_backward", mutates_args=())
