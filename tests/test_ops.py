@@ -12,7 +12,8 @@ from op_inputs import boundary_inputs, coeffs_inputs, stream_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hcpass  # noqa: F401  (defines the ops)
-from hcpass.ops import batched, reference
+from hcpass import native
+from hcpass.ops import batched, reference, streams
 
 OPS = torch.ops.hcpass
 
@@ -93,22 +94,35 @@ def test_opcheck(case):
 
 
 # ------------------------------------------------------------- eager kernels vs reference
-# Per dtype: the two sum the same products in a different order (bf16 streams accumulate in
-# fp32 and round once at the end, so they differ by at most one bf16 rounding).
+# The stream ops' CPU kernels: `streams` (the C++ kernel the ops run) and `batched` (its
+# PyTorch fallback). Per dtype: they sum the same products as the reference in another order
+# (bf16 streams accumulate in fp32 and round once at the end, so they differ by at most one
+# bf16 rounding).
 BATCHED_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}
 STREAM_OPS = ("pre", "pre_backward", "post_res", "post_res_backward")
+KERNELS = {"streams": streams, "batched": batched}
 
 
+def test_the_stream_kernel_is_built_on_this_machine():
+    """Otherwise the `streams` cases below would test the fallback twice."""
+    assert native.load(streams.KERNEL, streams.KERNEL_ARGS) is not None
+
+
+def _outputs(result) -> tuple:
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
+@pytest.mark.parametrize("kernels", sorted(KERNELS))
 @pytest.mark.parametrize("dtype", sorted(BATCHED_TOL, key=str), ids=str)
 @pytest.mark.parametrize(
-    "n, pos, C", [(1, (3,), 5), (2, (), 4), (4, (2, 3), 8), (4, (2, 3, 4), 16), (4, (0, 3), 8)]
+    "n, pos, C",
+    [(1, (3,), 5), (2, (), 4), (4, (2, 3), 8), (4, (2, 3, 4), 16), (4, (0, 3), 8), (3, (5,), 0)],
 )
 @pytest.mark.parametrize("op", STREAM_OPS)
-def test_batched_kernels_match_the_reference(op, n, pos, C, dtype):
+def test_cpu_kernels_match_the_reference(op, n, pos, C, dtype, kernels):
     args = stream_inputs(op, n, pos, C, dtype)
-    want, got = getattr(reference, op)(*args), getattr(batched, op)(*args)
-    want, got = (want,) if isinstance(want, torch.Tensor) else want, got
-    got = (got,) if isinstance(got, torch.Tensor) else got
+    want = _outputs(getattr(reference, op)(*args))
+    got = _outputs(getattr(KERNELS[kernels], op)(*args))
     for w, g in zip(want, got, strict=True):
         assert (g.shape, g.dtype) == (w.shape, w.dtype)
         assert g.is_contiguous()
@@ -117,24 +131,52 @@ def test_batched_kernels_match_the_reference(op, n, pos, C, dtype):
 
 
 # Stream states the kernels must read whatever their layout: a chain's first site reads its
-# input expanded to n streams (stride 0, not a BLAS matrix per position), and a state can be
-# a view of a positions-first ``[*pos, n, C]`` tensor.
+# input expanded to n streams (stride 0, not a BLAS matrix per position), a state can be a
+# view of a positions-first ``[*pos, n, C]`` tensor, and a gradient can be broadcast over
+# positions (stride 0) or have its channels strided.
 STATE_LAYOUTS = {
     "expanded": lambda x: x[:1].expand(x.shape),
     "positions-first": lambda x: x.movedim(0, -2).contiguous().movedim(-2, 0),
+    "broadcast-positions": lambda x: x[:, :1, :1].expand(x.shape),
+    "channels-strided": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2),
 }
 
 
+@pytest.mark.parametrize("kernels", sorted(KERNELS))
 @pytest.mark.parametrize("layout", sorted(STATE_LAYOUTS))
 @pytest.mark.parametrize("op", STREAM_OPS)
-def test_batched_kernels_read_any_state_layout(op, layout):
+def test_cpu_kernels_read_any_state_layout(op, layout, kernels):
     args = stream_inputs(op, 4, (2, 3), 8, torch.float32)
     state = args[1] if op == "pre_backward" else args[0]
     # every n-stream state argument (x, and grad_out of post_res_backward) in that layout
     args = tuple(STATE_LAYOUTS[layout](a) if a.shape == state.shape else a for a in args)
-    want, got = getattr(reference, op)(*args), getattr(batched, op)(*args)
-    want, got = (want,) if isinstance(want, torch.Tensor) else want, got
-    got = (got,) if isinstance(got, torch.Tensor) else got
+    want = _outputs(getattr(reference, op)(*args))
+    got = _outputs(getattr(KERNELS[kernels], op)(*args))
     for w, g in zip(want, got, strict=True):
         assert g.is_contiguous()
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("op", STREAM_OPS)
+def test_without_the_stream_kernel_the_ops_run_batched(op, monkeypatch):
+    """Where streams.cpp cannot be built (`native.load` gives None), the ops run `batched`."""
+    args = stream_inputs(op, 4, (2, 3), 8, torch.float32)
+    monkeypatch.setattr(native, "_KERNELS", {streams.KERNEL: None})
+    got = _outputs(getattr(OPS, op)(*args))
+    for w, g in zip(_outputs(getattr(batched, op)(*args)), got, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_threads_do_not_change_the_stream_kernel_results():
+    """Each position is one thread's: the same sums in the same order at any thread count."""
+    args = stream_inputs("post_res_backward", 4, (64, 33), 24, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(streams.post_res_backward(*args) + (streams.post_res(*args[1:]),))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from hcpass.manifolds import _cpp
-from hcpass.manifolds.sinkhorn import _CPU_KERNEL_ARGS, sinkhorn, sinkhorn_vjp
+from hcpass import native
+from hcpass.manifolds.sinkhorn import _CPU_KERNEL, _CPU_KERNEL_ARGS, sinkhorn, sinkhorn_vjp
 
 TOL = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
@@ -44,7 +44,7 @@ def assert_matches_reference(logits: Tensor, grad: Tensor, iters: int) -> None:
 
 def test_the_kernel_is_built_on_this_machine() -> None:
     """Otherwise every comparison below would compare the reference with itself."""
-    assert _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is not None
+    assert native.load(_CPU_KERNEL, _CPU_KERNEL_ARGS) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -120,14 +120,14 @@ def test_without_the_kernel_the_ops_run_the_reference(monkeypatch, caplog) -> No
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Failed to find a C++ compiler")
 
-    monkeypatch.setattr(_cpp, "_KERNELS", {})
+    monkeypatch.setattr(native, "_KERNELS", {})
     monkeypatch.setattr(CppCodeCache, "load", no_compiler)
     logits, grad = logits_and_grad((10, 4, 4), torch.float32)
     with caplog.at_level(logging.WARNING, logger="hcpass"):
         out, dlogits = ops.sinkhorn(logits, 20), ops.sinkhorn_backward(logits, grad, 20)
     assert [r.getMessage() for r in caplog.records] == [
-        "hcpass: could not build the C++ kernel sinkhorn.cpp (RuntimeError: Failed to find a "
-        "C++ compiler); its op runs the PyTorch reference on CPU instead, correct but slower"
+        "hcpass: could not build the C++ kernel manifolds/sinkhorn.cpp (RuntimeError: Failed to "
+        "find a C++ compiler); its ops run in PyTorch on CPU instead, correct but slower"
     ]
     torch.testing.assert_close(out, sinkhorn(logits, 20).contiguous(), rtol=0, atol=0)
     reference = sinkhorn_vjp(logits, grad, 20).contiguous()
@@ -144,29 +144,29 @@ def test_a_cpu_trace_builds_the_kernel_in_the_background(monkeypatch) -> None:
         builders.append(threading.current_thread().name)
         return print
 
-    monkeypatch.setattr(_cpp, "_KERNELS", {})
-    monkeypatch.setattr(_cpp, "_PREFETCHING", set())
-    monkeypatch.setattr(_cpp, "_build", build)
+    monkeypatch.setattr(native, "_KERNELS", {})
+    monkeypatch.setattr(native, "_PREFETCHING", set())
+    monkeypatch.setattr(native, "_build", build)
     with FakeTensorMode():
         ops.sinkhorn_backward(torch.empty(8, 4, 4), torch.empty(8, 4, 4), 20)
         ops.sinkhorn(torch.empty(8, 4, 4), 20)
     deadline = time.monotonic() + 60
-    while "sinkhorn.cpp" not in _cpp._KERNELS and time.monotonic() < deadline:
+    while _CPU_KERNEL not in native._KERNELS and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is print
-    assert builders == ["hcpass-build-sinkhorn.cpp"]
+    assert native.load(_CPU_KERNEL, _CPU_KERNEL_ARGS) is print
+    assert builders == ["hcpass-build-manifolds/sinkhorn.cpp"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_inherit_a_held_build_lock(monkeypatch) -> None:
     """Forked while another thread builds a kernel (holding the lock), a child that calls
     the op must not wait for a build that does not exist in it."""
-    monkeypatch.setattr(_cpp, "_KERNELS", {})
-    monkeypatch.setattr(_cpp, "_build", lambda name, argtypes: print)
-    with _cpp._LOCK:
+    monkeypatch.setattr(native, "_KERNELS", {})
+    monkeypatch.setattr(native, "_build", lambda name, argtypes: print)
+    with native._LOCK:
         pid = os.fork()
         if pid == 0:  # the child: an alarm turns a deadlock into a failure
             signal.alarm(20)
-            os._exit(0 if _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS) is print else 1)
+            os._exit(0 if native.load(_CPU_KERNEL, _CPU_KERNEL_ARGS) is print else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hcpass.manifolds import _cpp, register_manifold
+from hcpass import native
+from hcpass.manifolds import register_manifold
 from hcpass.manifolds.base import MIXED_DIAGONAL, Manifold, compute_dtype
 
 # Off-diagonal logit of the near-identity init: exp(-8) ~ 3e-4 (the mHC implementations' choice).
@@ -102,6 +103,7 @@ def sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     return sinkhorn_vjp(logits, grad, iters, check_clamps=True).contiguous()
 
 
+_CPU_KERNEL = "manifolds/sinkhorn.cpp"
 _CPU_KERNEL_ARGS = (*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 6)
 
 
@@ -110,7 +112,7 @@ def _cpu_kernel(logits: Tensor, grad: Tensor | None, iters: int) -> Tensor | Non
     `compute_dtype`; None where it does not apply (another device, no kernel)."""
     if logits.device.type != "cpu":
         return None
-    kernel = _cpp.load("sinkhorn.cpp", _CPU_KERNEL_ARGS)
+    kernel = native.load(_CPU_KERNEL, _CPU_KERNEL_ARGS)
     if kernel is None:
         return None
     dtype = compute_dtype(logits.dtype)
@@ -129,7 +131,7 @@ def _cpu_kernel(logits: Tensor, grad: Tensor | None, iters: int) -> Tensor | Non
 @sinkhorn_backward_op.register_fake
 def _(logits: Tensor, *args: Any) -> Tensor:
     if logits.device.type == "cpu":  # a trace that will call the CPU kernel: build it meanwhile
-        _cpp.prefetch("sinkhorn.cpp", _CPU_KERNEL_ARGS)
+        native.prefetch(_CPU_KERNEL, _CPU_KERNEL_ARGS)
     return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
 
 

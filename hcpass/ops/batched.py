@@ -1,5 +1,5 @@
-"""The stream ops' eager CPU kernels: the per-position n x n mixes as n (or n^2) products of
-contiguous ``[P, C]`` slabs.
+"""The stream ops' eager CPU kernels in PyTorch, where `streams`' C++ kernel cannot be built:
+the per-position n x n mixes as n (or n^2) products of contiguous ``[P, C]`` slabs.
 
 Same signatures and results as `hcpass.ops.reference` (tests/test_ops.py compares them over
 shapes, dtypes and layouts). The reference writes each mix as a broadcast product and a sum,

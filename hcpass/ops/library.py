@@ -1,9 +1,9 @@
 """The ``hcpass::`` custom ops: one schema, a CPU kernel, fake kernels, autograd.
 
 The CPU kernels are the references (`reference`), except the stream ops (``pre``,
-``post_res`` and their backward), which accumulate each stream from contiguous per-stream
-slabs (`batched`): eagerly, the references' broadcast products would be materialised at n^2
-times the state.
+``post_res`` and their backward), which run `streams` (a C++ kernel, one pass over the
+positions; `batched` where it cannot be built): eagerly, the references' broadcast products
+would be materialised at n^2 times the state.
 
 Forward and backward are separate ops so a back end can replace each (the CUDA path
 registers generated Triton kernels for all of them); autograd wires them together.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hcpass.manifolds.base import compute_dtype
-from hcpass.ops import batched, reference
+from hcpass.ops import reference, streams
 
 _F = TypeVar("_F", bound=Callable[..., tuple[Tensor, ...]])
 
@@ -43,12 +43,12 @@ def _without_autocast(fn: _F) -> _F:
 _coeffs_ref = _without_autocast(reference.coeffs)
 _coeffs_backward_ref = _without_autocast(reference.coeffs_backward)
 _post_res_coeffs_pre_ref = _without_autocast(reference.post_res_coeffs_pre)
-# The batched kernels' matmuls would be autocast to bf16 too (the references' broadcast
+# The batched fallback's matmuls would be autocast to bf16 too (the references' broadcast
 # products are not on autocast's list); they accumulate in fp32 by contract.
-_pre_cpu = _without_autocast(batched.pre)
-_pre_backward_cpu = _without_autocast(batched.pre_backward)
-_post_res_cpu = _without_autocast(batched.post_res)
-_post_res_backward_cpu = _without_autocast(batched.post_res_backward)
+_pre_cpu = _without_autocast(streams.pre)
+_pre_backward_cpu = _without_autocast(streams.pre_backward)
+_post_res_cpu = _without_autocast(streams.post_res)
+_post_res_backward_cpu = _without_autocast(streams.post_res_backward)
 
 
 @torch.library.custom_op("hcpass::coeffs", mutates_args=())

@@ -1,13 +1,14 @@
-"""C++ kernels of the manifold ops on CPU, built on first use with Inductor's C++ toolchain
+"""The C++ kernels of hcpass ops on CPU (``hcpass/manifolds/sinkhorn.cpp``,
+``hcpass/ops/streams.cpp``), built on first use with Inductor's C++ toolchain
 (`CppCodeCache`: the compiler, flags and on-disk cache it builds its own kernels with), then
-loaded from that cache. Not a manifold: nothing here is registered.
+loaded from that cache.
 
-A kernel is a ``.cpp`` file in this package defining ``extern "C" void kernel(...)``, called
+A kernel is a ``.cpp`` file of the package defining ``extern "C" void kernel(...)``, called
 through ctypes (pointer arguments as ``tensor.data_ptr()``). It includes no ATen header and
 is built without Inductor's vector-ISA probe, which compiles ATen's vector headers once per
 cache directory (~10 s cold): a build is ~1-2 s, ``-march=native`` still picks the ISA. Where
 it cannot be built (no C++ compiler, a torch without this Inductor API) `load` says why once,
-in the ``hcpass`` log, and returns None: the op then runs its PyTorch reference.
+in the ``hcpass`` log, and returns None: its ops then run in PyTorch.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def load(name: str, argtypes: Sequence[type]) -> Callable[..., None] | None:
-    """The ``kernel`` function of ``hcpass/manifolds/<name>`` taking `argtypes` (ctypes
-    types, e.g. ``(ctypes.c_void_p, ctypes.c_int64)``), or None where it cannot be built."""
+    """The ``kernel`` function of ``hcpass/<name>`` (``"ops/streams.cpp"``) taking `argtypes`
+    (ctypes types, e.g. ``(ctypes.c_void_p, ctypes.c_int64)``), or None where it cannot be
+    built."""
     with _LOCK:  # one build per process, whichever thread asks first
         if name not in _KERNELS:
             _KERNELS[name] = _build(name, argtypes)
@@ -59,7 +61,7 @@ def prefetch(name: str, argtypes: Sequence[type]) -> None:
 
 
 def _build(name: str, argtypes: Sequence[type]) -> Callable[..., None] | None:
-    source = resources.files(__package__).joinpath(name).read_text()
+    source = resources.files(__package__).joinpath(*name.split("/")).read_text()
     try:
         from torch._inductor.codecache import CppCodeCache
 
@@ -68,10 +70,10 @@ def _build(name: str, argtypes: Sequence[type]) -> Callable[..., None] | None:
         except TypeError:  # an Inductor without the flag: it probes the ISA first, once
             library = CppCodeCache.load(source)
         kernel = library.kernel
-    except Exception as error:  # noqa: BLE001 -- any failure to build means: use the reference
+    except Exception as error:  # noqa: BLE001 -- any failure to build means: run in PyTorch
         log.warning(
-            "hcpass: could not build the C++ kernel %s (%s: %s); its op runs the PyTorch "
-            "reference on CPU instead, correct but slower",
+            "hcpass: could not build the C++ kernel %s (%s: %s); its ops run in PyTorch on "
+            "CPU instead, correct but slower",
             name,
             type(error).__name__,
             str(error).splitlines()[0] if str(error) else "",
