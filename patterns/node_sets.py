@@ -145,6 +145,55 @@ def is_convolution(node: fx.Node) -> bool:
     return calls_one_of(node, CONVOLUTIONS)
 
 
+def written_into(node: fx.Node) -> fx.Node | None:
+    """The node whose tensor `node` writes into: the first argument of an in-place op
+    (`mutates_first_arg`) or of an item assignment (``x[i] = y``, ``operator.setitem``)."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, fx.Node):
+        return None
+    writes = mutates_first_arg(node) or (
+        node.op == "call_function" and node.target is operator.setitem
+    )
+    return target if writes else None
+
+
+def alias_path(node: fx.Node) -> list[fx.Node]:
+    """`node`, then each node whose tensor `node`'s may share memory with, back to the one
+    that made it: through views (`VIEWS`) and writes (`written_into`), which return the
+    tensor they write."""
+    path = [node]
+    while True:
+        source = written_into(node)
+        if source is None and is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+        if source is None:
+            return path
+        node = source
+        path.append(node)
+
+
+def aliases_input_or_view(node: fx.Node) -> bool:
+    """Whether writing into `node`'s tensor may write into a graph input or through a view
+    into another tensor (`alias_path`)."""
+    path = alias_path(node)
+    return path[-1].op == "placeholder" or any(is_view(n) for n in path)
+
+
+def written_through_views(graph: fx.Graph) -> frozenset[fx.Node]:
+    """The nodes that made a tensor which some op writes into through a view or by item
+    assignment (``x[..., :k] += y``, ``x[mask] = 0``): the write lands in the tensor, but no
+    later reader of it depends on the write in the graph."""
+    written = set()
+    for node in graph.nodes:
+        target = written_into(node)
+        if target is None:
+            continue
+        path = alias_path(target)
+        if node.target is operator.setitem or any(is_view(n) for n in path):
+            written.add(path[-1])
+    return frozenset(written)
+
+
 def mutates_first_arg(node: fx.Node) -> bool:
     """Whether `node` writes into its first argument: ``operator.iadd`` (how Dynamo records
     ``x += y``), a trailing-underscore method (``x.add_(y)``; not a dunder such as

@@ -26,11 +26,13 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hcpass.patterns.node_sets import (
+    alias_path,
+    aliases_input_or_view,
     is_cast,
     is_convolution,
     is_stream_op,
-    is_view,
     mutates_first_arg,
+    written_through_views,
 )
 from hcpass.patterns.residual_add import AddMatch, match_residual_add
 from hcpass.patterns.result import Match, Skip
@@ -110,6 +112,7 @@ class _Graph:
     def __init__(self, graph: fx.Graph) -> None:
         self.nodes = list(graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.written_through_views = written_through_views(graph)
         self.ancestors: list[int] = []
         for node in self.nodes:
             bits = 0
@@ -137,7 +140,7 @@ def normalize_inplace(graph: fx.Graph) -> None:
         if not (mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node)):
             continue
         target = node.args[0]
-        if target.op == "placeholder" or is_view(target):
+        if aliases_input_or_view(target):
             continue
         for user in list(target.users):
             if user is not node and position[user] > position[node]:
@@ -303,8 +306,14 @@ def _build(
 ) -> Match[_Found] | Skip:
     if stream is found.rhs and found.alpha != 1.0:
         return Skip(f"torch.add(..., alpha={found.alpha}) scales the stream, not the branch")
-    if found.inplace and (found.lhs.op == "placeholder" or is_view(found.lhs)):
+    if found.inplace and aliases_input_or_view(found.lhs):
         return Skip("in-place add mutates a graph input or a view")
+    if any(alias_path(n)[-1] in g.written_through_views for n in (stream, read, *lifted)):
+        return Skip(
+            "the stream is also written in place through a view or by item assignment "
+            "(x[..., :k] += y, x[i] = y): the rewrite cannot order its reads of the streams "
+            "with that write"
+        )
     value = _tensor(stream)
     if value.dim() < 2:
         return Skip("stream has no batch dimension (rank < 2)")
