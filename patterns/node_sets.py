@@ -49,9 +49,11 @@ ACTIVATIONS = frozenset(
     }
 )
 
-# A mask drawn per element never mixes batch elements, so folding the streams into the
-# batch only gives each stream masks of its own.
-DROPOUTS = frozenset({F.dropout, torch.dropout, F.alpha_dropout})
+# Dropout on the stream between sites multiplies it by a mask: lifted, one mask scales all
+# n streams (`hcpass.rewrite.chains`), so their mean is dropped as the original stream is.
+# Alpha dropout is not a mask product (dropped values become a constant): not lifted, the
+# chain ends there.
+DROPOUTS = frozenset({F.dropout, torch.dropout})
 
 # Dtype conversions. Besides sitting between sites, a cast may stand between a chain's input
 # and its first add: Mamba's ``residual = x.to(torch.float32)`` keeps the residual in fp32
@@ -131,6 +133,10 @@ def target_name(node: fx.Node) -> str:
 
 def is_stream_op(node: fx.Node) -> bool:
     return calls_one_of(node, STREAM_OPS)
+
+
+def is_dropout(node: fx.Node) -> bool:
+    return calls_one_of(node, DROPOUTS)
 
 
 def is_cast(node: fx.Node) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from expecttest import TestCase
@@ -234,3 +236,38 @@ post_res_default_1 = torch.ops.hcpass.post_res.default(getitem_6, linear_1, geti
 mean = post_res_default_1.mean(0)
 return (post_res_default_1, mean)""",
         )
+
+
+class DropoutOnTheStream(nn.Module):
+    """``x = drop(x + f(x))``: the dropout is lifted onto the streams between sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fs = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        for f in self.fs:
+            x = self.drop(x + f(x))
+        return x
+
+
+def test_dropout_on_the_stream_drops_every_stream_with_one_mask():
+    """One mask for all n streams, drawn like the original's: in training, with the same
+    seed, the converted model computes what the original does (a mask per stream would
+    average n masks: the same mean, less noise)."""
+    torch.manual_seed(0)
+    model = DropoutOnTheStream()
+    original = copy.deepcopy(model)
+    x = torch.randn(4, 5, 8)
+    converted = hcpass.convert(model, (x,), streams=4).train()
+    assert [s.status for s in converted.report.sites] == ["rewritten"] * 3
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    out = converted(mine)
+    torch.manual_seed(1)
+    want = original(theirs)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)

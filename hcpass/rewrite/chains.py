@@ -13,7 +13,8 @@ Per chain (stream-major ``X[n, *x.shape]``, docs/math.md):
   ``h_pre, h_post, h_res = hcpass.coeffs(R, ...)``, the branch reads ``u = hcpass.pre(R, h_pre)``
   instead of r, and the add becomes ``hcpass.post_res(S, alpha*y, h_post, h_res)``, with S
   and y cast to the add's result dtype where it differs from theirs (type promotion);
-- a lifted per-position op g becomes ``g(X.flatten(0, 1)).unflatten(0, (n, -1))``;
+- a lifted per-position op g becomes ``g(X.flatten(0, 1)).unflatten(0, (n, -1))``, a lifted
+  dropout ``X * dropout(ones_like(x))`` (one mask for every stream);
 - anything else that reads a stream value (the chain's consumers, a list of hidden states)
   reads the collapsed stream ``X.mean(0)``.
 Branch nodes shared by two sites (the norm of a parallel block) are copied so each site's
@@ -31,6 +32,7 @@ from torch import fx
 import hcpass.ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.frontend.regions import region_of
 from hcpass.frontend.sites import Chain, Site, SiteAnalysis
+from hcpass.patterns.node_sets import is_dropout
 from hcpass.rewrite.base import (
     BranchRewirer,
     Cursor,
@@ -209,10 +211,18 @@ class _Rewriter:
 
     def _lift(self, op: fx.Node, stream: fx.Node, streams: int) -> fx.Node:
         cursor = Cursor(self.graph, op, region_of(op))
-        folded = cursor.call("call_method", "flatten", (stream, 0, 1))
         # In-place variants would write into a stream tensor other nodes still read.
         kwargs = {**op.kwargs, "inplace": False} if "inplace" in op.kwargs else dict(op.kwargs)
         target = op.target.rstrip("_") if op.op == "call_method" else op.target
+        if is_dropout(op):
+            # One mask for every stream, drawn as the original draws its own (one stream's
+            # shape: the same random numbers), so the streams' mean is dropped exactly as the
+            # original stream is; a mask per stream would average n masks (less noise).
+            one_stream = cursor.call("call_method", "select", (stream, 0, 0))
+            ones = cursor.call("call_function", torch.ones_like, (one_stream,))
+            mask = cursor.call(op.op, target, (ones, *op.args[1:]), kwargs)
+            return cursor.call("call_function", operator.mul, (stream, mask))
+        folded = cursor.call("call_method", "flatten", (stream, 0, 1))
         applied = cursor.call(op.op, target, (folded, *op.args[1:]), kwargs)
         return cursor.call("call_method", "unflatten", (applied, 0, (streams, -1)))
 
