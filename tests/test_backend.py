@@ -410,3 +410,65 @@ def test_dynamic_true_specialises_the_channels_and_matches_eager_at_every_length
             torch.testing.assert_close(compiled(x), converted(x), rtol=1e-5, atol=1e-5)
             compiled_first = compiled_first or len(graphs)
     assert len(graphs) == compiled_first  # no recompile for a new length
+
+
+class MaskedBlocks(torch.nn.Module):
+    """The chain starts at ``x * mask``, the mask passed by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(models.tiny_block(16) for _ in range(2))
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask.unsqueeze(-1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_graph_inductor_cannot_compile_shared_is_compiled_inlined(monkeypatch, caplog):
+    """Sharing the sites' mixer work only saves compile time: where Inductor fails on the
+    shared subgraphs, the backend says so and compiles the graph with every site inlined."""
+    import hcpass.lowering.backend as backend
+
+    compile_fx, compiled = backend._compile_fx, []
+
+    def fails_when_shared(gm, example_inputs):
+        compiled.append(backend._has_shared_subgraphs(gm))
+        if compiled[-1]:
+            raise AssertionError("Node expand_3 was invalid, but is output")
+        return compile_fx(gm, example_inputs)
+
+    monkeypatch.setattr(backend, "_compile_fx", fails_when_shared)
+    x = torch.randn(2, 5, 16)
+    converted = hcpass.convert(MaskedBlocks(), (x,))
+    with torch.no_grad():
+        for p in converted.mixers.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="hcpass"), torch.no_grad():
+        out = torch.compile(converted, backend="hcpass")(x)
+    assert compiled == [True, False]
+    assert "compiling it with every site inlined instead" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(out, converted(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_chain_from_a_keyword_masked_input_trains_compiled_at_a_second_size():
+    """torch 2.13's partitioner fails on the shared subgraphs of this graph under dynamic
+    shapes (a size read from a tangent: "Node expand_3 was invalid, but is output"); the
+    backend compiles it inlined instead."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    converted = hcpass.convert(MaskedBlocks(), (x,), {"mask": torch.ones(2, 8)})
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="hcpass")
+    for shape in ((2, 8), (3, 5)):
+        x, mask = torch.randn(*shape, 16), torch.ones(shape)
+        mine = x.clone().requires_grad_()
+        compiled(mine, mask=mask).square().sum().backward()
+        theirs = x.clone().requires_grad_()
+        converted(theirs, mask=mask).square().sum().backward()
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)

@@ -43,11 +43,7 @@ def _compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[.
     # Every merge's new state is saved for backward instead of rebuilt there (see the pass).
     given = get_custom_graph_passes(config.joint_custom_post_pass)
     patches: dict[str, Any] = {"joint_custom_post_pass": [*given, SaveStreamStates()]}
-    if any(
-        m.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
-        for m in gm.modules()  # checkpoint bodies too
-        if isinstance(m, fx.GraphModule)
-    ):
+    if _has_shared_subgraphs(gm):
         # Shared coefficient subgraphs (LowerToReference): without this pass Inductor can
         # recycle the buffer of a tensor a subgraph saved for backward (see the pass).
         given = get_custom_graph_passes(config.post_grad_custom_post_pass)
@@ -59,14 +55,53 @@ def _on_cuda(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
-def lowering(cuda: bool) -> PassManager:
-    """The passes that lower a rewritten graph for the device its inputs are on."""
+def lowering(cuda: bool, share: bool = True) -> PassManager:
+    """The passes that lower a rewritten graph for the device its inputs are on (`share`:
+    on CPU, every site's mixer work in shared subgraphs, see `LowerToReference`)."""
     if cuda:
         from hcpass.codegen import register_cuda_kernels
 
         register_cuda_kernels()
         return PassManager([FuseAcrossSites()])
-    return PassManager([LowerToReference()])
+    return PassManager([LowerToReference(share)])
+
+
+def _lower_and_compile(
+    rewritten: fx.GraphModule, example_inputs: list[Any]
+) -> Callable[..., Any]:
+    """Lower `rewritten` and compile it. On CPU, if Inductor fails on the graph with shared
+    subgraphs, compile it again with every site inlined: sharing only saves compile time,
+    and torch 2.13's partitioner of a shared subgraph can fail where the inlined graph
+    compiles (under dynamic shapes, a size it reads from a tangent: "Node ... was invalid,
+    but is output")."""
+    cuda = _on_cuda(example_inputs)
+    # a copy before lowering edits the graph and its checkpoint bodies in place
+    inlined = None if cuda else copy.deepcopy(rewritten)
+    lowering(cuda)(rewritten.graph)
+    rewritten.recompile()
+    try:
+        return _compile_fx(rewritten, example_inputs)
+    except Exception as error:
+        if inlined is None or not _has_shared_subgraphs(rewritten):
+            raise
+        log.warning(
+            "hcpass: Inductor could not compile this graph with its sites' mixer work in "
+            "shared subgraphs (%s: %s); compiling it with every site inlined instead "
+            "(same results, a longer cold compile)",
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+        )
+    lowering(cuda, share=False)(inlined.graph)
+    inlined.recompile()
+    return _compile_fx(inlined, example_inputs)
+
+
+def _has_shared_subgraphs(gm: fx.GraphModule) -> bool:
+    return any(
+        m.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+        for m in gm.modules()  # checkpoint bodies too
+        if isinstance(m, fx.GraphModule)
+    )
 
 
 def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
@@ -85,8 +120,6 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
         return PlainGraph(captured, _compile_fx(gm, example_inputs))
     rewritten, mixed = owner.rewrite(gm)
     logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass backend")
-    lowering(_on_cuda(example_inputs))(rewritten.graph)
-    rewritten.recompile()
     mixer_params = [
         p
         for index, inputs in mixed.mixer_inputs
@@ -94,7 +127,7 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
     ]
     traced = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
     states = handoff.examples(mixed.stream_inputs, traced)
-    compiled = _compile_fx(rewritten, [*example_inputs, *mixer_params, *states])
+    compiled = _lower_and_compile(rewritten, [*example_inputs, *mixer_params, *states])
     return replace(mixed, fn=compiled, dense=True)
 
 

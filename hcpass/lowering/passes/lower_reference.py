@@ -103,14 +103,25 @@ LOWERED = {
 
 
 class LowerToReference(GraphPass):
+    """`share=False` inlines every site's mixer work (the backend's fallback where
+    AOTAutograd cannot partition a shared subgraph)."""
+
+    def __init__(self, share: bool = True) -> None:
+        self.share = share
+
     def __call__(self, graph: fx.Graph) -> None:
         shared = _SharedSubgraphs(graph)
         for node in list(graph.nodes):
             if node in shared.erased:  # an entry lowered with the merge before it
                 continue
-            if node.op == "call_function" and node.target is _COEFFS and _shareable(node):
+            if (
+                self.share
+                and node.op == "call_function"
+                and node.target is _COEFFS
+                and _shareable(node)
+            ):
                 shared.site_entry(node)
-            elif node.op == "call_function" and shared.can_merge(node):
+            elif self.share and node.op == "call_function" and shared.can_merge(node):
                 shared.merge(node)
             elif node.op == "call_function" and node.target in LOWERED:
                 node.target = LOWERED[node.target]
