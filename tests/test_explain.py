@@ -223,3 +223,27 @@ def test_plain_model_under_hcpass_backend_logs_and_matches_inductor(caplog):
     )
     torch.testing.assert_close(out, model(*x), rtol=1e-5, atol=1e-5)
     assert not any("mixers" in n for n, _ in model.named_parameters())
+
+
+class PerLayerGates(nn.Module):
+    """``x + g * f(x)`` with the gates in a ParameterList, and one gate on the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fs = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.gates = nn.ParameterList(nn.Parameter(torch.full((8,), 0.5)) for _ in range(2))
+        self.gate = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        for f, g in zip(self.fs, self.gates, strict=True):
+            x = x + g * f(x)
+        return x + self.gate * self.fs[0](x)
+
+
+def test_sites_keyed_on_a_list_of_parameters_or_a_root_parameter_are_named_after_it():
+    """Their owner (the ParameterList, the root) is shared by every layer: the site is named
+    after the parameter, so each row of `explain` names its own mixer."""
+    x = torch.randn(2, 8)
+    names = [s.name for s in hcpass.explain(PerLayerGates(), (x,)).sites]
+    assert names == ["gates.0", "gates.1", "gate"]
+    assert list(hcpass.convert(PerLayerGates(), (x,)).mixers) == ["gates_0", "gates_1", "gate"]

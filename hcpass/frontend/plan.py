@@ -101,16 +101,22 @@ def analyse(
 def site_name(model: nn.Module, anchor: str) -> str:
     """The module a site belongs to: the owner of the branch's last parameter, or that
     owner's parent when the owner is a leaf (``h.0.attn.c_proj.weight`` -> ``h.0.attn``)
-    and the parent is not a list of layers (``attn.0.weight`` stays ``attn.0``)."""
+    and the parent is not a list of layers (``attn.0.weight`` stays ``attn.0``). A
+    parameter of a list or dict of parameters (per-layer gates, ``gates.0``) or of the root
+    module names the site itself: their owner is shared by every layer."""
     owner = anchor.rpartition(".")[0]
-    if owner and not any(True for _ in model.get_submodule(owner).children()):
+    if not owner or isinstance(
+        model.get_submodule(owner), (nn.ParameterList, nn.ParameterDict)
+    ):
+        return anchor
+    if not any(True for _ in model.get_submodule(owner).children()):
         parent = owner.rpartition(".")[0]
         container = parent and isinstance(
             model.get_submodule(parent), (nn.ModuleList, nn.ModuleDict)
         )
         if parent and not container:
             owner = parent
-    return owner or "root"
+    return owner
 
 
 def mixer_key(name: str) -> str:
