@@ -247,3 +247,24 @@ def test_sites_keyed_on_a_list_of_parameters_or_a_root_parameter_are_named_after
     names = [s.name for s in hcpass.explain(PerLayerGates(), (x,)).sites]
     assert names == ["gates.0", "gates.1", "gate"]
     assert list(hcpass.convert(PerLayerGates(), (x,)).mixers) == ["gates_0", "gates_1", "gate"]
+
+
+class ResidualAcrossAView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.f = nn.Linear(16, 16), nn.Linear(8, 8)
+
+    def forward(self, x):
+        flat = x.view(2, -1) + self.mix(x.reshape(2, -1))
+        return x.detach() + self.f(x), flat
+
+
+def test_a_residual_across_a_view_or_detach_is_skipped_with_that_reason():
+    report = hcpass.explain(ResidualAcrossAView(), (torch.randn(2, 2, 8),))
+    reasons = [s.reason for s in report.sites]
+    assert reasons == [
+        "the stream operand is view() of the value the branch reads, not that value: a "
+        "residual across a view, reshape or detach is not rewritten",
+        "the stream operand is detach() of the value the branch reads, not that value: a "
+        "residual across a view, reshape or detach is not rewritten",
+    ]

@@ -31,7 +31,9 @@ from hcpass.patterns.node_sets import (
     is_cast,
     is_convolution,
     is_stream_op,
+    is_view,
     mutates_first_arg,
+    target_name,
     written_through_views,
 )
 from hcpass.patterns.residual_add import AddMatch, match_residual_add
@@ -278,6 +280,14 @@ def _classify(
         if cast is not None:
             read, casts = cast
             return _build(g, node, found, stream, branch, read, anchors, None, casts)
+    for stream, branch in ((lhs, rhs), (rhs, lhs)):
+        source = stream.args[0] if is_view(stream) and stream.args else None
+        if isinstance(source, fx.Node) and g.depends(branch, source):
+            return Skip(
+                f"the stream operand is {target_name(stream)}() of the value the branch "
+                "reads, not that value: a residual across a view, reshape or detach is not "
+                "rewritten"
+            )
     shared = [v for v in chain_of if g.depends(lhs, v) and g.depends(rhs, v)]
     if shared:
         return Skip(
