@@ -20,6 +20,13 @@ import hcpass
 WIDTH = 8
 
 
+def _seeded(model_class, *args):
+    """A seeded model, a copy of it (the original) and an input."""
+    torch.manual_seed(0)
+    model = model_class(*args)
+    return model, copy.deepcopy(model), torch.randn(2, 3, WIDTH)
+
+
 class AddsIntoItsInput(nn.Module):
     """``x += f(x)`` on the caller's tensor: every add writes into it, not only the first."""
 
@@ -35,10 +42,7 @@ class AddsIntoItsInput(nn.Module):
 
 
 def test_every_add_into_a_graph_input_is_skipped_and_the_caller_sees_its_writes():
-    torch.manual_seed(0)
-    model = AddsIntoItsInput()
-    original = copy.deepcopy(model)
-    x = torch.randn(2, 3, WIDTH)
+    model, original, x = _seeded(AddsIntoItsInput)
     report = hcpass.explain(model, (x.clone(),))
     assert [(s.status, s.reason) for s in report.sites] == [
         ("skipped", "in-place add mutates a graph input or a view"),
@@ -91,10 +95,7 @@ class WriteBetweenSites(nn.Module):
 
 @pytest.mark.parametrize("write", sorted(WRITES_THROUGH_VIEWS))
 def test_a_site_on_a_stream_written_through_a_view_is_skipped(write):
-    torch.manual_seed(0)
-    model = WriteBetweenSites(WRITES_THROUGH_VIEWS[write])
-    original = copy.deepcopy(model)
-    x = torch.randn(2, 3, WIDTH)
+    model, original, x = _seeded(WriteBetweenSites, WRITES_THROUGH_VIEWS[write])
     report = hcpass.explain(model, (x,))
     assert report.sites[0].name == "g" and report.sites[0].status == "rewritten"
     last = report.sites[-1]
@@ -125,10 +126,7 @@ class InPlaceOpBetweenSites(nn.Module):
 
 
 def test_an_in_place_op_the_graph_orders_keeps_both_sites():
-    torch.manual_seed(0)
-    model = InPlaceOpBetweenSites()
-    original = copy.deepcopy(model)
-    x = torch.randn(2, 3, WIDTH)
+    model, original, x = _seeded(InPlaceOpBetweenSites)
     assert [s.status for s in hcpass.explain(model, (x,)).sites] == ["rewritten", "rewritten"]
     converted = hcpass.convert(model, (x,), streams=4)
     with torch.no_grad():
