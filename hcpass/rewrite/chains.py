@@ -214,7 +214,7 @@ class _Rewriter:
         # In-place variants would write into a stream tensor other nodes still read.
         kwargs = {**op.kwargs, "inplace": False} if "inplace" in op.kwargs else dict(op.kwargs)
         target = op.target.rstrip("_") if op.op == "call_method" else op.target
-        if is_dropout(op):
+        if is_dropout(op) and _drops(op):
             # One mask for every stream, drawn as the original draws its own (one stream's
             # shape: the same random numbers), so the streams' mean is dropped exactly as the
             # original stream is; a mask per stream would average n masks (less noise).
@@ -256,3 +256,13 @@ def _channels_back(cursor: Cursor, value: fx.Node, source: int, channel_dim: int
     the op's own kernel."""
     moved = cursor.call("call_method", "movedim", (value, source, channel_dim))
     return cursor.call("call_method", "contiguous", (moved,))
+
+
+def _drops(dropout: fx.Node) -> bool:
+    """Whether a dropout call may zero anything: not with a literal ``p == 0`` or
+    ``training=False`` (a module in eval mode, which Dynamo records as a constant)."""
+    p = dropout.args[1] if len(dropout.args) > 1 else dropout.kwargs.get("p", 0.5)
+    training = dropout.args[2] if len(dropout.args) > 2 else None
+    if training is None:
+        training = dropout.kwargs.get("training", dropout.kwargs.get("train", True))
+    return not (p == 0 or training is False)
