@@ -472,3 +472,31 @@ def test_a_chain_from_a_keyword_masked_input_trains_compiled_at_a_second_size():
         theirs = x.clone().requires_grad_()
         converted(theirs, mask=mask).square().sum().backward()
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamos_restart_signal_is_not_taken_for_a_failure_of_the_shared_form(
+    monkeypatch, caplog
+):
+    """Dynamo restarts a trace by raising from the backend (under dynamic=True,
+    `TensorifyScalarRestartAnalysis`): the backend lets it through, and the restarted
+    trace compiles shared, with no fallback to inlining."""
+    import hcpass.lowering.backend as backend
+
+    compile_fx, compiled = backend._compile_fx, []
+
+    def restarts_once(gm, example_inputs):
+        compiled.append(backend._has_shared_subgraphs(gm))
+        if len(compiled) == 1:
+            raise torch._dynamo.exc.TensorifyScalarRestartAnalysis
+        return compile_fx(gm, example_inputs)
+
+    monkeypatch.setattr(backend, "_compile_fx", restarts_once)
+    x = torch.randn(2, 5, 16)
+    converted = hcpass.convert(MaskedBlocks(), (x,))
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="hcpass"), torch.no_grad():
+        out = torch.compile(converted, backend="hcpass")(x)
+    assert compiled == [True, True]
+    assert "inlined" not in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(out, converted(x), rtol=1e-5, atol=1e-5)

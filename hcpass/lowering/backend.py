@@ -82,7 +82,13 @@ def _lower_and_compile(
     try:
         return _compile_fx(rewritten, example_inputs)
     except Exception as error:
-        if inlined is None or not _has_shared_subgraphs(rewritten):
+        # Dynamo's own exceptions are signals (restart the trace, skip the frame), not
+        # failures of the shared form
+        if (
+            isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            or inlined is None
+            or not _has_shared_subgraphs(rewritten)
+        ):
             raise
         log.warning(
             "hcpass: Inductor could not compile this graph with its sites' mixer work in "
