@@ -271,3 +271,46 @@ def test_dropout_on_the_stream_drops_every_stream_with_one_mask():
     out.square().sum().backward()
     want.square().sum().backward()
     torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+class InnerChain(nn.Module):
+    """Two pre-norm sites: a chain of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.f1, self.f2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, h):
+        h = h + self.f1(F.gelu(self.ln1(h)))
+        return h + self.f2(F.gelu(self.ln2(h)))
+
+
+class ChainInsideABranch(nn.Module):
+    """``x + proj(inner(ln(x)))`` with a two-site chain inside the outer site's branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.inner, self.proj = nn.LayerNorm(8), InnerChain(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.proj(self.inner(self.ln(x)))
+
+
+def test_a_chain_inside_another_sites_branch_is_rewritten_once():
+    """The outer site's branch computes through the inner chain as rewritten (its nodes are
+    not copied for the outer site: they read nothing the outer site rewires)."""
+    torch.manual_seed(0)
+    model = ChainInsideABranch()
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8)
+    converted = hcpass.convert(model, (x,), streams=4)
+    assert op_counts(converted.graph_module)["post_res"] == 3
+    assert sum(n.target is F.gelu for n in converted.graph_module.graph.nodes) == 2
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = converted(mine), original(theirs)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    assert all(p.grad is not None for p in converted.mixers.parameters())

@@ -111,7 +111,9 @@ class BranchRewirer:
 
     Branch nodes shared by two sites (the norm of a parallel block) are copied for the
     second site, from the inputs the node had before the first site rewired it, so each
-    site's branch reads its own input."""
+    site's branch reads its own input. A shared node that reads nothing the second site
+    rewires -- the branch of a site nested inside the second site's branch -- is not
+    copied: the second site's branch computes through the nested chain as rewritten."""
 
     def __init__(self, graph: fx.Graph) -> None:
         self.graph = graph
@@ -125,6 +127,11 @@ class BranchRewirer:
         for node in sorted(site.branch_nodes, key=self.order.__getitem__):
             if node in self.claimed:
                 args, kwargs = self.claimed[node]
+                inputs: list[fx.Node] = []
+                fx.map_arg((args, kwargs), inputs.append)
+                if all(env.get(a, a) is a for a in inputs):
+                    env[node] = node
+                    continue
                 with self.graph.inserting_before(node):
                     env[node] = self.graph.create_node(
                         node.op,
