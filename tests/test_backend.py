@@ -500,3 +500,23 @@ def test_dynamos_restart_signal_is_not_taken_for_a_failure_of_the_shared_form(
     assert "inlined" not in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(out, converted(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_and_compiled_calls_of_one_model_do_not_share_dynamos_cache():
+    """A converted model called eagerly and through torch.compile(backend="hcpass") in turn,
+    in train and in eval mode: Dynamo keeps a code object's graphs for every backend in one
+    cache, so with one trampoline for both paths the compiled calls reached the recompile
+    limit twice as fast, and past it the forward ran without its mixers (an error)."""
+    model = torch.nn.Sequential(models.tiny_block(16), torch.nn.Dropout(0.2))
+    x = torch.randn(2, 5, 16)
+    converted = hcpass.convert(model, (x,))
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="hcpass")
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        for training in (False, True):
+            converted.train(training)
+            converted(x)
+            compiled(x)
+    converted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), converted(x), rtol=1e-5, atol=1e-5)

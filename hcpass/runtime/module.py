@@ -117,7 +117,7 @@ class MixedGraph:
 
 
 # Rebuilt, never pickled or copied: each holds Dynamo state tied to its code object.
-_RUNTIME_STATE = ("_entry", "_probe", "_eager", "_names_by_id")
+_RUNTIME_STATE = ("_entry", "_eager_entry", "_probe", "_eager", "_names_by_id")
 
 
 class _FromOriginal(type):
@@ -195,13 +195,19 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def _fresh_runtime(self) -> None:
         """New trampolines: Dynamo's state for a code object (cache entries, the skip mark
         a failed trace leaves) cannot be cleared per instance, but a new code object has none."""
-        for stale in ("_entry", "_probe"):
+        for stale in ("_entry", "_eager_entry", "_probe"):
             if stale in self.__dict__:
                 reset_code(self.__dict__[stale].__code__)
         object.__setattr__(self, "_names_by_id", {})
+        # One trampoline for an outer torch.compile, one for the eager runtime: Dynamo keeps
+        # a code object's graphs for every backend in one cache, so shared, calls that
+        # alternate between the two (and between train/eval, grad modes) would reach its
+        # recompile limit twice as fast.
         object.__setattr__(self, "_entry", fresh_trampoline("entry"))
+        object.__setattr__(self, "_eager_entry", fresh_trampoline("eager_entry"))
         object.__setattr__(self, "_probe", fresh_function(_tracing, "probe"))
-        object.__setattr__(self, "_eager", torch.compile(self._entry, backend=_eager_backend))
+        eager = torch.compile(self._eager_entry, backend=_eager_backend)
+        object.__setattr__(self, "_eager", eager)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         return _unpickle, (type(self._model),), self.__getstate__()
