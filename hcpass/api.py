@@ -21,7 +21,10 @@ def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwa
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(model, ConvertedModule):
-        raise ValueError("this model is already converted by hcpass")
+        raise ValueError(
+            "this model is already converted by hcpass; its `.original` is the model "
+            "without mixers (explain or convert that)"
+        )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):

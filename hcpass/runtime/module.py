@@ -338,8 +338,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         if run.graphs == 0 and run.compiled:
             return (
                 "It was compiled by torch.compile with a backend other than 'hcpass' (only "
-                "backend='hcpass' adds the mixers), or Dynamo reused a graph it had compiled "
-                "for a plain instance of the same class."
+                "backend='hcpass' adds the mixers), Dynamo reused a graph it had compiled "
+                "for a plain instance of the same class, or it ran the forward uncompiled "
+                "past its recompile limit (torch._dynamo.config.recompile_limit; "
+                "TORCH_LOGS=recompiles shows why it recompiled)."
             )
         if run.graphs == 0:
             return (
