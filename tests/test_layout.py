@@ -2,7 +2,7 @@
 
 capture / find sites / plan (``frontend``) -> ``rewrite`` -> ``runtime`` -> ``lowering`` ->
 the public API -> ``tools``. The shared layers (patterns, manifolds, ops, codegen, logs,
-text) import no stage. docs/how-it-works.md maps the stages to these folders.
+text, native) import no stage. docs/how-it-works.md maps the stages to these folders.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ RANK = {
     "logs": 0,
     "manifolds": 0,
     "text": 0,  # tables and unique names: imports nothing of hcpass
+    "native": 0,  # builds the C++ kernels of manifolds and ops: imports only logs
     "ops": 1,  # the op contract is written in terms of manifolds
     "patterns": 2,  # patterns name the ops (the site boundary)
     "codegen": 2,
