@@ -323,3 +323,14 @@ ZOO = {
 def logits(output) -> torch.Tensor:
     """The main tensor of a model output (HF ModelOutput or a plain tensor)."""
     return output.logits if hasattr(output, "logits") else output
+
+
+def assert_computes_like(converted: nn.Module, original: nn.Module, x: torch.Tensor) -> None:
+    """The converted model's output and the input's gradient (of the summed squares) match
+    the original's, in fp32."""
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = converted(mine), original(theirs)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
