@@ -126,9 +126,15 @@ def convert(
             )
             for site in found.sites
         }
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     attnres = options if family == ATTNRES else None
-    return ConvertedModule(model, found, mixers, graphs, attnres).to(device)
+    converted = ConvertedModule(model, found, mixers, graphs, attnres)
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if reference is None:
+        return converted
+    # The mixers follow the model's device and, never narrower than fp32 (`SiteModule`), its
+    # dtype: an fp64 model gets fp64 mixers, as after `.double()`.
+    converted.mixers.to(device=reference.device, dtype=reference.dtype)
+    return converted
 
 
 def compile(

@@ -249,6 +249,38 @@ def test_sites_keyed_on_a_list_of_parameters_or_a_root_parameter_are_named_after
     assert list(hcpass.convert(PerLayerGates(), (x,)).mixers) == ["gates_0", "gates_1", "gate"]
 
 
+class TwoResidualsInOneModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.a(x)
+        return x + self.b(x)
+
+
+class SharedNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoResidualsInOneModule()
+        self.blk = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+
+    def forward(self, x):
+        x = self.inner(x)
+        x = x + self.blk(x)
+        return x + self.blk(x)  # the weight-shared block again: a mixer of its own
+
+
+def test_sites_that_would_share_a_name_are_told_apart():
+    """By their leaf layers where those differ, else by a call count; each row of `explain`
+    names its own mixer."""
+    x = torch.randn(2, 8)
+    names = [s.name for s in hcpass.explain(SharedNames(), (x,)).sites]
+    assert names == ["inner.a", "inner.b", "blk", "blk#2"]
+    keys = list(hcpass.convert(SharedNames(), (x,)).mixers)
+    assert keys == ["inner_a", "inner_b", "blk", "blk_2"]
+
+
 class ResidualAcrossAView(nn.Module):
     def __init__(self) -> None:
         super().__init__()

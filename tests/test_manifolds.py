@@ -533,11 +533,23 @@ def test_sinkhorn_saves_constant_memory_whatever_the_iterations() -> None:
         ("sinkhorn", 4, {"sinkhorn_iters": 0}, r"sinkhorn_iters must be an integer >= 1"),
         ("stiefel", 4, {"rank": 2}, r"unknown option\(s\) \['rank'\]"),
         ("hc", 0, {}, r"streams must be an integer >= 1"),
+        ("sinkhorn", 4, {"alpha": 0.0}, r"alpha = 0 with dynamic=True .* dynamic=False"),
     ],
 )
 def test_bad_options_raise(name: str, n: int, opts: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         create(name, n, **opts)
+
+
+def test_alpha_zero_is_a_valid_static_mixer_and_a_negative_one_learns() -> None:
+    assert create("sinkhorn", 4, dynamic=False, alpha=0.0).alpha == 0.0
+    # phi starts at zero; a nonzero alpha of either sign gives it a gradient.
+    m = create("sinkhorn", 4, alpha=-0.01)
+    x, phi, alpha, bias = coeffs_inputs(m)
+    phi = torch.zeros_like(phi).requires_grad_()
+    h_pre, h_post, h_res = m.coefficients(x, phi, m.init_alpha(), bias)
+    (h_pre.square().sum() + h_post.sum() + h_res[..., 0, 1].sum()).backward()
+    assert phi.grad.abs().max() > 0
 
 
 def test_unknown_manifold_lists_valid_names() -> None:

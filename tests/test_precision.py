@@ -182,6 +182,16 @@ def test_double_widens_the_mixers_for_gradcheck():
     assert {p.dtype for p in converted.mixers.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("family", ["hyper-connections", "attnres"])
+def test_an_fp64_model_gets_fp64_mixers_and_a_bf16_one_fp32(family):
+    (ids,), _ = models.token_inputs()
+    for dtype, want in [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)]:
+        model = models.tiny_gpt(layers=1).to(dtype)
+        converted = hcpass.convert(model, (ids,), family=family)
+        assert {p.dtype for p in converted.mixers.parameters()} == {want}, dtype
+        assert converted(ids).dtype == dtype
+
+
 @pytest.mark.parametrize("cast", ["bfloat16", "double"])
 def test_pseudo_queries_follow_the_mixers_dtype_rules(cast):
     (ids,), _ = models.token_inputs()

@@ -98,6 +98,27 @@ def analyse(
     return graph, analysis
 
 
+def site_names(model: nn.Module, anchors: Sequence[str]) -> dict[str, str]:
+    """Each anchor's site name (`site_name`), told apart where two sites would share one:
+    by the layer that holds each anchor when those differ (``inner.a``, ``inner.b`` for two
+    residuals in one module), else by a call count (``blk``, ``blk#2``: the second call of
+    a weight-shared block, which has a mixer of its own)."""
+    names = {anchor: site_name(model, anchor) for anchor in dict.fromkeys(anchors)}
+    groups: dict[str, list[str]] = {}
+    for anchor, name in names.items():
+        groups.setdefault(name, []).append(anchor)
+    taken: set[str] = set()
+    for name, group in groups.items():
+        owners = [anchor.rpartition(".")[0] for anchor in group]
+        if len(group) > 1 and len(set(owners)) == len(group):
+            names.update(zip(group, owners, strict=True))
+            continue
+        for anchor in group:
+            names[anchor] = unique_name(name, taken, separator="#")
+            taken.add(names[anchor])
+    return names
+
+
 def site_name(model: nn.Module, anchor: str) -> str:
     """The module a site belongs to: the owner of the branch's last parameter, or that
     owner's parent when the owner is a leaf (``h.0.attn.c_proj.weight`` -> ``h.0.attn``)
@@ -105,9 +126,7 @@ def site_name(model: nn.Module, anchor: str) -> str:
     parameter of a list or dict of parameters (per-layer gates, ``gates.0``) or of the root
     module names the site itself: their owner is shared by every layer."""
     owner = anchor.rpartition(".")[0]
-    if not owner or isinstance(
-        model.get_submodule(owner), (nn.ParameterList, nn.ParameterDict)
-    ):
+    if not owner or isinstance(model.get_submodule(owner), (nn.ParameterList, nn.ParameterDict)):
         return anchor
     if not any(True for _ in model.get_submodule(owner).children()):
         parent = owner.rpartition(".")[0]
@@ -165,14 +184,23 @@ def plan(
     ends: dict[tuple[int, int], _ChainEnd] = {}  # (graph, output position) -> chain end
     copies: set[str] = set()  # keys of sites whose chain part lifts a nonlinear op
     chain_ends: set[str] = set()
-    for captured in graphs:
-        graph, analysis = analyse(captured.gm, family=family)
+    analysed = [(captured, *analyse(captured.gm, family=family)) for captured in graphs]
+    names = site_names(
+        model,
+        [
+            site.anchor_name
+            for _, _, analysis in analysed
+            for c in analysis.chains
+            for site in c.sites
+        ],
+    )
+    for captured, graph, analysis in analysed:
         graph_rows: list[tuple[fx.Node, SiteReport]] = []
         for chain in analysis.chains:
             before = _continued(graph, chain, captured, ends)
             follows = before.key if before else None
             for i, site in enumerate(chain.sites):
-                name = site_name(model, site.anchor_name)
+                name = names[site.anchor_name]
                 if site.anchor_name not in planned:
                     key = unique_name(mixer_key(name), keys)
                     keys.add(key)

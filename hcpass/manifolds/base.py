@@ -102,6 +102,14 @@ class Manifold:
             raise ValueError(f"dynamic must be True or False, got {dynamic!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if dynamic and alpha == 0:
+            # phi starts at zero, so with alpha = 0 both get zero gradients: the dynamic part
+            # would never move.
+            raise ValueError(
+                "alpha = 0 with dynamic=True leaves the dynamic mixers without gradient "
+                "(phi starts at zero); pass a nonzero alpha (default 0.01), or dynamic=False "
+                "for static mixers"
+            )
         unknown = set(options) - set(self.option_defaults)
         if unknown:
             valid = sorted({"streams", "dynamic", "init", "alpha", *self.option_defaults})
