@@ -474,9 +474,7 @@ def test_a_chain_from_a_keyword_masked_input_trains_compiled_at_a_second_size():
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_dynamos_restart_signal_is_not_taken_for_a_failure_of_the_shared_form(
-    monkeypatch, caplog
-):
+def test_dynamos_restart_signal_is_not_taken_for_a_failure_of_the_shared_form(monkeypatch, caplog):
     """Dynamo restarts a trace by raising from the backend (under dynamic=True,
     `TensorifyScalarRestartAnalysis`): the backend lets it through, and the restarted
     trace compiles shared, with no fallback to inlining."""

@@ -66,9 +66,7 @@ def lowering(cuda: bool, share: bool = True) -> PassManager:
     return PassManager([LowerToReference(share)])
 
 
-def _lower_and_compile(
-    rewritten: fx.GraphModule, example_inputs: list[Any]
-) -> Callable[..., Any]:
+def _lower_and_compile(rewritten: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
     """Lower `rewritten` and compile it. On CPU, if Inductor fails on the graph with shared
     subgraphs, compile it again with every site inlined: sharing only saves compile time,
     and torch 2.13's partitioner of a shared subgraph can fail where the inlined graph
