@@ -10,7 +10,15 @@ from torch import nn
 
 from hcpass import manifolds
 from hcpass.frontend.capture import capture
-from hcpass.frontend.plan import ATTNRES, FAMILIES, HYPER_CONNECTIONS, WHAT_IS_A_SITE, Report, plan
+from hcpass.frontend.plan import (
+    ATTNRES,
+    FAMILIES,
+    HYPER_CONNECTIONS,
+    NO_GRAPH,
+    WHAT_IS_A_SITE,
+    Report,
+    plan,
+)
 from hcpass.rewrite.attnres import AttnResOptions
 from hcpass.runtime.mixer import Mixer, SiteModule
 from hcpass.runtime.module import ConvertedModule
@@ -24,6 +32,15 @@ def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwa
         raise ValueError(
             "this model is already converted by hcpass; its `.original` is the model "
             "without mixers (explain or convert that)"
+        )
+    inner = next(
+        (name for name, m in model.named_modules() if isinstance(m, ConvertedModule)), None
+    )
+    if inner is not None:
+        raise ValueError(
+            f"submodule {inner!r} of this model is already converted by hcpass; convert the "
+            f"model with the original in its place (`model.{inner} = model.{inner}.original`), "
+            "or leave the rest of the model unconverted"
         )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -101,6 +118,8 @@ def convert(
     args, kwargs = _validate_model(model, example_inputs, example_kwargs)
     graphs = capture(model, args, kwargs)
     found = plan(model, graphs, family)
+    if found.report.graphs == 0:
+        raise ValueError(f"hcpass cannot convert {type(model).__name__}: {NO_GRAPH}.")
     if not found.sites:
         detail = "\n".join(f"  {s.name}: {s.reason}" for s in found.report.skipped)
         raise ValueError(

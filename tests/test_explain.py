@@ -162,6 +162,29 @@ def test_no_residual_sites_says_what_was_looked_for():
         hcpass.convert(NoResidual(), (torch.randn(2, 8),))
 
 
+class BreakInTheLoop(nn.Module):
+    """A graph break inside the loop over the blocks: Dynamo runs the whole forward eagerly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+            torch._dynamo.graph_break()
+        return x
+
+
+def test_a_forward_dynamo_captured_nothing_of_is_named_as_the_cause():
+    x = torch.randn(2, 8)
+    report = hcpass.explain(BreakInTheLoop(), (x,))
+    assert report.graphs == 0
+    assert "Dynamo captured no graph of the forward" in str(report)
+    with pytest.raises(ValueError, match="cannot convert BreakInTheLoop: Dynamo captured no"):
+        hcpass.convert(BreakInTheLoop(), (x,))
+
+
 def test_unknown_manifold_lists_valid_names():
     with pytest.raises(ValueError, match="unknown manifold 'sinkhorm'.*sinkhorn"):
         hcpass.convert(models.tiny_gpt(), models.token_inputs()[0], manifold="sinkhorm")
@@ -184,6 +207,15 @@ def test_not_a_module_and_double_conversion():
     converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     with pytest.raises(ValueError, match="already converted"):
         hcpass.convert(converted, models.token_inputs()[0])
+
+
+def test_a_model_holding_a_converted_submodule_names_it():
+    x = torch.randn(2, 8)
+    outer = nn.Sequential(nn.Linear(8, 8), PerLayerGates())
+    outer[1] = hcpass.convert(outer[1], (x,))
+    for api in (hcpass.explain, hcpass.convert):
+        with pytest.raises(ValueError, match="submodule '1' of this model is already converted"):
+            api(outer, (x,))
 
 
 def test_nan_input_propagates_instead_of_failing_silently():

@@ -260,3 +260,37 @@ def test_plain_and_converted_instances_of_one_class_compile_and_alternate():
         (converted_compiled, expected_converted),
     ]:
         torch.testing.assert_close(run(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+class Unrolled(nn.Module):
+    """Three residual layers with a graph break after each of the first two: Dynamo compiles
+    the forward's resume functions on their own, one code object for every instance."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.layers[0](x)
+        torch._dynamo.graph_break()
+        x = x + self.layers[1](x)
+        torch._dynamo.graph_break()
+        return x + self.layers[2](x)
+
+
+def test_captures_past_dynamos_recompile_limit_find_every_site_and_break_no_model():
+    """More explains and conversions of one class than Dynamo's recompile limit (8): each
+    finds the three sites, and every model converted before still runs as converted."""
+    x = torch.randn(2, 5, 16)
+    limit = torch._dynamo.config.recompile_limit
+    first = hcpass.convert(Unrolled(), (x,))
+    _perturbed(first)
+    want = first(x)
+    for _ in range(limit + 2):
+        report = hcpass.explain(Unrolled(), (x,))
+        assert (len(report.rewritten), report.graphs) == (3, 3)
+    more = [hcpass.convert(Unrolled(), (x,)) for _ in range(limit + 2)]
+    assert all(len(c.report.rewritten) == 3 for c in more)
+    for converted in more:
+        torch.testing.assert_close(converted(x), converted.original(x), **FP32)
+    torch.testing.assert_close(first(x), want, **FP32)

@@ -4,11 +4,15 @@ Dynamo is the only capture that takes HF transformers models untouched (torch.ex
 fx.symbolic_trace fail on GPT-2/Llama). Each capture goes through a trampoline with a code
 object of its own, so it neither hits nor fills the cache of the model's own forward (Dynamo
 keeps at most `recompile_limit` entries per code object and silently runs eager past that).
+The frames Dynamo compiles on their own after a graph break (the model's forward, its resume
+functions) are shared by every capture and every instance of the class: one module-level
+backend (`_record`) keeps their cache at one entry per guard set however many captures run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import itertools
@@ -71,16 +75,30 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> li
     """Run `model` once under Dynamo (RNG and buffers restored) and return its graphs, one
     per call, parameter placeholders annotated with the names of the parameters passed."""
     calls = _Calls(parameter_names(model))
-
-    def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        reason = getattr(gm, "compile_subgraph_reason", None)
-        broke = reason.reason.strip().splitlines()[0] if reason and reason.graph_break else None
-        return functools.partial(calls.run, gm, broke)
-
-    compiled = torch.compile(fresh_trampoline("capture"), backend=record)
-    with side_effect_free(model):
-        compiled(model, tuple(args), dict(kwargs))
+    compiled = torch.compile(fresh_trampoline("capture"), backend=_record)
+    token = _CAPTURING.set(calls)
+    try:
+        with side_effect_free(model), torch._dynamo.config.patch(recompile_limit=64):
+            compiled(model, tuple(args), dict(kwargs))
+    finally:
+        _CAPTURING.reset(token)
     return calls.graphs
+
+
+def _record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """The capture backend. Dynamo reuses what it returns for any later capture that reaches
+    the same frame with inputs passing its guards, so the call records into the capture
+    running then."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    broke = reason.reason.strip().splitlines()[0] if reason and reason.graph_break else None
+    return functools.partial(_record_call, gm, broke)
+
+
+def _record_call(gm: fx.GraphModule, graph_break: str | None, *args: Any) -> Any:
+    calls = _CAPTURING.get()
+    if calls is None:
+        raise RuntimeError("hcpass: a captured graph ran outside hcpass's capture")
+    return calls.run(gm, graph_break, *args)
 
 
 class _Calls:
@@ -113,6 +131,12 @@ class _Calls:
             if isinstance(out, torch.Tensor):
                 self.returned.setdefault(layout(out), (captured.index, i))
         return outputs
+
+
+# The capture running in this thread (`capture`), which graphs Dynamo runs record into.
+_CAPTURING: contextvars.ContextVar[_Calls | None] = contextvars.ContextVar(
+    "hcpass_capturing", default=None
+)
 
 
 def annotate_call(gm: fx.GraphModule, args: Sequence[Any], names: dict[int, str]) -> None:

@@ -39,6 +39,14 @@ WHAT_IS_A_SITE = (
     "stream x through at least one parameterised op"
 )
 
+NO_GRAPH = (
+    "Dynamo captured no graph of the forward: it ran the forward eagerly, so hcpass saw none "
+    "of its adds. Usual causes: a graph break inside a loop over the blocks (print, an "
+    "nn.GRU/LSTM/RNN, data-dependent Python control flow, nn.TransformerEncoder called with a "
+    "float mask and no is_causal), a frame Dynamo skips, or its recompile limit. "
+    "`torch._dynamo.explain(model)(*inputs)` lists the graph breaks"
+)
+
 
 @dataclass(frozen=True)
 class SiteReport:
@@ -78,7 +86,8 @@ class Report:
             f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
             f"{self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)"
         )
-        return table(rows, header=("site", "status", "reason")) + "\n" + totals
+        text = table(rows, header=("site", "status", "reason")) + "\n" + totals
+        return text + (f"\n{NO_GRAPH}." if self.graphs == 0 else "")
 
 
 def analyse(
