@@ -212,11 +212,31 @@ def mutates_first_arg(node: fx.Node) -> bool:
     return node.kwargs.get("inplace") is True
 
 
-# Stream ops that commute with the mean over the streams (casts up to rounding; dropout and
-# contiguous are the identity in eval). Norms and activations do not: a chain that lifts one
-# needs its streams to stay copies at init (`Manifold.init_bias`'s keep_copies).
+# Stream ops that commute with the mean over the streams (widening casts exactly; dropout
+# and contiguous are the identity in eval). Norms and activations do not, nor does a cast
+# that narrows (the mean of n rounded streams is not the rounded mean): a chain that lifts
+# one needs its streams to stay copies at init (`Manifold.init_bias`'s keep_copies).
 AFFINE_STREAM_OPS = CASTS | DROPOUTS | LAYOUT_CHANGES
 
 
 def is_affine_stream_op(node: fx.Node) -> bool:
+    if is_cast(node):
+        return not _may_round(node)
     return calls_one_of(node, AFFINE_STREAM_OPS)
+
+
+def _may_round(cast: fx.Node) -> bool:
+    """Whether `cast` may change a value: its output dtype is not a floating dtype at least as
+    precise and as wide in range as its input's (unknown counts as changing)."""
+    source, result = (_example_dtype(n) for n in (cast.args[0], cast))
+    if source is None or result is None:
+        return True
+    if not (source.is_floating_point and result.is_floating_point):
+        return source != result
+    wide, narrow = torch.finfo(source), torch.finfo(result)
+    return narrow.eps > wide.eps or narrow.max < wide.max
+
+
+def _example_dtype(node: object) -> torch.dtype | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None

@@ -294,3 +294,46 @@ def test_captures_past_dynamos_recompile_limit_find_every_site_and_break_no_mode
     for converted in more:
         torch.testing.assert_close(converted(x), converted.original(x), **FP32)
     torch.testing.assert_close(first(x), want, **FP32)
+
+
+def test_generate_on_an_encoder_decoder_model_says_why_it_is_not_supported():
+    """HF's generate runs the encoder on its own, outside the converted forward."""
+    args, kwargs = models.seq2seq_inputs()
+    converted = hcpass.convert(models.t5().eval(), args, kwargs)
+    with pytest.raises(NotImplementedError, match="encoder-decoder model .*get_encoder"):
+        converted.generate(args[0], max_new_tokens=2)
+
+
+def test_a_torch_func_transform_is_refused_before_dynamo_and_leaves_the_class_usable():
+    """Dynamo would mark the model's forward (shared by every instance) to run uncompiled
+    for good; the check comes first, so the model, and others of its class, still run."""
+    x = torch.randn(2, 5, 16)
+    converted = hcpass.convert(Unrolled(), (x,))
+    _perturbed(converted)
+    want = converted(x)
+    for transform in (torch.func.grad(lambda x: converted(x).sum()), torch.vmap(converted)):
+        with pytest.raises(RuntimeError, match="inside a torch.func transform"):
+            transform(x)
+    torch.testing.assert_close(converted(x), want, **FP32)
+    other = hcpass.convert(Unrolled(), (x,))
+    torch.testing.assert_close(other(x), other.original(x), **FP32)
+
+
+def test_functional_call_with_other_tensors_names_the_replaced_parameters():
+    x = torch.randn(2, 5, 16)
+    converted = hcpass.convert(Unrolled(), (x,))
+    params = {n: p.detach() * 2 for n, p in converted.original.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"tensors in place of the model's parameters \(layers"):
+        torch.func.functional_call(converted, params, (x,))
+    converted(x)  # and the model's own parameters are back
+
+
+def test_a_second_derivative_through_the_mixers_names_the_cause():
+    """A gradient with create_graph=True works; differentiating it again stops with why."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    converted = hcpass.convert(Unrolled(), (x,))
+    (grad,) = torch.autograd.grad(converted(x).square().sum(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(converted.original(x).square().sum(), x)
+    torch.testing.assert_close(grad, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="second derivative through a converted model"):
+        grad.square().sum().backward()

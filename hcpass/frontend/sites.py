@@ -300,7 +300,21 @@ def _classify(
             f"neither operand is computed from the other (both read {common[-1].name!r}): "
             "not a residual"
         )
+    if not any(_reads_parameters(g, operand, anchors.param_name) for operand in (lhs, rhs)):
+        return Skip(
+            "the operands share no input in this graph, both come from its inputs: a sum "
+            "of two inputs, or a residual whose branch spans a graph break (the report's "
+            "graph breaks say where Dynamo split the forward)"
+        )
     return Skip("the operands share no input (not a residual: e.g. an embedding sum)")
+
+
+def _reads_parameters(g: _Graph, operand: fx.Node, param_name: ParamName) -> bool:
+    return any(
+        n.op == "placeholder" and param_name(n) is not None
+        for n in g.nodes
+        if n is operand or g.depends(operand, n)
+    )
 
 
 def _build(

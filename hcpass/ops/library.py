@@ -230,6 +230,20 @@ def _post_res_coeffs_pre_backward(ctx, grad_out, grad_pre, grad_post, grad_res, 
     )
 
 
+def no_second_derivative(ctx, *grads):
+    """The autograd formula of every backward op: a backward with ``create_graph=True`` works
+    (and is differentiable through the rest of the model); differentiating it again through
+    the mixers stops here, with what happened, rather than with torch's "no autograd formula
+    was registered" naming an internal op."""
+    raise RuntimeError(
+        "hcpass: a second derivative through a converted model's mixers (a gradient penalty, "
+        "a Hessian-vector product: differentiating a gradient taken with create_graph=True) "
+        "is not supported; the mixer ops have first-order gradients only"
+    )
+
+
+for _backward_op in (coeffs_backward, pre_backward, post_res_backward):
+    _backward_op.register_autograd(no_second_derivative)
 coeffs.register_autograd(_coeffs_backward, setup_context=_setup_coeffs)
 pre.register_autograd(_pre_backward, setup_context=_setup_saving_all)
 post_res.register_autograd(_post_res_backward, setup_context=_setup_saving_all)

@@ -229,6 +229,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             model = self.__dict__.get("_model")
             if model is None or name.startswith("__"):
                 raise
+        if name == "generate" and getattr(getattr(model, "config", None), "is_encoder_decoder", 0):
+            return functools.partial(_encoder_decoder_generate, type(model).__name__)
         value = getattr(model, name)
         if isinstance(value, types.MethodType) and value.__self__ is model:
             return types.MethodType(value.__func__, self)
@@ -271,6 +273,15 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         self, observer: TorchDispatchMode | None, *args: Any, **kwargs: Any
     ) -> Any:
         """forward, with `observer` active while the rewritten graphs run (eager only)."""
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # Checked before Dynamo starts: it would mark the model's forward (shared by
+            # every instance of its class) to run uncompiled for good.
+            raise RuntimeError(
+                "hcpass: a converted model cannot run inside a torch.func transform (grad, "
+                "vjp, jacrev, vmap, ...) called eagerly: its forward runs Dynamo, which does "
+                "not trace from inside one. Use torch.autograd (loss.backward(), "
+                "torch.autograd.grad) and batched inputs"
+            )
         run = _Run(self, observer=observer)
         token = _RUN.set(run)
         regions: list[str] = []
@@ -335,6 +346,15 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         )
 
     def _cause(self, run: _Run) -> str:
+        if replaced := self._replaced_parameters():
+            return (
+                f"The forward ran with tensors in place of the model's parameters "
+                f"({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}), as "
+                "torch.func.functional_call and torch.func.stack_module_state do: each mixer "
+                "belongs to the parameters it was converted with, so this is not supported. "
+                "Set new values into the parameters instead (`param.copy_(...)`, "
+                "load_state_dict)."
+            )
         if run.graphs == 0 and run.compiled:
             return (
                 "It was compiled by torch.compile with a backend other than 'hcpass' (only "
@@ -357,10 +377,21 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         if run.cuts:
             return (
                 "Dynamo re-captured the forward for these inputs and a chain's stream no "
-                "longer passes through every site (an op between two sites that cannot run "
-                "per stream at these inputs)."
+                "longer passes through every site: an op between two sites that cannot run "
+                "per stream at these inputs, or one added since the conversion (a forward "
+                "hook that changes a block's output: convert after adding it)."
             )
         return "Dynamo re-captured the forward for these inputs and took another path."
+
+    def _replaced_parameters(self) -> list[str]:
+        """The mixers' anchor parameters that the module no longer holds as parameters."""
+        replaced = []
+        for name in self._key_of:
+            owner, _, leaf = name.rpartition(".")
+            module = self._model.get_submodule(owner) if owner else self._model
+            if not isinstance(getattr(module, leaf, None), nn.Parameter):
+                replaced.append(name)
+        return replaced
 
     # -------------------------------------------------------------- used by the graphs
     def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, MixedGraph]:
@@ -505,6 +536,16 @@ def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callabl
     rewritten.recompile()
     logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass eager runtime")
     return mixed
+
+
+def _encoder_decoder_generate(model_name: str, *args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError(
+        f"hcpass: generate() on a converted encoder-decoder model ({model_name}) is not "
+        "supported: HF's generate runs the encoder on its own (`get_encoder()`), outside the "
+        "converted forward, so the encoder's sites would run without their mixers. Call the "
+        "converted model itself for each step (`converted(input_ids=..., "
+        "decoder_input_ids=...)`), or generate without mixers: `converted.original.generate`"
+    )
 
 
 def _tracing(anchor: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hcpass.ops.attnres import reference
+from hcpass.ops.library import no_second_derivative
 
 _F = TypeVar("_F", bound=Callable)
 
@@ -83,6 +84,7 @@ def _attnres_backward(ctx, grad):
 
 
 attnres.register_autograd(_attnres_backward, setup_context=_setup_attnres)
+attnres_backward.register_autograd(no_second_derivative)
 
 # op -> its reference, for back ends that lower the ops to plain PyTorch (merged into
 # `hcpass.ops.REFERENCE`).
