@@ -4,7 +4,8 @@ Graph breaks between blocks -- an explicit `graph_break()`, every FSDP2 `fully_s
 block call -- split a converted model's forward into several graphs. The converted model must
 compute what it computes without the breaks: same outputs and gradients (≤ 1e-6, float32
 rounding of the gradient's split through the collapsed stream), and same parameters after
-training (≤ 1e-5 under FSDP2, whose reduce-scatter sums in another order).
+training (≤ 1e-5 under FSDP2, whose reduce-scatter sums in another order). DDP's gradient
+buckets, which would have Dynamo split a graph into pieces, split nothing.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ def test_a_stream_replaced_between_graphs_is_an_error():
         converted(ids)
 
 
-# ----------------------------------------------------------------------------- FSDP2
+# ------------------------------------------------------------------ FSDP2 and DDP
 STEPS = 3
 WORLD = 2
+DDP_WIDTH = 256  # 6 MB of parameters: several of DDP's gradient buckets
 
 
 def _batches() -> list[torch.Tensor]:
@@ -157,22 +159,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_per_block_and_root_trains_like_one_process(tmp_path: Path):
-    out = str(tmp_path / "params.pt")
+def _run_ranks(target, *args) -> None:
     port = _free_port()
     context = multiprocessing.get_context("spawn")
     env = {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")}
     os.environ.update({k: v for k, v in env.items() if v})
-    ranks = [context.Process(target=_fsdp_worker, args=(r, port, out)) for r in range(WORLD)]
+    ranks = [context.Process(target=target, args=(r, port, *args)) for r in range(WORLD)]
     for p in ranks:
         p.start()
     for p in ranks:
-        p.join(timeout=150)
+        p.join(timeout=300)
     stuck = [p for p in ranks if p.is_alive()]
     for p in stuck:
         p.kill()
-    assert not stuck, "an FSDP2 rank did not finish within 150 s"
+    assert not stuck, "a rank did not finish within 300 s"
     assert all(p.exitcode == 0 for p in ranks), [p.exitcode for p in ranks]
+
+
+def test_fsdp2_per_block_and_root_trains_like_one_process(tmp_path: Path):
+    out = str(tmp_path / "params.pt")
+    _run_ranks(_fsdp_worker, out)
 
     torch.manual_seed(0)
     reference = _convert(models.tiny_gpt(), models.token_inputs()[0][0])
@@ -180,6 +186,44 @@ def test_fsdp2_per_block_and_root_trains_like_one_process(tmp_path: Path):
     sharded = torch.load(out)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(sharded[name], param.detach(), rtol=0, atol=1e-5, msg=name)
+
+
+def _ddp_worker(rank: int, port: int, out: str, compiled: bool) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        torch.manual_seed(0)
+        converted = _convert(models.tiny_gpt(width=DDP_WIDTH), models.token_inputs()[0][0])
+        # 1 MB buckets (DDP's first is 1 MB): ~6 for the 6 MB of parameters, so Dynamo's
+        # DDPOptimizer would split each graph it compiles at their boundaries.
+        model = DistributedDataParallel(converted, bucket_cap_mb=1)
+        if compiled:
+            model = torch.compile(model, backend="hcpass")
+        share = len(_batches()[0]) // WORLD
+        _train(model, [b[rank * share : (rank + 1) * share] for b in _batches()])
+        if rank == 0:
+            torch.save(dict(converted.named_parameters()), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_with_several_buckets_trains_like_one_process(tmp_path: Path, compiled: bool):
+    """DDP's gradient buckets must not split a converted forward: the runtime's own capture,
+    and `backend="hcpass"`, compile one graph per frame where Dynamo would hand each bucket's
+    piece to the backend (their chains and mixers cut apart: every site ran without its mixer)."""
+    out = str(tmp_path / "params.pt")
+    _run_ranks(_ddp_worker, out, compiled)
+    torch.manual_seed(0)
+    reference = _convert(models.tiny_gpt(width=DDP_WIDTH), models.token_inputs()[0][0])
+    _train(reference, _batches())
+    trained = torch.load(out)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(trained[name], param.detach(), rtol=0, atol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------- regional compile

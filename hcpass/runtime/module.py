@@ -286,7 +286,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         token = _RUN.set(run)
         regions: list[str] = []
         try:
-            with visible_residuals():
+            # Under DDP, Dynamo splits a graph at gradient-bucket boundaries and hands the
+            # backend each piece (DDPOptimizer): a chain's sites, and the parameters that key
+            # their mixers, would fall in different pieces. One graph per frame instead.
+            with visible_residuals(), torch._dynamo.config.patch(optimize_ddp=False):
                 run.compiled = self._probe(self.mixers_anchor)
                 if run.compiled:
                     # An outer torch.compile is tracing: let it trace the original forward;
