@@ -130,10 +130,13 @@ class LowerToReference(GraphPass):
             elif node.op == "call_function" and node.target in REFERENCE:
                 node.target = REFERENCE[node.target]  # Attention Residuals
             elif node.op == "get_attr" and graph.owning_module is not None:
-                # activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions)
+                # Activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions).
+                # Inlined there: AOTAutograd's recompute of a shared subgraph inside a
+                # checkpoint region gave a site's phi a wrong gradient (torch 2.13; relative
+                # error 1 to 37x, tests/test_checkpoint.py).
                 body = operator.attrgetter(node.target)(graph.owning_module)
                 if isinstance(body, fx.GraphModule):
-                    self(body.graph)
+                    LowerToReference(share=False)(body.graph)
                     body.recompile()
 
 
