@@ -289,7 +289,12 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             # Under DDP, Dynamo splits a graph at gradient-bucket boundaries and hands the
             # backend each piece (DDPOptimizer): a chain's sites, and the parameters that key
             # their mixers, would fall in different pieces. One graph per frame instead.
-            with visible_residuals(), torch._dynamo.config.patch(optimize_ddp=False):
+            # And Dynamo guards on the modules' hooks: by default it does not, so a hook
+            # registered after the first call would never run.
+            with (
+                visible_residuals(),
+                torch._dynamo.config.patch(optimize_ddp=False, skip_nnmodule_hook_guards=False),
+            ):
                 run.compiled = self._probe(self.mixers_anchor)
                 if run.compiled:
                     # An outer torch.compile is tracing: let it trace the original forward;
