@@ -178,6 +178,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         # Not a child: the original parameters keep their state_dict names. Set after the
         # registrations above, which must not see the original's attributes (`__getattr__`).
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_root_synced", {})
+        self._sync_root()  # both sides hold the same objects: the first snapshot
         self.mixers = nn.ModuleDict(mixers)
         # The rewrite family: hyper-connections (None) or Attention Residuals.
         self.attnres = attnres
@@ -236,10 +238,32 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             return types.MethodType(value.__func__, self)
         return value
 
+    def _sync_root(self) -> None:
+        """Make this module's root parameters, buffers and children, and the original's,
+        the same objects again after either side replaced one: the forward runs the
+        original, while `parameters()`, `state_dict()` and the optimizer see this module's.
+
+        Replacements come from setattr (``load_state_dict(assign=True)``, a new head),
+        `_apply` (``.to(dtype)`` replaces buffers; ``to_empty`` parameters too) and writes
+        into the dicts (``quantize_dynamic``). Whichever side changed since the last sync
+        wins."""
+        synced = self._root_synced
+        for kind in ("_parameters", "_buffers", "_modules"):
+            here, there = self.__dict__[kind], self._model.__dict__[kind]
+            for name in list(there):
+                mine, theirs = here.get(name), there[name]
+                if mine is not theirs:
+                    if synced.get((kind, name)) is theirs:
+                        there[name] = mine
+                    else:
+                        here[name] = theirs
+                synced[(kind, name)] = here[name]
+
     @property
     def original(self) -> nn.Module:
         """The original module (sharing parameters with this one). Calling it, or methods
         of it such as ``generate``, runs the model without the mixers."""
+        self._sync_root()
         return self._model
 
     @property
@@ -282,6 +306,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                 "not trace from inside one. Use torch.autograd (loss.backward(), "
                 "torch.autograd.grad) and batched inputs"
             )
+        self._sync_root()
         run = _Run(self, observer=observer)
         token = _RUN.set(run)
         regions: list[str] = []
@@ -356,12 +381,13 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def _cause(self, run: _Run) -> str:
         if replaced := self._replaced_parameters():
             return (
-                f"The forward ran with tensors in place of the model's parameters "
-                f"({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}), as "
-                "torch.func.functional_call and torch.func.stack_module_state do: each mixer "
-                "belongs to the parameters it was converted with, so this is not supported. "
-                "Set new values into the parameters instead (`param.copy_(...)`, "
-                "load_state_dict)."
+                f"The model no longer holds {', '.join(replaced[:3])}"
+                f"{', ...' if len(replaced) > 3 else ''} as parameters, and each mixer is "
+                "keyed on the parameter it was converted with: a tensor passed in its place "
+                "(torch.func.functional_call, stack_module_state) is not supported; a "
+                "parametrization, pruning, quantization or a replaced layer must come before "
+                "hcpass.convert. To change values, write into the parameters "
+                "(`param.copy_(...)`, load_state_dict)."
             )
         if run.graphs == 0 and run.compiled:
             return (
