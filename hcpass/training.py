@@ -30,18 +30,25 @@ def param_groups(
 
     Empty groups are left out. Use as ``torch.optim.AdamW(hcpass.param_groups(model,
     lr=3e-3, weight_decay=0.1))``; a scheduler such as ``LambdaLR`` scales every group's
-    `lr` by the same factor, so the ratio is kept. `model` may also be an unconverted
-    module (no mixers group), so the same code trains the baseline."""
+    `lr` by the same factor, so the ratio is kept. `model` may be wrapped
+    (``torch.compile``, DDP) or an unconverted module (no mixers group), so the same code
+    trains the baseline."""
     if not (isinstance(mixer_lr_scale, (int, float)) and mixer_lr_scale > 0):
         raise ValueError(f"mixer_lr_scale must be a number > 0, got {mixer_lr_scale!r}")
-    mixers = model.mixers if isinstance(model, ConvertedModule) else nn.ModuleDict()
-    mixer_ids = {id(p) for p in mixers.parameters()}
-    own = [p for p in model.parameters() if p.requires_grad and id(p) not in mixer_ids]
+    # Every converted module inside `model`: it may be wrapped (torch.compile's
+    # OptimizedModule, DDP) or hold several converted parts.
+    mixers = {
+        id(p): p
+        for m in model.modules()
+        if isinstance(m, ConvertedModule)
+        for p in m.mixers.parameters()
+    }
+    own = [p for p in model.parameters() if p.requires_grad and id(p) not in mixers]
     groups = [
         {"params": [p for p in own if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
         {"params": [p for p in own if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
         {
-            "params": [p for p in mixers.parameters() if p.requires_grad],
+            "params": [p for p in mixers.values() if p.requires_grad],
             "lr": lr * mixer_lr_scale,
             "weight_decay": 0.0,
         },

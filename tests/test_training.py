@@ -107,6 +107,11 @@ def test_param_groups_scale_the_mixers_only() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(converted.parameters()))
     with pytest.raises(ValueError, match="mixer_lr_scale"):
         hcpass.param_groups(converted, lr=1.0, mixer_lr_scale=0)
+    # Wrapped (torch.compile, as hcpass.compile returns; DDP likewise): the same groups.
+    wrapped = hcpass.param_groups(torch.compile(converted, backend="hcpass"), lr=1.0)
+    assert [{id(p) for p in g["params"]} for g in wrapped] == [
+        {id(p) for p in g["params"]} for g in hcpass.param_groups(converted, lr=1.0)
+    ]
 
 
 class PreThenPostNorm(PostNorm):
