@@ -407,3 +407,20 @@ def test_hooks_registered_after_the_first_call_run():
         converted(ids)
     handle.remove()
     torch.testing.assert_close(converted(ids), without, **FP32)
+
+
+@pytest.mark.parametrize("family", ["hyper-connections", "attnres"])
+def test_a_model_converted_on_the_meta_device_materialises_with_reset_parameters(family):
+    """The torchtitan / FSDP2 recipe: build and convert on meta, `to_empty`, then every
+    module's `reset_parameters` (the mixers' gives back their function-preserving init; they
+    held uninitialised memory before, NaN outputs)."""
+    (ids,), _ = models.token_inputs()
+    with torch.device("meta"):
+        model = models.tiny_gpt()
+    converted = hcpass.convert(model, (ids.to("meta"),), family=family)
+    converted.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for module in converted.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.testing.assert_close(converted(ids), converted.original(ids), rtol=1e-5, atol=1e-5)

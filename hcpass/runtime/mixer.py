@@ -65,7 +65,17 @@ class Mixer(SiteModule):
             self.register_parameter("alpha", None)
         # keep_copies: the site's chain applies a nonlinear op to every stream (see
         # `Manifold.init_bias`; `hcpass.frontend.plan` decides).
+        self.site_index, self.keep_copies = site_index, keep_copies
         self.bias = nn.Parameter(manifold.init_bias(site_index, keep_copies=keep_copies))
+
+    def reset_parameters(self) -> None:
+        """Back to the function-preserving init, as after a model built on the meta device
+        is materialised (``to_empty``, then each module's ``reset_parameters``)."""
+        with torch.no_grad():
+            if self.phi is not None:
+                self.phi.zero_()
+                self.alpha.copy_(self.manifold.init_alpha())
+            self.bias.copy_(self.manifold.init_bias(self.site_index, keep_copies=self.keep_copies))
 
     @property
     def spec(self) -> str:

@@ -24,6 +24,12 @@ class PseudoQuery(SiteModule):
         self.query = None if starts_chain else zeros()
         self.output_query = zeros() if ends_chain else None
 
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for query in (self.query, self.output_query):
+                if query is not None:
+                    query.zero_()
+
     @property
     def spec(self) -> str:
         return self._spec
