@@ -422,7 +422,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         replaced = []
         for name in self._key_of:
             owner, _, leaf = name.rpartition(".")
-            module = self._model.get_submodule(owner) if owner else self._model
+            try:
+                module = self._model.get_submodule(owner)
+            except AttributeError:  # the layer itself is gone
+                module = None
             if not isinstance(getattr(module, leaf, None), nn.Parameter):
                 replaced.append(name)
         return replaced
