@@ -212,11 +212,12 @@ def mutates_first_arg(node: fx.Node) -> bool:
     return node.kwargs.get("inplace") is True
 
 
-# Stream ops that commute with the mean over the streams (widening casts exactly; dropout
-# and contiguous are the identity in eval). Norms and activations do not, nor does a cast
-# that narrows (the mean of n rounded streams is not the rounded mean): a chain that lifts
-# one needs its streams to stay copies at init (`Manifold.init_bias`'s keep_copies).
-AFFINE_STREAM_OPS = CASTS | DROPOUTS | LAYOUT_CHANGES
+# Stream ops that commute with the mean over the streams (dropout and contiguous are the
+# identity in eval; a cast does when it widens, `_may_round`). Norms and activations do not,
+# nor does a cast that narrows (the mean of n rounded streams is not the rounded mean): a
+# chain that lifts one needs its streams to stay copies at init (`Manifold.init_bias`'s
+# keep_copies).
+AFFINE_STREAM_OPS = DROPOUTS | LAYOUT_CHANGES
 
 
 def is_affine_stream_op(node: fx.Node) -> bool:

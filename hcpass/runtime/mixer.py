@@ -58,19 +58,20 @@ class Mixer(SiteModule):
         self.manifold = manifold
         self.channels = channels
         if manifold.dynamic:
-            self.phi = nn.Parameter(torch.zeros(manifold.phi_shape(channels)))
-            self.alpha = nn.Parameter(manifold.init_alpha())
+            self.phi = nn.Parameter(torch.empty(manifold.phi_shape(channels)))
+            self.alpha = nn.Parameter(torch.empty(3))
         else:
             self.register_parameter("phi", None)
             self.register_parameter("alpha", None)
+        self.bias = nn.Parameter(torch.empty(manifold.num_logits))
         # keep_copies: the site's chain applies a nonlinear op to every stream (see
         # `Manifold.init_bias`; `hcpass.frontend.plan` decides).
         self.site_index, self.keep_copies = site_index, keep_copies
-        self.bias = nn.Parameter(manifold.init_bias(site_index, keep_copies=keep_copies))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Back to the function-preserving init, as after a model built on the meta device
-        is materialised (``to_empty``, then each module's ``reset_parameters``)."""
+        """The function-preserving init; also after a model built on the meta device is
+        materialised (``to_empty``, then each module's ``reset_parameters``)."""
         with torch.no_grad():
             if self.phi is not None:
                 self.phi.zero_()
