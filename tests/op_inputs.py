@@ -66,3 +66,32 @@ def boundary_inputs(
     _, y, h_post, h_res = stream_inputs("post_res", n, pos, C, dtype)
     # H_res as a merge uses it: rows summing to ~1 keep X' at x's scale
     return x, y, h_post, h_res / h_res.sum(-1, keepdim=True), phi, alpha, bias, spec
+
+
+def saturated_sinkhorn_inputs(n: int, positions: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """fp32 ``[positions, n, n]`` logits uniform in [-100, 100] and an N(0, 1) gradient of H:
+    the saturated H_res of a long run (entries of 1e-17 and exact zeros next to 1). About
+    40% of exp(logits - max) underflows to exact zeros in fp32, and rows or columns whose
+    entries all lie far below the max sum under eps = 1e-30 at the first steps."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.rand(positions, n, n, generator=gen) * 200 - 100
+    return logits, torch.randn(positions, n, n, generator=gen)
+
+
+def sinkhorn_fp64_reference(
+    logits: torch.Tensor, grad: torch.Tensor, iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, dL/dlogits) of `sinkhorn` by fp64 autograd of the unrolled forward, from the same
+    ``m_0 = exp(logits - max)`` as the fp32 forward computes (its exact zeros and denormals:
+    saturated H depends on them). Written on log m, ``log m -= max(logsumexp, log eps)`` per
+    step, the same map as ``m /= max(sum, eps)``, because autograd of the division form
+    overflows even fp64 here (one factor 1e30 per clamped step). Exact zeros of m_0 enter as
+    log m = -1e4 (exp is 0 in fp64 too)."""
+    m0 = torch.exp(logits - logits.amax((-2, -1), keepdim=True)).double()
+    log_m0 = torch.where(m0 > 0, m0, 1.0).log().masked_fill(m0 == 0, -1e4).requires_grad_()
+    log_m, floor = log_m0, math.log(1e-30)
+    for step in range(2 * iters):
+        log_m = log_m - torch.logsumexp(log_m, -2 + step % 2, keepdim=True).clamp_min(floor)
+    h = log_m.exp()
+    (dlogits,) = torch.autograd.grad(h, log_m0, grad.double())
+    return h.detach(), dlogits

@@ -7,10 +7,12 @@
 //   step s = 0 .. 2 iters - 1, along axis a = s % 2 (0: column sums, 1: row sums):
 //     t_s = sums of m_s along a;  m_{s+1} = m_s / max(t_s, eps), broadcast along a
 //   H = m_{2 iters}
-// Backward, given G = dLoss/dH, for s from the last step down:
-//     share = sums of G * m_{s+1} along a, taken as 0 where t_s < eps (the clamp is active)
-//     G = (G - share) / max(t_s, eps)
-//   dLoss/dL = G * m_0 (the max subtracted gets no gradient: the map is shift invariant).
+// Backward in the log domain, given G = dLoss/dH: U = dLoss/d(log m) starts at G * H and,
+// for s from the last step down,
+//     share = sums of U along a, taken as 0 where t_s < eps (the clamp is active)
+//     U = U - m_{s+1} * share, broadcast along a
+//   dLoss/dL = U (the max subtracted gets no gradient: the map is shift invariant).
+// No division: U stays bounded however small the sums (dLoss/dm = U / m would overflow).
 //
 // Positions go in blocks of kBlock, each block's matrices entry-major ([n * n][kBlock]), so
 // every inner loop runs over positions, in SIMD lanes. The backward keeps every step's
@@ -111,43 +113,43 @@ void backward(const T* logits, const T* grad, T* out, int64_t positions, int64_t
   const int64_t matrix = nn * kBlock, sums = n * kBlock;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> m((steps + 1) * matrix), total(steps * sums), inverse(steps * sums), g(matrix),
+    std::vector<T> m((steps + 1) * matrix), total(steps * sums), inverse(sums), u(matrix),
         share(sums);
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t p0 = block * kBlock, len = std::min(kBlock, positions - p0);
       load_exp(logits, p0, len, nn, m.data());
       for (int64_t s = 0; s < steps; ++s)
-        normalise(m.data() + s * matrix, n, s % 2, total.data() + s * sums,
-                  inverse.data() + s * sums, m.data() + (s + 1) * matrix);
-      load(grad, p0, len, nn, g.data());
+        normalise(m.data() + s * matrix, n, s % 2, total.data() + s * sums, inverse.data(),
+                  m.data() + (s + 1) * matrix);
+      load(grad, p0, len, nn, u.data());
+      const T* h = m.data() + steps * matrix;
+#pragma omp simd
+      for (int64_t k = 0; k < matrix; ++k) u[k] *= h[k];
       for (int64_t s = steps - 1; s >= 0; --s) {
         const int axis = s % 2;
         const T* o = m.data() + (s + 1) * matrix;
         const T* t = total.data() + s * sums;
-        const T* r = inverse.data() + s * sums;
         std::fill(share.begin(), share.end(), T(0));
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
             T* sh = share.data() + sum_index(i, j, axis) * kBlock;
-            const T* ge = g.data() + (i * n + j) * kBlock;
-            const T* oe = o + (i * n + j) * kBlock;
+            const T* ue = u.data() + (i * n + j) * kBlock;
 #pragma omp simd
-            for (int64_t b = 0; b < kBlock; ++b) sh[b] += ge[b] * oe[b];
+            for (int64_t b = 0; b < kBlock; ++b) sh[b] += ue[b];
           }
 #pragma omp simd
         for (int64_t k = 0; k < sums; ++k) share[k] = t[k] >= kEps<T> ? share[k] : T(0);
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) {
-            const int64_t a = sum_index(i, j, axis) * kBlock;
-            T* ge = g.data() + (i * n + j) * kBlock;
+            const T* sh = share.data() + sum_index(i, j, axis) * kBlock;
+            const T* oe = o + (i * n + j) * kBlock;
+            T* ue = u.data() + (i * n + j) * kBlock;
 #pragma omp simd
-            for (int64_t b = 0; b < kBlock; ++b) ge[b] = (ge[b] - share[a + b]) * r[a + b];
+            for (int64_t b = 0; b < kBlock; ++b) ue[b] -= oe[b] * sh[b];
           }
       }
-#pragma omp simd
-      for (int64_t k = 0; k < matrix; ++k) g[k] *= m[k];
-      store(g.data(), p0, len, nn, out);
+      store(u.data(), p0, len, nn, out);
     }
   }
 }

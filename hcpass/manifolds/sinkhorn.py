@@ -49,35 +49,38 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
 def sinkhorn_vjp(logits: Tensor, grad: Tensor, iters: int, *, check_clamps: bool = False) -> Tensor:
     """Gradient of `sinkhorn` w.r.t. its logits given ``grad = dL/dH``: the forward again,
-    keeping each step's matrix and sums (2 * iters n x n and n per position), then back
-    through ``out = m / max(s, eps)``: ``dm = (g - [s >= eps] sum(g * out)) / max(s, eps)``,
-    the sum along the step's axis. The max subtracted before exp gets no gradient (the map
-    is shift-invariant, its share sums to 0); ``dlogits = dm0 * m0``. Stream axes first, as
-    in `sinkhorn`; returns ``[..., n, n]``, a view.
+    keeping each step's output and sums (2 * iters n x n and n per position), then back
+    through the steps in the log domain. With ``u = dL/d(log m)``, a step ``out = m / s``
+    (s the sum of m along the step's axis) has ``u_in = u_out - out * sum(u_out)``, the sum
+    along that axis: no division, so |u| stays within a factor 2 per step of
+    ``|grad * H|`` however saturated H is (entries of 1e-17 and exact zeros next to 1, sums
+    near eps). Dividing ``dL/dm`` by those sums instead overflowed fp32. Where the sum was
+    clamped (s < eps) the step is a constant scaling and ``u_in = u_out``. It starts from
+    ``u = grad * H`` and ends at ``dL/dlogits = u``: ``log m_0 = logits - max``, and the max
+    gets no gradient (the map is shift-invariant, its share sums to 0). Stream axes first,
+    as in `sinkhorn`; returns ``[..., n, n]``, a view.
 
     ``check_clamps`` (eager only: it branches on the data) drops the ``[s >= eps]`` masks
     when one check finds no sum below eps, the usual case: at n = 4 each op costs its
-    dispatch, not its arithmetic, and the loop runs ~290 ops instead of ~410, bit-identical.
+    dispatch, not its arithmetic, so the loop runs fewer ops, bit-identical.
     """
-    m0 = _exp_stream_axes_first(logits)
+    m = _exp_stream_axes_first(logits)
     steps = []
-    m = m0
     for k in range(2 * iters):
         total = m.sum(k % 2, keepdim=True)
-        clamped = total.clamp_min(_EPS)
-        m = m / clamped
-        steps.append((k % 2, total, clamped, m))
+        m = m / total.clamp_min(_EPS)
+        steps.append((k % 2, total, m))
     active = None
-    if not check_clamps or bool((torch.cat([t.view(-1) for _, t, _, _ in steps]) < _EPS).any()):
-        active = [total >= _EPS for _, total, _, _ in steps]
-    g = grad.to(m0.dtype).movedim((-2, -1), (0, 1)).contiguous()
+    if not check_clamps or bool((torch.cat([t.view(-1) for _, t, _ in steps]) < _EPS).any()):
+        active = [total >= _EPS for _, total, _ in steps]
+    u = grad.to(m.dtype).movedim((-2, -1), (0, 1)) * m
     for k in reversed(range(2 * iters)):
-        axis, _, clamped, out = steps[k]
-        share = (g * out).sum(axis, keepdim=True)
+        axis, _, out = steps[k]
+        share = u.sum(axis, keepdim=True)
         if active is not None:
             share = torch.where(active[k], share, 0.0)
-        g = (g - share).div_(clamped)
-    return g.mul_(m0).movedim((0, 1), (-2, -1))
+        u = u.sub_(out * share)
+    return u.movedim((0, 1), (-2, -1))
 
 
 # `sinkhorn` as ops of their own, so that torch.compile sees one call, not the unrolled
@@ -162,7 +165,8 @@ class UnrolledSinkhorn(torch.autograd.Function):
 # Manifold.triton_res_map). The backward recomputes instead of storing the 2 * iters
 # intermediate matrices: before stepping back through iteration t it rebuilds t's input from
 # exp(logits), O(iters^2) normalisations of an n x n tile in registers per position -- cheap
-# next to the kernel's pass over the n*C state, and nothing but the inputs is saved.
+# next to the kernel's pass over the n*C state, and nothing but the inputs is saved. It steps
+# back in the log domain, as `sinkhorn_vjp` does: no division by a row or column sum.
 TRITON_SINKHORN = """
 @triton.jit
 def _sinkhorn_valid(logits, N: tl.constexpr):
@@ -179,36 +183,42 @@ def _sinkhorn_exp(logits, N: tl.constexpr):
 
 
 @triton.jit
-def res_map(logits, N: tl.constexpr, S: tl.constexpr):
-    m = _sinkhorn_exp(logits, N)
-    for _ in range({iters}):
+def _sinkhorn_iterate(m, count):
+    for _ in range(count):
         m = m / tl.maximum(tl.sum(m, axis=1, keep_dims=True), 1e-30)
         m = m / tl.maximum(tl.sum(m, axis=2, keep_dims=True), 1e-30)
     return m
 
 
 @triton.jit
+def _sinkhorn_iteration_back(m, u, FIRST: tl.constexpr):
+    # m: an iteration's input; u: dL/d(log) of its output, or (FIRST) dL/d its output, H.
+    # Each step out = m / s gives u_in = u_out - out * sum(u_out) where the sum s >= eps (a
+    # clamped step is a constant scaling): no division, so u stays finite. The padding's m
+    # and gradient are 0, so its u stays 0.
+    col = tl.sum(m, axis=1, keep_dims=True)
+    m = m / tl.maximum(col, 1e-30)
+    row = tl.sum(m, axis=2, keep_dims=True)
+    out = m / tl.maximum(row, 1e-30)
+    if FIRST:
+        u = u * out
+    u = u - out * tl.where(row >= 1e-30, tl.sum(u, axis=2, keep_dims=True), 0.0)
+    return u - m * tl.where(col >= 1e-30, tl.sum(u, axis=1, keep_dims=True), 0.0)
+
+
+@triton.jit
+def res_map(logits, N: tl.constexpr, S: tl.constexpr):
+    return _sinkhorn_iterate(_sinkhorn_exp(logits, N), {iters})
+
+
+@triton.jit
 def res_map_vjp(logits, grad, N: tl.constexpr, S: tl.constexpr):
-    valid = _sinkhorn_valid(logits, N)
     m0 = _sinkhorn_exp(logits, N)
-    g = grad
-    for back in range({iters}):
-        m = m0
-        for _ in range({iters} - 1 - back):
-            m = m / tl.maximum(tl.sum(m, axis=1, keep_dims=True), 1e-30)
-            m = m / tl.maximum(tl.sum(m, axis=2, keep_dims=True), 1e-30)
-        col = tl.sum(m, axis=1, keep_dims=True)
-        m = m / tl.maximum(col, 1e-30)
-        row = tl.sum(m, axis=2, keep_dims=True)
-        out = m / tl.maximum(row, 1e-30)
-        # d(m / max(s, eps)): the sum's share flows only where the clamp is inactive (as in
-        # torch's clamp_min); the padding is re-zeroed, its 1/eps would overflow to inf * 0.
-        g_row = tl.where(row >= 1e-30, tl.sum(g * out, axis=2, keep_dims=True), 0.0)
-        g = (g - g_row) / tl.maximum(row, 1e-30)
-        g_col = tl.where(col >= 1e-30, tl.sum(g * m, axis=1, keep_dims=True), 0.0)
-        g = tl.where(valid, (g - g_col) / tl.maximum(col, 1e-30), 0.0)
-    # the max subtracted in _sinkhorn_exp gets no gradient: the map is shift-invariant
-    return g * m0
+    u = _sinkhorn_iteration_back(_sinkhorn_iterate(m0, {iters} - 1), grad, True)
+    for back in range(1, {iters}):
+        u = _sinkhorn_iteration_back(_sinkhorn_iterate(m0, {iters} - 1 - back), u, False)
+    # dL/dlogits = dL/d(log m0): the max subtracted gets no gradient (shift-invariant map)
+    return u
 """
 
 
@@ -284,6 +294,10 @@ class Sinkhorn(Manifold):
     def res_map(self, logits: Tensor) -> Tensor:
         n = self.streams
         matrix = logits.unflatten(-1, (n, n))
+        if torch.compiler.is_exporting():
+            # torch.export records the iterations as ATen ops: the program runs without
+            # hcpass (docs/deployment.md). Both backwards share this forward.
+            return sinkhorn(matrix, self.options["sinkhorn_iters"])
         if self.options["sinkhorn_backward"] == "implicit":
             # Cast outside the Function: autograd's cast node hands back the logits' dtype.
             matrix = matrix.to(compute_dtype(matrix.dtype))
