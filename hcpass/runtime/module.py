@@ -42,6 +42,7 @@ from hcpass.rewrite.base import MixerInputs, MixerSlot, graph_module
 from hcpass.rewrite.chains import rewrite_chains
 from hcpass.rewrite.regions import checkpoint_eagerly
 from hcpass.runtime import handoff
+from hcpass.runtime.export import trace_for_export
 from hcpass.runtime.mixer import SiteModule
 
 
@@ -278,7 +279,23 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_exporting():
+            return self.exported_forward(args, kwargs)
         return self.observed_forward(None, *args, **kwargs)
+
+    def exported_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """forward under torch.export: the capture and rewrite run inside the export's trace
+        (`hcpass.runtime.export`), which records the rewritten graph with the mixer ops
+        decomposed to ATen. Checked against the plan like every call."""
+        self._sync_root()
+        run = _Run(self)
+        token = _RUN.set(run)
+        try:
+            out = trace_for_export(self, args, kwargs)
+        finally:
+            _RUN.reset(token)
+        self._check_ran(run)
+        return out
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """HF models' switch (the HF `Trainer` calls it): checkpoints the original blocks;
@@ -546,7 +563,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 @functools.cache
 def _converted_class(original: type[nn.Module]) -> type[ConvertedModule]:
     def forward(self: ConvertedModule, *args: Any, **kwargs: Any) -> Any:
-        return self.observed_forward(None, *args, **kwargs)
+        return ConvertedModule.forward(self, *args, **kwargs)
 
     # HF generation inspects forward's parameters to choose the inputs it passes.
     forward.__signature__ = inspect.signature(original.forward)
