@@ -38,6 +38,7 @@ import argparse
 import concurrent.futures
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -156,34 +157,51 @@ def mean_gain(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
+def finite_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that trained every step to a finite held-out loss: the only ones averaged
+    or compared (a NaN is reported, never averaged away)."""
+    return [r for r in runs if r.get("diverged_at") is None and math.isfinite(r["val_loss"])]
+
+
 def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """One row per variant over its finite runs; ``diverged`` lists the others (seed and
+    step). A variant none of whose runs is finite has NaN losses and no mixer columns."""
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in variants}
-    plain = by_variant[BASELINE]
-    target = mean_curve(plain)[-1]
-    plain_ms = statistics.fmean(r["ms_per_step"] for r in plain)
+    plain = finite_runs(by_variant[BASELINE])
+    target = mean_curve(plain)[-1] if plain else None
+    plain_ms = statistics.fmean(r["ms_per_step"] for r in by_variant[BASELINE])
     rows = []
-    for variant, group in by_variant.items():
+    for variant, everything in by_variant.items():
+        group = finite_runs(everything)
         losses = [r["val_loss"] for r in group]
-        curve = mean_curve(group)
-        reached = next((i + 1 for i, v in enumerate(curve) if v <= target), None)
+        curve = mean_curve(group) if group else []
+        reached = None
+        if target is not None:
+            reached = next((i + 1 for i, v in enumerate(curve) if v <= target), None)
         row: dict[str, Any] = {
             "variant": variant,
-            "seeds": len(group),
-            "val_loss_mean": statistics.fmean(losses),
+            "seeds": len(everything),
+            "finite_seeds": len(group),
+            "diverged": [
+                {"seed": r["seed"], "step": r.get("diverged_at"), "val_loss": r["val_loss"]}
+                for r in everything
+                if r not in group
+            ],
+            "val_loss_mean": statistics.fmean(losses) if losses else math.nan,
             "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             "steps_to_plain_final": reached,
-            "ms_per_step": statistics.fmean(r["ms_per_step"] for r in group),
-            "step_time_vs_plain": statistics.fmean(r["ms_per_step"] for r in group) / plain_ms,
-            "params": group[0]["params"],
+            "ms_per_step": statistics.fmean(r["ms_per_step"] for r in everything),
+            "step_time_vs_plain": statistics.fmean(r["ms_per_step"] for r in everything) / plain_ms,
+            "params": everything[0]["params"],
         }
-        if variant == ATTNRES:
+        if group and "output_on_input" in group[0]:  # attnres: weights over depth
             row.update(
                 {
                     key: statistics.fmean(r[key] for r in group)
                     for key in ("output_on_input", "output_on_last")
                 }
             )
-        elif variant != BASELINE:
+        elif group and "gain" in group[0]:  # hyper-connections: H_res and gain
             gain = mean_gain(group)
             row.update(
                 {
@@ -198,12 +216,23 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     return rows
 
 
+def diverged_cell(row: dict[str, Any]) -> str:
+    """``0/3``, or which seeds diverged and at which step: ``1/3: seed 1 @ 1128``."""
+    cell = f"{len(row['diverged'])}/{row['seeds']}"
+    where = [
+        f"seed {d['seed']} @ {d['step']}" if d["step"] else f"seed {d['seed']}: {d['val_loss']}"
+        for d in row["diverged"]
+    ]
+    return f"{cell}: {', '.join(where)}" if where else cell
+
+
 def print_summary(rows: list[dict[str, Any]], steps: int) -> None:
     plain = rows[0]
     header = [
         "variant",
         "held-out loss",
         "vs plain",
+        "diverged",
         "steps to plain",
         "H_res moved",
         "from I",
@@ -215,14 +244,16 @@ def print_summary(rows: list[dict[str, Any]], steps: int) -> None:
     ]
     table = []
     for r in rows:
-        converted = r["variant"] != BASELINE
         mixer = "gain_last" in r  # hyper-connections; attnres has weights over depth instead
         attnres = "output_on_input" in r
+        finite = r["finite_seeds"] > 0
+        comparable = r is not plain and finite and plain["finite_seeds"] > 0
         table.append(
             [
                 r["variant"],
-                f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}",
-                f"{r['val_loss_mean'] - plain['val_loss_mean']:+.4f}" if converted else "-",
+                f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}" if finite else "diverged",
+                f"{r['val_loss_mean'] - plain['val_loss_mean']:+.4f}" if comparable else "-",
+                diverged_cell(r),
                 str(r["steps_to_plain_final"] or f"> {steps}"),
                 f"{r['h_res_from_init']:.3f}" if mixer else "-",
                 f"{r['h_res_from_identity']:.3f}" if mixer else "-",
@@ -237,11 +268,18 @@ def print_summary(rows: list[dict[str, Any]], steps: int) -> None:
 
 
 def verdict(rows: list[dict[str, Any]], default: str) -> str:
-    """The goal of issue 10: the default manifold beats plain by more than 2 plain stds."""
+    """The goal of issue 10: the default manifold beats plain by more than 2 plain stds,
+    every run of both finite."""
     plain = rows[0]
     row = next((r for r in rows if r["variant"] == default), None)
     if row is None:
         return f"default manifold {default!r} not run"
+    for r in (plain, row):
+        if r["diverged"]:
+            return (
+                f"{default} does NOT beat {BASELINE}: {r['variant']} diverged in "
+                f"{diverged_cell(r)} seeds"
+            )
     margin = plain["val_loss_mean"] - row["val_loss_mean"]
     bar = 2 * plain["val_loss_std"]
     word = "beats" if margin > bar else "does NOT beat"
@@ -263,8 +301,8 @@ def write_plots(directory: Path, stem: str, runs: list[dict], rows: list[dict]) 
     if not have_matplotlib():
         print(f"plots skipped: {plot.INSTALL_HINT}")
         return []
-    variants = [r["variant"] for r in rows]
-    curves = {v: mean_curve([r for r in runs if r["variant"] == v]) for v in variants}
+    variants = [r["variant"] for r in rows if r["finite_seeds"]]
+    curves = {v: mean_curve(finite_runs([r for r in runs if r["variant"] == v])) for v in variants}
     written = [
         plot.losses(curves, directory / f"{stem}-loss.png", title="Training loss (mean of seeds)")
     ]

@@ -71,6 +71,66 @@ def test_demo_runs_an_attnres_variant(tmp_path, capsys):
         assert "depth_attnres.png" in names and "mixers_attnres.png" not in names
 
 
+def nan_gradient_from_call(model: torch.nn.Module, call: int) -> None:
+    """From its `call`-th training forward on, `model`'s output passes a NaN gradient back
+    (its loss stays finite): what the saturated Sinkhorn backward did in issue 26."""
+    calls = []
+
+    def hook(module, args, output):
+        if module.training:
+            calls.append(None)
+            if len(calls) >= call:
+                output.register_hook(lambda grad: grad * float("nan"))
+
+    model.register_forward_hook(hook)
+
+
+def test_a_diverged_variant_is_reported_and_the_others_kept(tmp_path, capsys, monkeypatch):
+    convert = variants.convert
+
+    def hc_diverges_at_step_2(model, variant, example, cfg):
+        converted = convert(model, variant, example, cfg)
+        if variant == "hc":
+            nan_gradient_from_call(converted, 2)
+        return converted
+
+    monkeypatch.setattr(variants, "convert", hc_diverges_at_step_2)
+    args = ["--manifolds", "sinkhorn,hc", "--out", str(tmp_path)]
+    assert cli.main(["demo", *TINY_ARGS, *args]) == 0
+    out = capsys.readouterr()
+    assert "hc           DIVERGED at step 2/3" in out.err
+    hc_row = next(line for line in out.out.splitlines() if line.startswith("hc "))
+    assert "diverged at step 2" in hc_row and "nan" not in hc_row
+    assert "hc: DIVERGED at step 2" in out.out
+    assert "sinkhorn: " in out.out and "same held-out loss" not in out.out.split("hc: ")[1]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {v["name"]: v for v in results["variants"]}
+    assert results["diverged"] == {"hc": 2} and "hc" not in results["worse_than_baseline"]
+    assert runs["hc"]["diverged_at"] == 2 and len(runs["hc"]["curve"]) == 2
+    assert runs["hc"]["val_loss"] != runs["hc"]["val_loss"]  # NaN
+    for name in ("plain", "sinkhorn"):
+        assert runs[name]["diverged_at"] is None and len(runs[name]["curve"]) == 3
+        assert torch.tensor(runs[name]["val_loss"]).isfinite()
+
+
+def test_training_stops_before_a_nan_loss_reaches_the_weights():
+    cfg = train.TrainConfig(steps=5, batch=2, corpus_bytes=50_000)
+    gpt = GPTConfig(context=8, width=16, layers=1, heads=2)
+    data = corpus.load_corpus(cfg.corpus_bytes)
+    torch.manual_seed(0)
+    model = GPT(gpt)
+    calls = []
+
+    def nan_from_step_3(x):
+        calls.append(None)
+        return model(x) * (float("nan") if len(calls) >= 3 else 1.0)
+
+    result = train.train("plain", model, nan_from_step_3, data, gpt, cfg)
+    assert result.diverged_at == 3 and len(result.curve) == 3 and len(calls) == 3
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
 def test_attnres_is_a_variant_beside_the_manifolds():
     assert options.choose_manifolds("sinkhorn,attnres") == (["sinkhorn", "attnres"], [])
 
@@ -137,6 +197,20 @@ def test_verdicts_say_plainly_which_variant_is_worse():
     assert (
         "the same held-out loss" in report.verdicts([result("plain", 2.0), result("x", 2.00001)])[0]
     )
+
+
+def test_nan_losses_are_never_compared():
+    nan = float("nan")
+    diverged = result("sinkhorn", nan)
+    diverged.diverged_at = 1128
+    lines = report.verdicts([result("plain", 1.8861), diverged, result("hc", nan)])
+    assert lines[0].startswith("sinkhorn: DIVERGED at step 1128")
+    assert lines[1].startswith("hc: held-out loss not finite (nan)")
+    assert not any("same held-out loss" in line or "better" in line for line in lines)
+    lines = report.verdicts([result("plain", nan), result("hc", 1.9)])
+    assert lines == ["plain: held-out loss not finite (nan); no variant is compared with it."]
+    text = report.results_table([result("plain", 1.8861), diverged])
+    assert "diverged at step 1128" in text.splitlines()[3] and "nan" not in text
 
 
 def test_table_has_one_row_per_variant():

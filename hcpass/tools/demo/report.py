@@ -28,28 +28,42 @@ def describe(gpt: GPTConfig, cfg: TrainConfig, data: tuple[Tensor, Tensor]) -> s
 
 
 def results_table(results: Sequence[Result]) -> str:
-    """One row per variant; "vs plain" is the held-out loss minus the plain model's."""
+    """One row per variant; "vs plain" is the held-out loss minus the plain model's, where
+    both trained to finite losses. A diverged run shows the step where it stopped."""
     base = results[0]
-    rows = [
-        (
-            r.name,
-            f"{r.train_loss:.4f}",
-            f"{r.val_loss:.4f}",
-            "-" if r is base else f"{r.val_loss - base.val_loss:+.4f}",
-            f"{r.ms_per_step:.1f}",
-            f"{r.params:,}",
-        )
-        for r in results
-    ]
+    rows = []
+    for r in results:
+        if r.diverged_at is not None:
+            train_loss, val_loss = "-", f"diverged at step {r.diverged_at}"
+        else:
+            train_loss, val_loss = f"{r.train_loss:.4f}", f"{r.val_loss:.4f}"
+        comparable = r is not base and r.finite and base.finite
+        delta = f"{r.val_loss - base.val_loss:+.4f}" if comparable else "-"
+        rows.append((r.name, train_loss, val_loss, delta, f"{r.ms_per_step:.1f}", f"{r.params:,}"))
     header = ("variant", "train loss", "held-out loss", "vs plain", "ms/step", "params")
     return table(rows, header=header, align="<>>>>>")
 
 
+def _diverged(r: Result) -> str:
+    if r.diverged_at is not None:
+        return f"DIVERGED at step {r.diverged_at} (non-finite loss or gradient; stopped there)"
+    return f"held-out loss not finite ({r.val_loss})"
+
+
 def verdicts(results: Sequence[Result]) -> list[str]:
-    """One plain sentence per converted variant: better or worse than the baseline."""
+    """One plain sentence per converted variant: better or worse than the baseline, or that
+    it (or the baseline) diverged: a NaN is never compared."""
     base = results[0]
     lines = []
+    if not base.finite:
+        lines.append(f"{BASELINE}: {_diverged(base)}; no variant is compared with it.")
     for r in results[1:]:
+        speed = f"{r.ms_per_step / base.ms_per_step:.1f}x the step time of {BASELINE}"
+        if not r.finite:
+            lines.append(f"{r.name}: {_diverged(r)}; {speed}.")
+            continue
+        if not base.finite:
+            continue
         delta = round(r.val_loss - base.val_loss, 4)  # as printed in the table
         losses = f"{r.val_loss:.4f} vs {base.val_loss:.4f}"
         if delta > 0:
@@ -58,8 +72,7 @@ def verdicts(results: Sequence[Result]) -> list[str]:
             verdict = f"better than {BASELINE} on held-out loss ({losses}, {delta:+.4f})"
         else:
             verdict = f"the same held-out loss as {BASELINE} to 4 decimals ({losses})"
-        speed = r.ms_per_step / base.ms_per_step
-        lines.append(f"{r.name}: {verdict}; {speed:.1f}x the step time of {BASELINE}.")
+        lines.append(f"{r.name}: {verdict}; {speed}.")
     return lines
 
 

@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": BASELINE,
         "variants": [asdict(r) for r in results],
         "worse_than_baseline": [
-            r.name for r in results[1:] if round(r.val_loss - results[0].val_loss, 4) > 0
+            r.name
+            for r in results[1:]
+            if r.finite and results[0].finite and round(r.val_loss - results[0].val_loss, 4) > 0
         ],
+        "diverged": {r.name: r.diverged_at for r in results if r.diverged_at is not None},
         "notes": notes,
         "seconds": time.perf_counter() - begin,
     }

@@ -84,6 +84,25 @@ class Progress:
             self.stream.write("\n")
         self.stream.flush()
 
+    def diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        end_bar = "\n" if self.tty else ""  # below the redrawn progress line
+        self.stream.write(
+            f"{end_bar}{self.name:<12} DIVERGED at step {step}/{self.total}: loss {loss}, "
+            f"gradient norm {grad_norm}; stopped there\n"
+        )
+        self.stream.flush()
+
+
+@dataclass
+class Training:
+    """What `train` returns: per-step losses and step times, and `diverged_at`, the (1-based)
+    step whose loss or gradient was first non-finite, where training stopped (None: it ran
+    every step)."""
+
+    curve: list[float]
+    times: list[float]
+    diverged_at: int | None = None
+
 
 def train(
     name: str,
@@ -92,17 +111,18 @@ def train(
     data: tuple[Tensor, Tensor],
     gpt: GPTConfig,
     cfg: TrainConfig,
-) -> tuple[list[float], list[float]]:
-    """Train `model` (its forward is `run`) and return per-step losses and step times.
-    Batches come from a generator seeded with --seed: every variant sees the same ones."""
+) -> Training:
+    """Train `model` (its forward is `run`). Batches come from a generator seeded with
+    --seed: every variant sees the same ones. A non-finite loss or gradient stops the run
+    before the optimizer step (which would make every weight NaN), so the model stays as it
+    was and the step is reported."""
     train_data, _ = data
     generator = torch.Generator().manual_seed(cfg.seed)
     schedule = make_schedule(model, cfg)
     optimizer = schedule.optimizer
     progress = Progress(name, cfg.steps)
     tokens = cfg.batch * gpt.context
-    curve: list[float] = []
-    times: list[float] = []
+    result = Training([], [])
     model.train()
     for step in range(cfg.steps):
         starts = torch.randint(
@@ -113,14 +133,20 @@ def train(
         loss = F.cross_entropy(run(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        value = loss.item()
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            result.curve.append(value)
+            result.times.append(time.perf_counter() - begin)
+            result.diverged_at = step + 1
+            progress.diverged(step + 1, value, grad_norm)
+            return result
         optimizer.step()
         schedule.step()
-        value = loss.item()  # also waits for the device, so the step time is complete
-        times.append(time.perf_counter() - begin)
-        curve.append(value)
-        progress.update(step, value, tokens / times[-1])
-    return curve, times
+        result.times.append(time.perf_counter() - begin)
+        result.curve.append(value)
+        progress.update(step, value, tokens / result.times[-1])
+    return result
 
 
 def validation_batches(

@@ -5,6 +5,7 @@ batches."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ class Result:
     gain: list[dict[str, float]] = field(default_factory=list)  # hyper-connections
     # Attention Residuals: per site, its weights over depth (mean over positions)
     depth_weights: dict[str, list[float]] = field(default_factory=dict)
+    # The step whose loss or gradient was first non-finite, where training stopped; its
+    # train and held-out losses are then NaN (never compared). None: it trained every step.
+    diverged_at: int | None = None
+
+    @property
+    def finite(self) -> bool:
+        """Trained every step to finite losses: comparable with another finite result."""
+        return self.diverged_at is None and math.isfinite(self.val_loss)
 
 
 def convert(model: nn.Module, variant: str, example: Tensor, cfg: TrainConfig) -> nn.Module:
@@ -65,20 +74,23 @@ def run_variant(
     run: Callable[[Tensor], Tensor] = model
     if cfg.compile:
         run = torch.compile(model, backend="hcpass" if variant else "inductor")
-    curve, times = train(name, model, run, data, base.cfg, cfg)
+    training = train(name, model, run, data, base.cfg, cfg)
     # Evaluated through the uncompiled module (same parameters): a no-grad graph would cost
-    # another Inductor compile for a handful of batches.
-    val_loss = evaluate(model, held_out)
-    window = curve[-TRAIN_LOSS_WINDOW:]
+    # another Inductor compile for a handful of batches. A diverged run is not evaluated:
+    # its weights are those of a shorter run.
+    diverged = training.diverged_at is not None
+    val_loss = math.nan if diverged else evaluate(model, held_out)
+    window = training.curve[-TRAIN_LOSS_WINDOW:]
     result = Result(
         name=name,
         manifold=None if variant == ATTNRES else variant,
         params=sum(p.numel() for p in model.parameters()),
-        curve=curve,
-        train_loss=sum(window) / len(window),
+        curve=training.curve,
+        train_loss=math.nan if diverged else sum(window) / len(window),
         val_loss=val_loss,
-        ms_per_step=step_ms(times),
+        ms_per_step=step_ms(training.times),
         seconds=time.perf_counter() - begin,
+        diverged_at=training.diverged_at,
     )
     return result, model
 
