@@ -43,6 +43,36 @@ class CheckpointedGPT(GPT):
         return self.head(self.ln(x))
 
 
+class _ActiveBlock:
+    """Python state outside the model that each checkpointed block sets to itself and restores,
+    as `kernels.use_kernelized_func` does in every attention layer of transformers >= 5.25.
+    Dynamo refuses to trace a module stored there inside a checkpoint region unless told to
+    apply the change once (plain values such as a string it traces either way)."""
+
+    block: nn.Module | None = None
+
+
+_ACTIVE = _ActiveBlock()
+
+
+class StatefulCheckpointedGPT(CheckpointedGPT):
+    """`CheckpointedGPT` whose checkpointed blocks record themselves in `_ACTIVE` while they run."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = checkpoint(self._marked, block, x, use_reentrant=False)
+        return self.head(self.ln(x))
+
+    @staticmethod
+    def _marked(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        previous, _ACTIVE.block = _ACTIVE.block, block
+        try:
+            return block(x)
+        finally:
+            _ACTIVE.block = previous
+
+
 def _trained_mixers(converted: hcpass.ConvertedModule) -> None:
     """Move the mixers off their init so the mixer gradients are not trivially equal."""
     with torch.no_grad():
@@ -98,6 +128,38 @@ def test_checkpointed_blocks_are_rewritten_with_equal_gradients_and_less_saved(r
     assert saved < 0.6 * ref_saved, (saved, ref_saved)
 
 
+@pytest.mark.parametrize(
+    "family, options", [("hyper-connections", {"streams": 4}), ("attnres", {"block_size": 2})]
+)
+def test_regions_that_change_python_state_are_rewritten(family, options):
+    """A checkpointed block that sets and restores Python state outside the model (what
+    broke HF gradient checkpointing with transformers 5.25) is captured whole: every site is
+    rewritten, the gradients equal those without checkpointing, and the state ends restored."""
+    (ids,), _ = models.token_inputs()
+    base = StatefulCheckpointedGPT(reentrant=None)
+    unchecked = GPT(replace(models.GPT_CONFIG, layers=2))
+    unchecked.load_state_dict(base.state_dict())
+    plain = hcpass.convert(unchecked, (ids,), family=family, **options)
+    _trained_mixers(plain)
+
+    report = hcpass.explain(base, (ids,), family=family)
+    assert [(s.name, s.status) for s in report.sites] == [
+        ("blocks.0.attn", "rewritten"),
+        ("blocks.0.mlp", "rewritten"),
+        ("blocks.1.attn", "rewritten"),
+        ("blocks.1.mlp", "rewritten"),
+    ], report
+    converted = hcpass.convert(base, (ids,), family=family, **options)
+    converted.load_state_dict(plain.state_dict())
+
+    loss, saved, grads = _step(converted, ids)
+    ref_loss, ref_saved, ref_grads = _step(plain, ids)
+    assert _ACTIVE.block is None
+    torch.testing.assert_close(loss, ref_loss, atol=GRAD_ATOL, rtol=0)
+    _assert_same_gradients(grads, ref_grads, GRAD_ATOL)
+    assert saved < ref_saved, (saved, ref_saved)
+
+
 def test_dropout_in_a_region_is_replayed_when_recomputed():
     """The checkpoint op's own eager kernel does not restore the RNG state on recomputation
     (it expects Inductor to); the converted module's runtime checkpoints with it restored."""
@@ -115,20 +177,26 @@ def test_dropout_in_a_region_is_replayed_when_recomputed():
     _assert_same_gradients(grads, ref_grads, GRAD_ATOL)
 
 
-def test_hf_gradient_checkpointing_is_rewritten():
+@pytest.mark.parametrize(
+    "factory, blocks",
+    [
+        (models.gpt2, ("transformer.h", "attn", "mlp")),
+        (models.llama, ("model.layers", "self_attn", "mlp")),
+    ],
+    ids=["gpt2", "llama"],
+)
+def test_hf_gradient_checkpointing_is_rewritten(factory, blocks):
     (ids,), _ = models.token_inputs()
-    base = models.gpt2().train()
+    base = factory().train()
     plain = hcpass.convert(copy.deepcopy(base), (ids,), streams=4)
     _trained_mixers(plain)
     model = copy.deepcopy(base)
     model.gradient_checkpointing_enable()
     report = hcpass.explain(model, (ids,))
+    layers, attn, mlp = blocks
     assert [s.name for s in report.rewritten] == [
-        "transformer.h.0.attn",
-        "transformer.h.0.mlp",
-        "transformer.h.1.attn",
-        "transformer.h.1.mlp",
-    ]
+        f"{layers}.{i}.{branch}" for i in range(2) for branch in (attn, mlp)
+    ], report
     converted = hcpass.convert(model, (ids,), streams=4)
     converted.load_state_dict(plain.state_dict())
 

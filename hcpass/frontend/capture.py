@@ -26,6 +26,15 @@ from torch import fx, nn
 
 _counter = itertools.count()
 
+# Dynamo settings of every graph hcpass captures, at `convert` and at each call of a
+# converted model. A forward inside an activation-checkpoint region may change Python state
+# that lives outside it -- with transformers >= 5.25, which brings `kernels`, every attention
+# layer sets and resets a module-level variable (`kernels.use_kernelized_func`). By default
+# Dynamo ends the graph there (eager checkpointing would replay the change when the backward
+# recomputes the region), and no residual chain crosses a graph break. Like torch.compile
+# with this flag, hcpass applies such changes once, in the forward (docs/limitations.md).
+CAPTURE_SETTINGS: dict[str, Any] = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+
 
 Layout = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, int]
 
@@ -78,7 +87,10 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> li
     compiled = torch.compile(fresh_trampoline("capture"), backend=_record)
     token = _CAPTURING.set(calls)
     try:
-        with side_effect_free(model), torch._dynamo.config.patch(recompile_limit=64):
+        with (
+            side_effect_free(model),
+            torch._dynamo.config.patch(recompile_limit=64, **CAPTURE_SETTINGS),
+        ):
             compiled(model, tuple(args), dict(kwargs))
     finally:
         _CAPTURING.reset(token)

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcpass import logs
 from hcpass.frontend.capture import (
+    CAPTURE_SETTINGS,
     CapturedGraph,
     annotate_parameters,
     fresh_function,
@@ -280,6 +281,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_exporting():
+            if torch.compiler.is_dynamo_compiling():
+                raise RuntimeError(STRICT_EXPORT)
             return self.exported_forward(args, kwargs)
         return self.observed_forward(None, *args, **kwargs)
 
@@ -335,7 +338,9 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             # registered after the first call would never run.
             with (
                 visible_residuals(),
-                torch._dynamo.config.patch(optimize_ddp=False, skip_nnmodule_hook_guards=False),
+                torch._dynamo.config.patch(
+                    optimize_ddp=False, skip_nnmodule_hook_guards=False, **CAPTURE_SETTINGS
+                ),
             ):
                 run.compiled = self._probe(self.mixers_anchor)
                 if run.compiled:
@@ -576,6 +581,13 @@ def _unpickle(original: type[nn.Module]) -> ConvertedModule:
 
 
 _NOT_PLANNED = "no mixer: the site was not rewritten when the model was converted"
+
+STRICT_EXPORT = (
+    "hcpass: torch.export(..., strict=True) of a converted model is not supported: strict "
+    "export traces the forward with Dynamo, which cannot run hcpass's capture and rewrite "
+    "of the original model. Export with strict=False (the default): the program is the same "
+    "ATen graph, and runs without hcpass (docs/deployment.md)"
+)
 
 
 def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
