@@ -102,7 +102,12 @@ def _record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]
     the same frame with inputs passing its guards, so the call records into the capture
     running then."""
     reason = getattr(gm, "compile_subgraph_reason", None)
-    broke = reason.reason.strip().splitlines()[0] if reason and reason.graph_break else None
+    broke = None
+    if reason and reason.graph_break:
+        broke = reason.reason.strip().splitlines()[0]
+        if reason.user_stack:  # innermost frame last: the line Dynamo broke at
+            frame = reason.user_stack[-1]
+            broke += f" at {frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
     return functools.partial(_record_call, gm, broke)
 
 

@@ -50,6 +50,8 @@ ATEN: dict[Any, Callable[..., Any]] = {
 def trace_for_export(owner: ConvertedModule, args: tuple, kwargs: dict[str, Any]) -> Any:
     """Run `owner`'s original model under Dynamo inside the running torch.export trace, each
     captured graph rewritten with `owner`'s mixers and its mixer ops decomposed."""
+    if owner.report.graph_breaks:  # as captured by convert
+        raise _graph_break_error(owner, "\n".join(owner.report.graph_breaks))
     trampoline = fresh_trampoline("export")  # a fresh code object: no Dynamo cache to share
     try:
         with _compile_inside_export() as modes, visible_residuals():
@@ -58,7 +60,7 @@ def trace_for_export(owner: ConvertedModule, args: tuple, kwargs: dict[str, Any]
             try:
                 return compiled(owner.original, args, kwargs)
             except torch._dynamo.exc.Unsupported as error:
-                raise _graph_break_error(owner, error) from error
+                raise _graph_break_error(owner, str(error)) from error
     finally:
         reset_code(trampoline.__code__)
 
@@ -123,12 +125,12 @@ def _compile_inside_export() -> Iterator[list[torch.overrides.TorchFunctionMode]
         _hop_compile_tls.in_hop_compile = nested
 
 
-def _graph_break_error(owner: ConvertedModule, error: Exception) -> RuntimeError:
+def _graph_break_error(owner: ConvertedModule, detail: str) -> RuntimeError:
     name = type(owner.original).__name__
     return RuntimeError(
         f"hcpass: torch.export of the converted {name} needs its forward captured as one "
         "graph, and Dynamo breaks the graph (the residual chains' n streams cannot be "
-        f"handed across a graph break in an exported program):\n{error}\n"
+        f"handed across a graph break in an exported program):\n{detail}\n"
         "Remove the graph break from the forward (print, .item(), data-dependent Python "
         "control flow, an unsupported call: `torch._dynamo.explain(converted.original)(...)` "
         "lists them); the converted model itself runs with graph breaks, eagerly and under "

@@ -118,6 +118,9 @@ class MixedGraph:
         return handoff.leave(run.handoffs, run.owner, self.stream_outputs, args, result)
 
 
+# What the converted module registers of the original root, and keeps in sync with it.
+_ROOT_KINDS = ("_parameters", "_buffers", "_modules")
+
 # Rebuilt, never pickled or copied: each holds Dynamo state tied to its code object.
 _RUNTIME_STATE = ("_entry", "_eager_entry", "_probe", "_eager", "_names_by_id")
 
@@ -250,7 +253,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         into the dicts (``quantize_dynamic``). Whichever side changed since the last sync
         wins."""
         synced = self._root_synced
-        for kind in ("_parameters", "_buffers", "_modules"):
+        for kind in _ROOT_KINDS:
             here, there = self.__dict__[kind], self._model.__dict__[kind]
             for name in list(there):
                 mine, theirs = here.get(name), there[name]
@@ -290,6 +293,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         """forward under torch.export: the capture and rewrite run inside the export's trace
         (`hcpass.runtime.export`), which records the rewritten graph with the mixer ops
         decomposed to ATen. Checked against the plan like every call."""
+        # The root entries are the export's lifted tensors now: the original's forward must
+        # read them during the trace, and its own entries come back afterwards (the export
+        # restores this module's only).
+        original = {kind: dict(self._model.__dict__[kind]) for kind in _ROOT_KINDS}
+        synced = dict(self._root_synced)
         self._sync_root()
         run = _Run(self)
         token = _RUN.set(run)
@@ -297,6 +305,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             out = trace_for_export(self, args, kwargs)
         finally:
             _RUN.reset(token)
+            for kind, entries in original.items():
+                self._model.__dict__[kind].update(entries)
+            self._root_synced.clear()
+            self._root_synced.update(synced)
         self._check_ran(run)
         return out
 
