@@ -7,8 +7,11 @@ outputs are deterministic and compiled == eager can be compared in training.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -318,6 +321,21 @@ ZOO = {
     "mlp_mixer": (MLPMixer, lambda b=2, s=16: image_inputs(b, s), [(1, 16), (3, 16), (5, 16)]),
     "parallel": (ParallelBlocks, token_inputs, _TOKEN_SHAPES),
 }
+
+
+# The ZOO entries built with `transformers`: tests using them are marked `hf`, and CI runs
+# those again with the oldest transformers pyproject.toml allows.
+HF_MODELS = frozenset({"gpt2", "llama", "bert", "t5", "vit"})
+
+
+def hf(*values: Any, id: str | None = None) -> Any:
+    """A parametrize entry that builds a model with `transformers` (marked `hf`)."""
+    return pytest.param(*values, id=id, marks=pytest.mark.hf)
+
+
+def zoo(names: Iterable[str] = ZOO) -> list[Any]:
+    """ZOO names as parametrize entries, the HF ones marked `hf`."""
+    return [hf(name, id=name) if name in HF_MODELS else name for name in sorted(names)]
 
 
 def logits(output) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from expecttest import TestCase
 from graphs import body
-from models import ZOO, ParallelBlocks, logits, tiny_gpt
+from models import ZOO, ParallelBlocks, hf, logits, tiny_gpt
 from torch import nn
 
 import hcpass
@@ -203,10 +203,10 @@ return (linear_8,)""",
     [
         ("tiny_gpt", None),
         ("tiny_gpt", 2),
-        ("gpt2", None),
-        ("llama", 2),
-        ("vit", None),
-        ("t5", 2),
+        hf("gpt2", None),
+        hf("llama", 2),
+        hf("vit", None),
+        hf("t5", 2),
         ("mlp_mixer", 1),
     ],
 )
@@ -239,7 +239,7 @@ def test_parallel_blocks_share_their_read():
 @pytest.mark.parametrize(
     ("model", "example", "reason"),
     [
-        (ZOO["bert"][0], ZOO["bert"][1], "the stream passes through layer_norm between sites"),
+        hf(ZOO["bert"][0], ZOO["bert"][1], "the stream passes through layer_norm between sites"),
         (ZOO["resnet"][0], ZOO["resnet"][1], "the stream passes through relu between sites"),
         (ZOO["convnext"][0], ZOO["convnext"][1], "its channels are not the last dimension"),
         (ParallelBlocks, ZOO["parallel"][1], "the chain's output is read by linear"),
@@ -401,6 +401,7 @@ def test_a_chain_split_by_a_graph_break_converts_after_the_break_only():
         assert _rel_err(converted(x), model(x)) <= PRESERVE_RTOL
 
 
+@pytest.mark.hf
 def test_hf_generate_matches_the_original_at_init():
     model = ZOO["gpt2"][0]().eval()
     ids = _ids(2, 6)
@@ -409,6 +410,7 @@ def test_hf_generate_matches_the_original_at_init():
     assert torch.equal(converted.generate(ids, max_new_tokens=5, do_sample=False), want)
 
 
+@pytest.mark.hf
 def test_hf_gradient_checkpointing_gives_the_same_gradients():
     # The sites lie inside HF's checkpointed layers: their depth attention is recomputed
     # with the layer (no region of its own inside the layer's).

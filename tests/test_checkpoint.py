@@ -180,8 +180,8 @@ def test_dropout_in_a_region_is_replayed_when_recomputed():
 @pytest.mark.parametrize(
     "factory, blocks",
     [
-        (models.gpt2, ("transformer.h", "attn", "mlp")),
-        (models.llama, ("model.layers", "self_attn", "mlp")),
+        models.hf(models.gpt2, ("transformer.h", "attn", "mlp"), id="gpt2"),
+        models.hf(models.llama, ("model.layers", "self_attn", "mlp"), id="llama"),
     ],
     ids=["gpt2", "llama"],
 )
@@ -207,6 +207,7 @@ def test_hf_gradient_checkpointing_is_rewritten(factory, blocks):
     assert saved < 0.6 * ref_saved, (saved, ref_saved)
 
 
+@pytest.mark.hf
 def test_enabling_checkpointing_after_conversion_keeps_the_mixers():
     """The HF Trainer switches checkpointing on after the model is built: the graph captured
     at call time then has regions the convert-time graph did not."""

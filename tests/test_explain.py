@@ -80,6 +80,7 @@ def test_the_table_has_name_status_and_reason_columns():
     assert "4 rewritten, 0 skipped, 1 graph(s), 0 graph break(s)" in text
 
 
+@pytest.mark.hf
 def test_hf_skips_are_explained():
     report = hcpass.explain(models.llama(), models.token_inputs()[0])
     assert [s.name for s in report.rewritten] == [

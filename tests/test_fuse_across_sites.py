@@ -157,7 +157,7 @@ def test_inductor_compiles_the_fused_op_forward_and_backward():
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt", "llama"])
+@pytest.mark.parametrize("name", models.zoo(["tiny_gpt", "llama"]))
 def test_backend_on_the_cuda_path_matches_eager(name, monkeypatch):
     """backend="hcpass" lowering a converted model as it does for CUDA inputs -- boundaries
     fused, ops left to Inductor as extern kernels -- here on CPU, where the ops run their

@@ -42,7 +42,9 @@ def _assert_gradients_close(model: nn.Module, reference: nn.Module, rtol: float)
 
 
 @pytest.mark.parametrize("converted_in_autocast", [True, False], ids=["inside", "outside"])
-@pytest.mark.parametrize("factory", [models.tiny_gpt, models.gpt2], ids=["tiny_gpt", "gpt2"])
+@pytest.mark.parametrize(
+    "factory", [pytest.param(models.tiny_gpt, id="tiny_gpt"), models.hf(models.gpt2, id="gpt2")]
+)
 def test_bf16_autocast_forward_and_backward_match_the_plain_model(factory, converted_in_autocast):
     model = factory()
     (ids,), _ = models.token_inputs()
@@ -231,6 +233,7 @@ def test_pseudo_queries_follow_the_mixers_dtype_rules(cast):
     assert converted(ids).dtype == converted.head.weight.dtype
 
 
+@pytest.mark.hf
 def test_hf_mamba_residual_in_fp32_sites_are_found():
     """The issue's reproduction: 0 of 2 sites were found, "operands are independent"."""
     from transformers import MambaConfig, MambaForCausalLM

@@ -207,6 +207,7 @@ def _greedy(converted: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor
 
 
 @pytest.mark.slow
+@pytest.mark.hf
 @pytest.mark.parametrize("factory", [models.gpt2, models.llama], ids=["gpt2", "llama"])
 def test_generate_runs_the_converted_forward_with_and_without_kv_cache(factory):
     model = factory().eval()
@@ -296,6 +297,7 @@ def test_captures_past_dynamos_recompile_limit_find_every_site_and_break_no_mode
     torch.testing.assert_close(first(x), want, **FP32)
 
 
+@pytest.mark.hf
 def test_generate_on_an_encoder_decoder_model_says_why_it_is_not_supported():
     """HF's generate runs the encoder on its own, outside the converted forward."""
     args, kwargs = models.seq2seq_inputs()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 
 import models
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
 import hcpass
+
+pytestmark = pytest.mark.hf
 
 
 def test_trainer_with_bf16_and_gradient_checkpointing(tmp_path):
