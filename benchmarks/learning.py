@@ -4,6 +4,7 @@ demo's byte corpus.
     python benchmarks/learning.py                       # 8 blocks, 3 seeds, all variants
     python benchmarks/learning.py --width 64 --context 32 --batch 16 --steps 1000 --jobs 8
     python benchmarks/learning.py --from-plain 150      # convert a trained plain model
+    python benchmarks/learning.py --long                # issue 26: 5M tokens a run, resumable
 
 The model, corpus, batches, optimizer and schedule are `hcpass demo`'s (`hcpass.tools.demo`), at
 a depth where depth matters (8 blocks: 16 residual sites) but narrower and shorter (width
@@ -30,6 +31,16 @@ model that has already learnt something?
 
 Writes a table, benchmarks/results/learning-<date>.json (one section per mode) and, with
 matplotlib, loss and gain plots to --plots (docs/images by default).
+
+--long (issue 26) trains long enough for the differences to exceed seed noise: 4 blocks,
+width 64, context 64, batch 16, 5,000 steps (5.1M tokens a run), 3 seeds of plain, sinkhorn
+(the default hyper-connections), hc, attnres (full) and attnres-block (--block-size sites a
+block), then one seed of each at 8 and 16 blocks (--depths). Each run is a process of its
+own at one thread; its result is appended to benchmarks/results/learning-long.json as it
+finishes, so a sweep can be stopped (Ctrl-C) and resumed by the same command: runs already
+in the file (same name, model and training settings) are skipped. Prints the main table,
+each variant's held-out loss minus plain's paired by seed (mean ± std), the same per depth,
+and writes the loss curves (learning-long-loss.png, learning-long-depth<L>-loss.png).
 """
 
 from __future__ import annotations
@@ -69,6 +80,16 @@ class Task:
     gpt: GPTConfig
     cfg: TrainConfig  # its seed is the run's seed
     pretrain: int  # plain steps before conversion; 0: convert the freshly initialised model
+    label: str = ""  # the run's name in the tables (default: `variant`)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.variant
+
+    @property
+    def key(self) -> str:
+        """What identifies the run in a --long results file: its name and every setting."""
+        return json.dumps([self.name, asdict(self.gpt), asdict(self.cfg), self.pretrain])
 
 
 @cache
@@ -126,13 +147,18 @@ def run_task(task: Task) -> dict[str, Any]:
             train(f"{BASELINE}@0", base, base, data, gpt, pre)
             cfg = replace(cfg, seed=cfg.seed + 1)
         manifold = None if task.variant == BASELINE else task.variant
-        result, model = run_variant(task.variant, manifold, base, data, held_out, cfg)
-        record = {"variant": task.variant, "seed": task.cfg.seed, **asdict(result)}
+        result, model = run_variant(task.name, manifold, base, data, held_out, cfg)
+        record = {"variant": task.name, "seed": task.cfg.seed, "layers": gpt.layers}
+        record.update(asdict(result))
         if task.variant == ATTNRES:
             record.update(attnres_state(model, held_out[0][0]))
         elif manifold is not None:
             record.update(mixer_state(model, held_out[0][0]))
     return record
+
+
+def run_keyed(task: Task) -> tuple[Task, dict[str, Any]]:
+    return task, run_task(task)
 
 
 def smoothed(curve: list[float]) -> list[float]:
@@ -201,7 +227,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
                     for key in ("output_on_input", "output_on_last")
                 }
             )
-        elif group and "gain" in group[0]:  # hyper-connections: H_res and gain
+        elif group and "h_res_from_init" in group[0]:  # hyper-connections: H_res and gain
             gain = mean_gain(group)
             row.update(
                 {
@@ -312,7 +338,166 @@ def write_plots(directory: Path, stem: str, runs: list[dict], rows: list[dict]) 
     return written
 
 
-def parse_args() -> argparse.Namespace:
+# --long: issue 26's long runs. 4 blocks x width 64 x context 64 x batch 16 x 5,000 steps
+# is 5.1M tokens per run; the main table at 4 blocks over seeds, the depth sweep one seed.
+LONG = {"layers": 4, "width": 64, "context": 64, "batch": 16, "steps": 5000, "seeds": 3}
+LONG_DEPTHS = "4,8,16"
+LONG_OUT = common.RESULTS_DIR / "learning-long.json"
+BLOCK = f"{ATTNRES}-block"  # Block AttnRes (--block-size sites per block); ATTNRES is full
+
+
+def long_tasks(args: argparse.Namespace, names: list[str], cfg: TrainConfig) -> list[Task]:
+    """The main table (--seeds seeds at --layers) and the depth sweep (--depth-seeds at each
+    of --depths), one task per run, none twice."""
+    full = replace(cfg, block_size=None)
+    block = replace(cfg, block_size=args.block_size or None)
+    methods = {
+        BASELINE: (BASELINE, full),
+        ATTNRES: (ATTNRES, full),
+        BLOCK: (ATTNRES, block),
+    }
+    runs = [(args.layers, seed) for seed in range(args.seeds)]
+    depths = [int(d) for d in args.depths.split(",")]
+    runs += [(layers, seed) for layers in depths for seed in range(args.depth_seeds)]
+    tasks: dict[str, Task] = {}
+    for layers, seed in runs:
+        gpt = GPTConfig(context=args.context, width=args.width, layers=layers, heads=args.heads)
+        for name in [BASELINE, *names]:
+            variant, base = methods.get(name, (name, full))
+            task = Task(variant, gpt, replace(base, seed=seed), 0, label=name)
+            tasks.setdefault(task.key, task)
+    return list(tasks.values())
+
+
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def save_runs(path: Path, runs: list[dict[str, Any]]) -> None:
+    """Write-then-rename: a sweep stopped while writing keeps the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"git_revision": common.git_revision(), "runs": runs}) + "\n")
+    os.replace(tmp, path)
+
+
+def run_all(tasks: list[Task], path: Path, jobs: int) -> list[dict[str, Any]]:
+    """Run the tasks not in `path` yet, each in a fresh process, appending each result to
+    `path` as it finishes; returns the runs of `tasks` (old and new). Stopped (Ctrl-C), the
+    finished runs stay in the file and the same command resumes."""
+    runs = load_runs(path)
+    done = {r["key"] for r in runs}
+    pending = [t for t in tasks if t.key not in done]
+    have = len(tasks) - len(pending)
+    print(f"{have} of {len(tasks)} runs already in {path}; {len(pending)} to run")
+    # A fresh process per run (maxtasksperchild=1: nothing carries over from the previous
+    # run, Dynamo caches included); spawn, as fork would copy torch's thread pools.
+    pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+    try:
+        for task, record in pool.imap_unordered(run_keyed, pending):
+            runs.append({"key": task.key, **record})
+            save_runs(path, runs)
+            outcome = (
+                f"diverged at step {record['diverged_at']}"
+                if record["diverged_at"] is not None
+                else f"held-out {record['val_loss']:.4f}"
+            )
+            print(
+                f"{task.name} seed {task.cfg.seed}, {task.gpt.layers} blocks: {outcome}, "
+                f"{record['seconds'] / 60:.1f} min",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        pool.terminate()
+        raise SystemExit(f"stopped; {path} keeps the finished runs: rerun to resume") from None
+    pool.close()
+    pool.join()
+    keys = {t.key for t in tasks}
+    return [r for r in runs if r["key"] in keys]
+
+
+def paired(runs: list[dict[str, Any]], name: str) -> tuple[float, float, int]:
+    """Held-out loss of `name` minus plain's, per seed where both are finite: mean, sample
+    std (0 for one seed) and the number of seeds."""
+    loss = {(r["variant"], r["seed"]): r["val_loss"] for r in finite_runs(runs)}
+    deltas = [
+        loss[name, seed] - loss[BASELINE, seed]
+        for (variant, seed) in loss
+        if variant == name and (BASELINE, seed) in loss
+    ]
+    if not deltas:
+        return math.nan, math.nan, 0
+    spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+    return statistics.fmean(deltas), spread, len(deltas)
+
+
+def long_verdicts(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """Issue 26's goal: each variant beats plain by more than twice the paired seed spread."""
+    lines = []
+    for name in names:
+        mean, spread, seeds = paired(runs, name)
+        if not seeds:
+            lines.append(f"{name}: no seed where it and {BASELINE} both trained to the end")
+            continue
+        word = "beats" if -mean > 2 * spread else "does NOT beat"
+        lines.append(
+            f"{name} {word} {BASELINE} by more than 2 paired seed stds: {mean:+.4f} ± "
+            f"{spread:.4f} over {seeds} seeds"
+        )
+    return lines
+
+
+def depth_table(runs: list[dict[str, Any]], names: list[str], depths: list[int]) -> None:
+    """Held-out loss minus plain's per depth (mean over the seeds run at that depth)."""
+    header = ["blocks", f"{BASELINE} held-out", *[f"{n} vs plain" for n in names]]
+    table = []
+    for layers in depths:
+        at = [r for r in runs if r["layers"] == layers]
+        plain = [r["val_loss"] for r in finite_runs(at) if r["variant"] == BASELINE]
+        cells = [str(layers), f"{statistics.fmean(plain):.4f}" if plain else "diverged"]
+        for name in names:
+            mean, _, seeds = paired(at, name)
+            cells.append(f"{mean:+.4f}" if seeds else "-")
+        table.append(cells)
+    common.print_table(header, table)
+
+
+def long_mode(args: argparse.Namespace, names: list[str], cfg: TrainConfig) -> None:
+    tasks = long_tasks(args, names, cfg)
+    begin = time.perf_counter()
+    runs = run_all(tasks, args.out, args.jobs)
+    print(f"\n{(time.perf_counter() - begin) / 60:.1f} min this time")
+    labels = [BASELINE, *names]
+    main = [r for r in runs if r["layers"] == args.layers]
+    rows = summarise(main, labels)
+    tokens = args.steps * args.batch * args.context
+    print(
+        f"\n{args.layers} blocks, width {args.width}, context {args.context}, batch "
+        f"{args.batch}, {args.steps} steps ({tokens / 1e6:.1f}M tokens), {args.seeds} seeds\n"
+    )
+    print_summary(rows, args.steps)
+    print()
+    for line in long_verdicts(main, names):
+        print(line)
+    depths = sorted({r["layers"] for r in runs})
+    print(f"\nby depth ({args.depth_seeds} seed(s) each; {args.layers} blocks: seeds 0..)")
+    depth_table(runs, names, depths)
+    written = write_plots(args.plots, "learning-long", main, rows)
+    for layers in depths:
+        at = [r for r in runs if r["layers"] == layers and r["seed"] < args.depth_seeds]
+        if have_matplotlib() and finite_runs(at):
+            curves = {
+                name: mean_curve(group)
+                for name in labels
+                if (group := finite_runs([r for r in at if r["variant"] == name]))
+            }
+            path = args.plots / f"learning-long-depth{layers}-loss.png"
+            title = f"Training loss, {layers} blocks"
+            written.append(plot.losses(curves, path, title=title))
+    print(f"results in {args.out}" + "".join(f", {p}" for p in written))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     train, model = TrainConfig(), GPTConfig()
     parser.add_argument(
@@ -320,13 +505,22 @@ def parse_args() -> argparse.Namespace:
         help=f"comma-separated manifolds and/or {ATTNRES} (default: every registered "
         f"manifold and {ATTNRES})",
     )
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help=f"issue 26's long runs, resumable: {BASELINE}, sinkhorn, hc, {ATTNRES} and {BLOCK} "
+        f"at {LONG} by default, plus a depth sweep (--depths); one process per run, each "
+        f"result appended to --out (default {LONG_OUT.name}), runs already there skipped",
+    )
+    parser.add_argument("--depths", default=LONG_DEPTHS, help="--long: (default: %(default)s)")
+    parser.add_argument("--depth-seeds", type=int, default=1, help="--long: (default: 1)")
+    parser.add_argument("--seeds", type=int, help="(default: 3)")
+    parser.add_argument("--steps", type=int, help="(default: 150; --long 5000)")
+    parser.add_argument("--layers", type=int, help="(default: 8; --long 4)")
+    parser.add_argument("--width", type=int, help="(default: 32; --long 64)")
     parser.add_argument("--heads", type=int, default=model.heads)
-    parser.add_argument("--context", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, help="(default: 16; --long 64)")
+    parser.add_argument("--batch", type=int, help="(default: 8; --long 16)")
     parser.add_argument("--lr", type=float, default=train.lr)
     parser.add_argument("--streams", type=int, default=train.streams)
     parser.add_argument(
@@ -344,22 +538,35 @@ def parse_args() -> argparse.Namespace:
         metavar="N",
         help="train plain N steps first, then continue plain and converted (default: off)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train under torch.compile (backend='hcpass' for converted variants)",
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--plots", type=Path, default=DOCS_IMAGES, help="(default: docs/images)")
     parser.add_argument(
         "--out",
         type=Path,
-        default=common.RESULTS_DIR / f"learning-{datetime.date.today().isoformat()}.json",
-        help="results file, a section per mode (default: benchmarks/results/learning-<date>.json)",
+        help="results file, a section per mode (default: benchmarks/results/learning-<date>.json;"
+        f" --long: {LONG_OUT.name}, one entry per run)",
     )
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    short = {"layers": 8, "width": 32, "context": 16, "batch": 8, "steps": 150, "seeds": 3}
+    for name, value in (LONG if args.long else short).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        today = datetime.date.today().isoformat()
+        args.out = LONG_OUT if args.long else common.RESULTS_DIR / f"learning-{today}.json"
+    return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     names = args.manifolds.split(",") if args.manifolds else hcpass.manifolds.manifold_names()
     if not args.manifolds:
-        names = [*names, ATTNRES]
+        names = ["sinkhorn", "hc", ATTNRES, BLOCK] if args.long else [*names, ATTNRES]
     if args.from_plain and not args.manifolds:
         names = ["sinkhorn"]  # hcpass.convert's default
     variants = [BASELINE, *names]
@@ -373,7 +580,11 @@ def main() -> None:
         init=args.init,
         mixer_lr_scale=args.mixer_lr_scale,
         threads=1,
+        compile=args.compile,
     )
+    if args.long:
+        long_mode(args, names, cfg)
+        return
     tasks = [
         Task(v, gpt, replace(cfg, seed=seed), args.from_plain)
         for seed in range(args.seeds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -62,3 +64,41 @@ def test_a_variant_whose_every_run_diverged_is_not_compared(learning, capsys):
     learning.print_summary(rows, 3)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("attnres"))
     assert line.split()[1:3] == ["diverged", "-"]
+
+
+TINY_LONG = [
+    "--long", "--steps", "3", "--layers", "1", "--width", "16", "--heads", "2",
+    "--context", "8", "--batch", "2", "--seeds", "1", "--depths", "1,2", "--manifolds", "hc",
+    "--jobs", "2",
+]  # fmt: skip
+
+
+def test_long_mode_appends_each_run_and_resumes(learning, tmp_path, capsys):
+    """One process per run, each result in the file as it finishes; a rerun skips them."""
+    out = tmp_path / "long.json"
+    args = [*TINY_LONG, "--out", str(out), "--plots", str(tmp_path)]
+    learning.main(args)
+    printed = capsys.readouterr().out
+    assert "0 of 4 runs already in" in printed and "4 to run" in printed
+    runs = json.loads(out.read_text())["runs"]
+    # seed 0 at 1 block (the main table, and the sweep's first depth) and at 2 blocks
+    assert sorted((r["variant"], r["layers"], r["seed"]) for r in runs) == [
+        ("hc", 1, 0), ("hc", 2, 0), ("plain", 1, 0), ("plain", 2, 0),
+    ]  # fmt: skip
+    assert all(len(r["curve"]) == 3 and r["diverged_at"] is None for r in runs)
+    assert "hc beats plain" in printed or "hc does NOT beat plain" in printed
+    assert "over 1 seeds" in printed
+
+    learning.main(args)  # nothing left to run
+    assert "4 of 4 runs already in" in capsys.readouterr().out
+
+    stopped = [r for r in runs if not (r["variant"] == "hc" and r["layers"] == 2)]
+    out.write_text(json.dumps({"runs": stopped}))  # as if stopped before the last run
+    learning.main(args)
+    assert "3 of 4 runs already in" in capsys.readouterr().out
+    resumed = json.loads(out.read_text())["runs"]
+    assert len(resumed) == 4 and resumed[:3] == stopped
+    assert (resumed[3]["variant"], resumed[3]["layers"]) == ("hc", 2)
+    if importlib.util.find_spec("matplotlib") is not None:
+        names = {p.name for p in tmp_path.iterdir()}
+        assert {"learning-long-loss.png", "learning-long-depth2-loss.png"} <= names
