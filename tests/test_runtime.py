@@ -263,6 +263,42 @@ def test_plain_and_converted_instances_of_one_class_compile_and_alternate():
         torch.testing.assert_close(run(ids), expected, rtol=1e-4, atol=1e-4)
 
 
+class BreakBeforeChain(nn.Module):
+    """A graph break before a pre-norm chain: the frame holding the chain is resumed after the
+    break, one code object (and one Dynamo cache) for every instance of the class."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(2))
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.final = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        torch._dynamo.graph_break()
+        x = x + self.layers[0](self.norms[0](x))
+        x = x + self.layers[1](self.norms[1](x))
+        return self.final(x)
+
+
+def test_instances_of_one_class_converted_with_different_options_alternate():
+    """Each runs its own rewrite of the shared frame (it raised "Dynamo reused a graph across
+    models converted with different options" for all but the first)."""
+    x = torch.randn(2, 5, 16)
+    options = [{"streams": 2}, {"streams": 4, "manifold": "hc"}, {"family": "attnres"}]
+    converted = [hcpass.convert(BreakBeforeChain(), (x,), **o) for o in options]
+    want = []
+    for model in converted:
+        _perturbed(model)
+        torch._dynamo.reset()  # each model alone: its rewrite is the one Dynamo caches
+        want.append(model(x))
+    torch._dynamo.reset()
+    for _ in range(2):
+        for model, expected in zip(converted, want, strict=True):
+            torch.testing.assert_close(model(x), expected, **FP32)
+
+
 class Unrolled(nn.Module):
     """Three residual layers with a graph break after each of the first two: Dynamo compiles
     the forward's resume functions on their own, one code object for every instance."""

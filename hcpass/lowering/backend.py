@@ -81,9 +81,12 @@ def _lower_and_compile(rewritten: fx.GraphModule, example_inputs: list[Any]) -> 
         return _compile_fx(rewritten, example_inputs)
     except Exception as error:
         # Dynamo's own exceptions are signals (restart the trace, skip the frame), not
-        # failures of the shared form
+        # failures of the shared form; Inductor's errors (InductorError, a subclass) are
+        # such failures: its wrapper of a shared subgraph whose sizes are expressions of
+        # the graph's symbols (ViT's (H//p)*(W//p)+1 tokens) fails to bind those symbols.
         if (
             isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            and not isinstance(error, torch._dynamo.exc.BackendCompilerFailed)
             or inlined is None
             or not _has_shared_subgraphs(rewritten)
         ):
@@ -154,7 +157,7 @@ class PlainGraph:
             return self.compiled(*args)
         if self.mixed is None:
             annotate_call(self.captured, args, parameter_names(owner.original))
-            self.mixed = owner.rewrite(self.captured)[1]
+            self.mixed = owner.rewrite_eagerly(self.captured, "hcpass backend, plain graph")
         return self.mixed(*args)
 
 

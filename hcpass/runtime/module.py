@@ -14,10 +14,11 @@ the `ConvertedModule` whose forward is running (a context variable).
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from hcpass import logs
 from hcpass.frontend.capture import (
     CAPTURE_SETTINGS,
     CapturedGraph,
+    annotate_call,
     annotate_parameters,
     fresh_function,
     fresh_trampoline,
@@ -79,8 +81,10 @@ class MixedGraph:
     mixer_inputs: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
     site_count: int
     # The graph as captured: Dynamo caches a graph per code object, so a frame resumed
-    # after a graph break also runs it for plain instances of the converted model's class.
-    plain: Callable[..., Any]
+    # after a graph break also runs it for plain instances of the converted model's class,
+    # and for instances converted with other options (`rewrite_key`).
+    captured: fx.GraphModule
+    rewrite_key: Hashable  # of the converted module the graph was rewritten for
     notes: tuple[str, ...] = ()  # candidate adds this capture did not rewrite, and why
     # Anchor inputs of the first sites of chains that start inside the graph (expand).
     starts: tuple[int, ...] = ()
@@ -88,6 +92,8 @@ class MixedGraph:
     stream_inputs: tuple[handoff.StreamInput, ...] = ()
     stream_outputs: tuple[handoff.StreamOutput, ...] = ()
     dense: bool = False  # fn was compiled for contiguous n-stream inputs
+    # rewrite_key -> this graph rewritten again, for modules converted with other options
+    others: dict[Hashable, MixedGraph] = field(default_factory=dict, compare=False)
 
     @property
     def mixer_names(self) -> list[str]:
@@ -96,7 +102,9 @@ class MixedGraph:
     def __call__(self, *args: Any) -> Any:
         run = _RUN.get()
         if run is None:
-            return self.plain(*args)
+            return self.captured(*args)
+        if run.owner.rewrite_key != self.rewrite_key:
+            return self._rewritten_for(run.owner, args)(*args)
         params: list[torch.Tensor] = []
         for index, inputs in self.mixer_inputs:
             key, mixer_params = run.owner.mixer_parameters(args[index], inputs)
@@ -116,6 +124,17 @@ class MixedGraph:
         else:
             result = self.fn(*args, *params, *states)
         return handoff.leave(run.handoffs, run.owner, self.stream_outputs, args, result)
+
+    def _rewritten_for(self, owner: ConvertedModule, args: Sequence[Any]) -> MixedGraph:
+        """The captured graph rewritten for `owner`, converted with other options than the
+        module this graph was rewritten for (Dynamo shares the frames resumed after a graph
+        break between all instances of a class); runs eagerly, like a `PlainGraph`."""
+        mixed = self.others.get(owner.rewrite_key)
+        if mixed is None:
+            captured = fx.GraphModule(self.captured, copy.deepcopy(self.captured.graph))
+            annotate_call(captured, args, parameter_names(owner.original))
+            mixed = self.others[owner.rewrite_key] = owner.rewrite_eagerly(captured)
+        return mixed
 
 
 # What the converted module registers of the original root, and keeps in sync with it.
@@ -188,6 +207,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         self.mixers = nn.ModuleDict(mixers)
         # The rewrite family: hyper-connections (None) or Attention Residuals.
         self.attnres = attnres
+        # Equal for modules whose rewritten graphs are interchangeable: the same sites with
+        # the same mixers (the family and options are in each mixer's spec).
+        self.rewrite_key: Hashable = tuple(
+            (key, m.spec, m.channels, m.graph_parameters) for key, m in sorted(mixers.items())
+        )
         self.report: Report = plan.report
         self._key_of = {site.anchor: site.key for site in plan.sites}
         self._follows = {site.key: site.follows for site in plan.sites}
@@ -504,13 +528,24 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             rewritten,
             anchors,
             result.site_count,
-            gm.forward,
+            gm,
+            self.rewrite_key,
             notes=notes,
             starts=starts,
             stream_inputs=stream_inputs,
             stream_outputs=stream_outputs,
         )
         return rewritten, mixed
+
+    def rewrite_eagerly(
+        self, gm: fx.GraphModule, where: str = "hcpass eager runtime"
+    ) -> MixedGraph:
+        """`rewrite`, for the graph to run eagerly (checkpoint regions too)."""
+        rewritten, mixed = self.rewrite(gm)
+        checkpoint_eagerly(rewritten.graph)
+        rewritten.recompile()
+        logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, where)
+        return mixed
 
     def _keep(self, site) -> str | None:
         return None if site.anchor_name in self._key_of else _NOT_PLANNED
@@ -609,11 +644,7 @@ def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callabl
     owner = current_owner()
     if owner is None:
         raise RuntimeError("hcpass: the runtime backend ran outside a converted forward")
-    rewritten, mixed = owner.rewrite(gm)
-    checkpoint_eagerly(rewritten.graph)
-    rewritten.recompile()
-    logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass eager runtime")
-    return mixed
+    return owner.rewrite_eagerly(gm)
 
 
 def _encoder_decoder_generate(model_name: str, *args: Any, **kwargs: Any) -> Any:
