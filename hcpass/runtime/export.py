@@ -23,6 +23,7 @@ the capture is ``fullgraph`` and a break is an error naming where Dynamo broke t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,12 @@ def _backend(
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         rewritten, mixed = owner.rewrite(gm)
+        if mixed.stream_outputs:
+            # A chain's n streams returned for the graph after a break: there is none.
+            output = rewritten.graph.output_node()
+            values = output.args[0]
+            output.args = (type(values)(values[: -len(mixed.stream_outputs)]),)
+            mixed = dataclasses.replace(mixed, stream_outputs=())
         for module in rewritten.modules():  # checkpoint bodies hold mixer ops too
             if isinstance(module, fx.GraphModule):
                 decompose_mixer_ops(module.graph)
