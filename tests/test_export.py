@@ -70,10 +70,12 @@ def _convert(name: str, **options):
     return converted, input_name, make, kwargs, dims
 
 
-def _export(converted: nn.Module, input_name: str, example, kwargs: dict, dims) -> object:
+def _export(
+    converted: nn.Module, input_name: str, example, kwargs: dict, dims, strict: bool = False
+) -> object:
     sizes = {"batch": Dim("batch", max=64), "length": Dim("length", max=64)}
     shapes = {input_name: {i: sizes[d] for i, d in enumerate(dims)}, **dict.fromkeys(kwargs)}
-    return torch.export.export(converted, (example,), kwargs, dynamic_shapes=shapes)
+    return torch.export.export(converted, (example,), kwargs, dynamic_shapes=shapes, strict=strict)
 
 
 def _assert_program_computes_converted(program, converted, make, kwargs) -> None:
@@ -196,22 +198,27 @@ class _BreaksWhenExported(_TwoBlocks):
         return x + self.blocks[1](x)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("model_class", [_TwoBlocks, _BreaksWhenExported])
-def test_a_graph_break_is_refused_naming_where_it_is(model_class):
+def test_a_graph_break_is_refused_naming_where_it_is(model_class, strict):
     """_TwoBlocks breaks when converted too; _BreaksWhenExported only under export."""
     converted = hcpass.convert(model_class().eval(), (_tokens(2, 8),), sinkhorn_iters=3)
     source, start = inspect.getsourcelines(model_class.forward)
     line = start + next(i for i, text in enumerate(source) if "graph_break()" in text)
     with pytest.raises(RuntimeError, match="captured as one graph") as error:
-        torch.export.export(converted, (_tokens(2, 8),))
+        torch.export.export(converted, (_tokens(2, 8),), strict=strict)
     assert re.search(rf'test_export\.py(:|", line ){line}\b', str(error.value))
     assert converted(_tokens(2, 8)).shape == (2, 8, 16)  # the model itself still runs
 
 
-def test_strict_export_is_refused_with_what_to_do():
-    converted = hcpass.convert(tiny_gpt().eval(), (_tokens(2, 8),), sinkhorn_iters=3)
-    with pytest.raises(Exception, match="strict=False"):
-        torch.export.export(converted, (_tokens(2, 8),), strict=True)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["tiny_gpt", "gpt2", "vit"])
+def test_strict_export_computes_the_converted_model(name, family):
+    options = {"sinkhorn_iters": 3} if family == "hyper-connections" else {}
+    converted, input_name, make, kwargs, dims = _convert(name, family=family, **options)
+    program = _export(converted, input_name, make(2, 8), kwargs, dims, strict=True)
+    assert _hcpass_ops(program) == []
+    _assert_program_computes_converted(program, converted, make, kwargs)
 
 
 class _RootParameter(nn.Module):
@@ -232,12 +239,13 @@ class _RootParameter(nn.Module):
         return x
 
 
-def test_export_leaves_the_converted_model_as_it_was():
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_leaves_the_converted_model_as_it_was(strict):
     converted = hcpass.convert(_RootParameter().eval(), (_tokens(2, 8),), sinkhorn_iters=3)
     _perturb(converted)
     ids = _tokens(3, 5)
     before = converted(ids)
-    program = _export(converted, "ids", _tokens(2, 8), {}, ("batch", "length"))
+    program = _export(converted, "ids", _tokens(2, 8), {}, ("batch", "length"), strict)
     assert type(converted.original.scale) is nn.Parameter
     assert converted.original.scale is converted.scale
     torch.testing.assert_close(converted(ids), before, rtol=0, atol=0)

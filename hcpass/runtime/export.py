@@ -15,6 +15,14 @@ The mixer ops are recorded decomposed to ATen ops (`ATEN`): the program runs, sa
 compiles (AOTInductor, ExecuTorch) without hcpass. Sinkhorn's iterations are unrolled
 (`hcpass.manifolds.sinkhorn`, under ``torch.compiler.is_exporting()``).
 
+Strict export (``strict=True``) traces the forward with Dynamo itself, and a Dynamo trace
+cannot run the capture and rewrite. There the forward records one call of `_strict_call`
+(``allow_in_graph``: Dynamo puts the call in its graph and runs it on fake tensors for the
+outputs' shapes), taking the inputs and the module's parameters and buffers as tensors; when
+the export then traces Dynamo's graph to ATen, the call runs the non-strict path above with
+the module reparametrized by those tensors. (torch's ``nonstrict_trace``, made for this, fails
+in strict export in torch 2.13: ``cannot create weak reference to 'TreeSpec' object``.)
+
 One graph only: a graph break would hand n-stream states across Python code through the
 runtime's tensor bookkeeping (`hcpass.runtime.handoff`), which fake tensors cannot key, so
 the capture is ``fullgraph`` and a break is an error naming where Dynamo broke the graph.
@@ -24,12 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 from torch._C._dynamo.eval_frame import reset_code
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+from torch.utils import _pytree as pytree
 
 from hcpass.frontend.capture import fresh_trampoline, visible_residuals
 from hcpass.ops import reference
@@ -64,6 +75,47 @@ def trace_for_export(owner: ConvertedModule, args: tuple, kwargs: dict[str, Any]
                 raise _graph_break_error(owner, str(error)) from error
     finally:
         reset_code(trampoline.__code__)
+
+
+# Converted modules by id, and the output structure of each one's last strict-export call:
+# `_strict_call` takes only tensors and constants.
+_MODULES: weakref.WeakValueDictionary[int, ConvertedModule] = weakref.WeakValueDictionary()
+_OUTPUT_SPECS: dict[int, pytree.TreeSpec] = {}
+
+
+def register(owner: ConvertedModule) -> None:
+    """Make `owner` reachable from a strict export's traced call."""
+    _MODULES[id(owner)] = owner
+
+
+def strict_export_forward(owner: ConvertedModule, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The converted forward as strict export's Dynamo traces it: one `_strict_call`."""
+    named = [*owner.named_parameters(), *owner.named_buffers()]
+    names = tuple(name for name, _ in named)
+    key = id(owner)
+    tensors = [tensor for _, tensor in named]
+    flat = _strict_call(key, len(args), tuple(kwargs), names, *args, *kwargs.values(), *tensors)
+    return pytree.tree_unflatten(list(flat), _OUTPUT_SPECS[key])
+
+
+@torch._dynamo.allow_in_graph
+def _strict_call(
+    key: int, positional: int, keywords: tuple[str, ...], names: tuple[str, ...], *flat: Any
+) -> tuple[Any, ...]:
+    """The forward of converted module `key` on ``args = flat[:positional]``, then the
+    `keywords` arguments, with its parameters and buffers `names` taken from the rest of
+    `flat`; returns the outputs' leaves (their structure: `_OUTPUT_SPECS`)."""
+    owner = _MODULES[key]
+    count = len(flat) - len(names)
+    inputs, state = flat[:count], dict(zip(names, flat[count:], strict=True))
+    args, kwargs = tuple(inputs[:positional]), dict(zip(keywords, inputs[positional:], strict=True))
+    # Dynamo runs this on its fake tensors for the outputs' shapes (no proxy mode then), which
+    # the mixers do not change: the original model gives them without a nested Dynamo run.
+    shapes_only = get_proxy_mode() is None
+    with torch.nn.utils.stateless._reparametrize_module(owner, state, tie_weights=True):
+        out = owner.exported_forward(args, kwargs, shapes_only=shapes_only)
+    leaves, _OUTPUT_SPECS[key] = pytree.tree_flatten(out)
+    return tuple(leaves)
 
 
 def _backend(

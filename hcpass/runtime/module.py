@@ -44,8 +44,7 @@ from hcpass.rewrite.attnres import AttnResOptions, rewrite_attnres
 from hcpass.rewrite.base import MixerInputs, MixerSlot, graph_module
 from hcpass.rewrite.chains import rewrite_chains
 from hcpass.rewrite.regions import checkpoint_eagerly
-from hcpass.runtime import handoff
-from hcpass.runtime.export import trace_for_export
+from hcpass.runtime import export, handoff
 from hcpass.runtime.mixer import SiteModule
 
 
@@ -230,6 +229,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             if stale in self.__dict__:
                 reset_code(self.__dict__[stale].__code__)
         object.__setattr__(self, "_names_by_id", {})
+        export.register(self)
         # One trampoline for an outer torch.compile, one for the eager runtime: Dynamo keeps
         # a code object's graphs for every backend in one cache, so shared, calls that
         # alternate between the two (and between train/eval, grad modes) would reach its
@@ -308,15 +308,18 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_exporting():
-            if torch.compiler.is_dynamo_compiling():
-                raise RuntimeError(STRICT_EXPORT)
+            if torch.compiler.is_dynamo_compiling():  # strict export
+                return export.strict_export_forward(self, args, kwargs)
             return self.exported_forward(args, kwargs)
         return self.observed_forward(None, *args, **kwargs)
 
-    def exported_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def exported_forward(
+        self, args: tuple, kwargs: dict[str, Any], *, shapes_only: bool = False
+    ) -> Any:
         """forward under torch.export: the capture and rewrite run inside the export's trace
         (`hcpass.runtime.export`), which records the rewritten graph with the mixer ops
-        decomposed to ATen. Checked against the plan like every call."""
+        decomposed to ATen. Checked against the plan like every call. `shapes_only`: the
+        original model's forward instead (same output structure, shapes and dtypes)."""
         # The root entries are the export's lifted tensors now: the original's forward must
         # read them during the trace, and its own entries come back afterwards (the export
         # restores this module's only).
@@ -326,7 +329,9 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         run = _Run(self)
         token = _RUN.set(run)
         try:
-            out = trace_for_export(self, args, kwargs)
+            if shapes_only:
+                return self._model(*args, **kwargs)
+            out = export.trace_for_export(self, args, kwargs)
         finally:
             _RUN.reset(token)
             for kind, entries in original.items():
@@ -628,13 +633,6 @@ def _unpickle(original: type[nn.Module]) -> ConvertedModule:
 
 
 _NOT_PLANNED = "no mixer: the site was not rewritten when the model was converted"
-
-STRICT_EXPORT = (
-    "hcpass: torch.export(..., strict=True) of a converted model is not supported: strict "
-    "export traces the forward with Dynamo, which cannot run hcpass's capture and rewrite "
-    "of the original model. Export with strict=False (the default): the program is the same "
-    "ATen graph, and runs without hcpass (docs/deployment.md)"
-)
 
 
 def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
