@@ -107,6 +107,18 @@ def test_exported_program_computes_the_converted_model_at_new_sizes(name, family
     _assert_program_computes_converted(program, converted, make, kwargs)
 
 
+def test_checkpointed_blocks_export_with_their_mixer_math_as_aten():
+    """HF gradient checkpointing in train mode: the sites' mixer ops lie in checkpoint bodies."""
+    model = gpt2()
+    model.gradient_checkpointing_enable()
+    kwargs = {"use_cache": False}
+    converted = hcpass.convert(model.train(), (_tokens(2, 8),), kwargs, sinkhorn_iters=3)
+    _perturb(converted)
+    program = _export(converted, "input_ids", _tokens(2, 8), kwargs, ("batch", "length"))
+    assert _hcpass_ops(program) == []
+    _assert_program_computes_converted(program, converted, _tokens, kwargs)
+
+
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "static"])
 @pytest.mark.parametrize("manifold", hcpass.manifolds.manifold_names())
 def test_every_manifold_exports(manifold, dynamic):
