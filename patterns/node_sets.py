@@ -118,6 +118,20 @@ CONVOLUTIONS = frozenset(
     {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution}
 )
 
+# Ops that act on one dimension of their first argument as its channels: dimension 1
+# (convolutions, NCHW norms) or the last (linear layers, LayerNorm, RMSNorm). The first such
+# op a branch applies to the stream says which of the stream's dimensions are its channels.
+CHANNELS_FIRST = CONVOLUTIONS | frozenset(
+    {F.batch_norm, torch.batch_norm, F.group_norm, torch.group_norm, F.instance_norm}
+)
+CHANNELS_LAST = frozenset({F.linear, F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm})
+
+# Ops that reorder dimensions without changing values: (x, dim0, dim1) swaps two,
+# (x, *dims) / (x, dims) permutes, (x, source, destination) moves one.
+TRANSPOSES = frozenset({"transpose", "swapaxes", torch.transpose, torch.swapaxes})
+PERMUTES = frozenset({"permute", torch.permute})
+MOVEDIMS = frozenset({"movedim", torch.movedim})
+
 
 def calls_one_of(node: fx.Node, targets: frozenset[object]) -> bool:
     """Whether `node` calls a function in `targets`, or a tensor method named in it."""
@@ -149,6 +163,14 @@ def is_view(node: fx.Node) -> bool:
 
 def is_convolution(node: fx.Node) -> bool:
     return calls_one_of(node, CONVOLUTIONS)
+
+
+def is_channels_first(node: fx.Node) -> bool:
+    return calls_one_of(node, CHANNELS_FIRST)
+
+
+def is_channels_last(node: fx.Node) -> bool:
+    return calls_one_of(node, CHANNELS_LAST)
 
 
 def written_into(node: fx.Node) -> fx.Node | None:

@@ -229,6 +229,74 @@ def t5():
     return T5ForConditionalGeneration(cfg)
 
 
+def bart():
+    """Encoder-decoder with post-norm blocks (LayerNorm after each residual add)."""
+    _quiet_hf()
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    return BartForConditionalGeneration(cfg)
+
+
+def mamba():
+    """State-space model: the mixer's branch projects, then runs a depthwise conv1d over the
+    sequence (channels-first after a transpose); the stream's channels are its last dim."""
+    _quiet_hf()
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2)
+    return MambaForCausalLM(cfg)
+
+
+def hf_resnet():
+    """HF's ResNet (basic blocks, NCHW streams, a projection shortcut between stages)."""
+    _quiet_hf()
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    cfg = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[2, 2],
+        layer_type="basic",
+        num_labels=10,
+    )
+    return ResNetForImageClassification(cfg)
+
+
+def hf_convnext():
+    """HF's ConvNeXt: a depthwise conv on the NCHW stream, then a channels-last MLP."""
+    _quiet_hf()
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    cfg = ConvNextConfig(
+        num_channels=3,
+        num_stages=2,
+        hidden_sizes=[8, 16],
+        depths=[2, 1],
+        patch_size=2,
+        num_labels=10,
+    )
+    return ConvNextForImageClassification(cfg)
+
+
 class PreNormStack(nn.Module):
     """`depth` pre-norm residual sites on one stream and a final norm: what
     ``family="attnres"`` converts."""

@@ -26,9 +26,15 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hcpass.patterns.node_sets import (
+    MOVEDIMS,
+    PERMUTES,
+    TRANSPOSES,
     alias_path,
     aliases_input_or_view,
+    calls_one_of,
     is_cast,
+    is_channels_first,
+    is_channels_last,
     is_convolution,
     is_stream_op,
     is_view,
@@ -351,8 +357,7 @@ def _build(
     anchor = anchors.choose(g, branch_nodes)
     if isinstance(anchor, Skip):
         return anchor
-    convolutional = any(is_convolution(n) for n in branch_nodes)
-    channel_dim = 1 if convolutional else value.dim() - 1
+    channel_dim = _channel_dim(g, read, branch_nodes, value.dim())
     channels = value.shape[channel_dim]
     if isinstance(channels, torch.SymInt) and channels.node.has_hint():
         # Under dynamic=True every size is symbolic; a mixer has a fixed width, so the
@@ -373,6 +378,66 @@ def _build(
         channels=channels,
     )
     return Match((site, chain, lifted))
+
+
+def _channel_dim(g: _Graph, read: fx.Node, branch_nodes: frozenset[fx.Node], rank: int) -> int:
+    """The stream dimension the branch takes as its channels: the one that the first op
+    acting on channels (`CHANNELS_FIRST`, `CHANNELS_LAST`) reached from `read` sees there,
+    followed through shape-keeping ops and dimension reorders.
+
+    Which ops the branch holds is not enough: Mamba's mixer applies a depthwise conv1d, but
+    to ``in_proj(norm(x)).transpose(1, 2)``: its channels are the stream's last dimension,
+    and dimension 1 is the sequence. A branch where no such op is reached falls back on its
+    ops: NCHW if it has a convolution, else channels last."""
+    # For each value computed from `read`: which stream dimension each of its dims is.
+    dims: dict[fx.Node, tuple[int | None, ...]] = {read: tuple(range(rank))}
+    for node in sorted(branch_nodes, key=g.index.__getitem__):
+        source = next((p for p in node.all_input_nodes if p in dims), None)
+        if source is None:
+            continue
+        position = 1 if is_channels_first(node) else -1 if is_channels_last(node) else None
+        if position is not None:
+            first = node.args[0] if node.args else None
+            seen = dims.get(first) if isinstance(first, fx.Node) else None
+            found = seen[position] if seen is not None and len(seen) > 1 else None
+            if found is not None:
+                return found
+            continue
+        reordered = _reorder(node, dims[source])
+        if reordered is not None:
+            dims[node] = reordered
+            continue
+        before, after = _tensor(source), _tensor(node)
+        if before is not None and after is not None and _same_shape(before, after):
+            dims[node] = dims[source]
+    convolutional = any(is_convolution(n) for n in branch_nodes)
+    return 1 if convolutional else rank - 1
+
+
+def _reorder(node: fx.Node, dims: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
+    """`dims` after `node` if it transposes, permutes or moves dimensions, else None."""
+    args = node.args[1:]
+    if not all(isinstance(a, int) for a in _flat(args)):
+        return None
+    order = list(range(len(dims)))
+    if calls_one_of(node, TRANSPOSES) and len(args) == 2:
+        a, b = (d % len(dims) for d in args)
+        order[a], order[b] = order[b], order[a]
+    elif calls_one_of(node, PERMUTES):
+        order = [d % len(dims) for d in _flat(args)]
+    elif calls_one_of(node, MOVEDIMS) and len(args) == 2:
+        source, destination = (d % len(dims) for d in args)
+        order.remove(source)
+        order.insert(destination, source)
+    else:
+        return None
+    if sorted(order) != list(range(len(dims))):
+        return None
+    return tuple(dims[d] for d in order)
+
+
+def _flat(args: tuple) -> list:
+    return [x for a in args for x in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 @dataclass(frozen=True)

@@ -84,12 +84,10 @@ def _lower_and_compile(rewritten: fx.GraphModule, example_inputs: list[Any]) -> 
         # failures of the shared form; Inductor's errors (InductorError, a subclass) are
         # such failures: its wrapper of a shared subgraph whose sizes are expressions of
         # the graph's symbols (ViT's (H//p)*(W//p)+1 tokens) fails to bind those symbols.
-        if (
-            isinstance(error, torch._dynamo.exc.TorchDynamoException)
-            and not isinstance(error, torch._dynamo.exc.BackendCompilerFailed)
-            or inlined is None
-            or not _has_shared_subgraphs(rewritten)
-        ):
+        signal = isinstance(error, torch._dynamo.exc.TorchDynamoException) and not isinstance(
+            error, torch._dynamo.exc.BackendCompilerFailed
+        )
+        if signal or inlined is None or not _has_shared_subgraphs(rewritten):
             raise
         log.warning(
             "hcpass: Inductor could not compile this graph with its sites' mixer work in "

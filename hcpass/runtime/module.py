@@ -604,15 +604,23 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         graph's slot."""
         key = self.site_key(anchor)
         module: SiteModule = self.mixers[key]
-        if (
-            module.spec != inputs.slot.spec
-            or module.channels != inputs.channels
-            or module.graph_parameters != inputs.slot.parameters
-        ):
+        if module.spec != inputs.slot.spec or module.graph_parameters != inputs.slot.parameters:
+            # One model has one set of options: the graph was built for another model.
             raise RuntimeError(
-                f"hcpass: mixer {key!r} ({module.spec}, C={module.channels}) differs from the "
-                f"one the cached graph was built for ({inputs.slot.spec}, C={inputs.channels}): "
-                "Dynamo reused a graph across models converted with different options"
+                f"hcpass: mixer {key!r} ({module.spec}) differs from the one the cached graph "
+                f"was built for ({inputs.slot.spec}): Dynamo reused a graph across models "
+                "converted with different options"
+            )
+        if module.channels != inputs.channels:
+            raise RuntimeError(
+                f"hcpass: at these inputs the stream of site {self._label_of[key]} has "
+                f"{inputs.channels} channels, and its mixer was converted with "
+                f"{module.channels}: a mixer has a fixed width. hcpass takes as channels the "
+                "stream dimension that the branch's first linear layer, norm or convolution "
+                "acts on; here that dimension's size follows the "
+                "input's shape, so this site cannot run converted at these inputs. Call the "
+                "model with inputs that keep it, or convert a model whose blocks have a fixed "
+                "width"
             )
         return key, [getattr(module, name) for name in inputs.slot.parameters]
 
