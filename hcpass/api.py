@@ -51,6 +51,34 @@ def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwa
     return tuple(example_inputs), dict(example_kwargs or {})
 
 
+def _refuse_compiled_root(model: nn.Module) -> None:
+    """Refuse a compiled model: convert it first, then compile with backend="hcpass".
+
+    Kept compiled, its first call would fail: the converted forward runs the original under
+    Dynamo itself, and only backend="hcpass" gives a compiled graph its mixers. Converting
+    the wrapped module and compiling the result again was the other choice; it is refused
+    instead because the compile's backend and options would not carry over (Inductor's
+    ``mode`` and ``options`` are not the hcpass backend's, which takes none), and a result
+    compiled with another backend than the one asked for would be a silent change."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        name = type(model._orig_mod).__name__
+        raise ValueError(
+            f"hcpass.convert got a compiled model (torch.compile of a {name}): convert the "
+            "model before compiling it, then compile the converted model with the hcpass "
+            "backend: `converted = hcpass.convert(model._orig_mod, ...)`, then "
+            "`torch.compile(converted, backend='hcpass')` (hcpass.compile does both)"
+        )
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError(
+            f"hcpass.convert got a {type(model).__name__} compiled in place "
+            "(`model.compile()`): convert the model before compiling it, then compile the "
+            "converted model with the hcpass backend: `converted.compile(backend='hcpass')` "
+            "(or hcpass.compile, which converts and compiles)"
+        )
+
+
 def _validate_family(family: str) -> str:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -116,6 +144,7 @@ def convert(
             manifold or "sinkhorn", 4 if streams is None else streams, **manifold_options
         )
     args, kwargs = _validate_model(model, example_inputs, example_kwargs)
+    _refuse_compiled_root(model)
     graphs = capture(model, args, kwargs)
     found = plan(model, graphs, family)
     if found.report.graphs == 0:

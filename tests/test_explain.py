@@ -210,6 +210,19 @@ def test_not_a_module_and_double_conversion():
         hcpass.convert(converted, models.token_inputs()[0])
 
 
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+def test_a_compiled_model_is_refused_with_what_to_do(how):
+    """It converted, then its first call failed: the converted forward ran the compiled
+    root as a region compiled by another backend ("0 of 4 mixer runs happened")."""
+    model = models.tiny_gpt()
+    if how == "torch.compile":
+        model = torch.compile(model)
+    else:
+        model.compile()
+    with pytest.raises(ValueError, match="convert the model before compiling it"):
+        hcpass.convert(model, models.token_inputs()[0])
+
+
 def test_a_model_holding_a_converted_submodule_names_it():
     x = torch.randn(2, 8)
     outer = nn.Sequential(nn.Linear(8, 8), PerLayerGates())
