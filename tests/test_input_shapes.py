@@ -64,6 +64,7 @@ def _convert(name: str, **options):
     return model, converted, inputs, others
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_eager_runs_three_other_shapes_like_the_original(name):
     model, converted, inputs, others = _convert(name)
@@ -81,6 +82,7 @@ def test_eager_runs_three_other_shapes_like_the_original(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.hf
 def test_mamba_mixers_take_the_hidden_size_as_channels():
     """The issue's failure: Mamba's mixer branch holds a depthwise conv1d (over the sequence,
     after a projection and a transpose), and the stream's dimension 1 -- the sequence --
@@ -154,6 +156,7 @@ def test_a_width_that_follows_the_input_is_named_not_blamed_on_options():
 
 
 @pytest.mark.slow
+@pytest.mark.hf
 @pytest.mark.parametrize("name", ["mamba", "bart", "hf_convnext", "vit"])
 def test_compiled_runs_three_shapes_like_eager(name):
     # vit: at a second image size the graph's token count is (H//p)*(W//p)+1, a size
