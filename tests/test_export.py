@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import VOCAB, gpt2, llama, logits, tiny_gpt, vit
+from models import VOCAB, gpt2, llama, logits, tiny_gpt, vit, zoo
 from torch import nn
 from torch.export import Dim
 
@@ -98,7 +98,7 @@ def _hcpass_ops(program) -> list[str]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", zoo(MODELS))
 def test_exported_program_computes_the_converted_model_at_new_sizes(name, family):
     options = {"sinkhorn_iters": 3} if family == "hyper-connections" else {}
     converted, input_name, make, kwargs, dims = _convert(name, family=family, **options)
@@ -107,6 +107,7 @@ def test_exported_program_computes_the_converted_model_at_new_sizes(name, family
     _assert_program_computes_converted(program, converted, make, kwargs)
 
 
+@pytest.mark.hf
 def test_checkpointed_blocks_export_with_their_mixer_math_as_aten():
     """HF gradient checkpointing in train mode: the sites' mixer ops lie in checkpoint bodies."""
     model = gpt2()
@@ -224,7 +225,7 @@ def test_a_graph_break_is_refused_naming_where_it_is(model_class, strict):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["tiny_gpt", "gpt2", "vit"])
+@pytest.mark.parametrize("name", zoo(["tiny_gpt", "gpt2", "vit"]))
 def test_strict_export_computes_the_converted_model(name, family):
     options = {"sinkhorn_iters": 3} if family == "hyper-connections" else {}
     converted, input_name, make, kwargs, dims = _convert(name, family=family, **options)
