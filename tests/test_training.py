@@ -101,10 +101,20 @@ def test_param_groups_scale_the_mixers_only() -> None:
     assert [g["weight_decay"] for g in plain_groups] == [0.1, 0.0]
     converted = hcpass.convert(model, inputs, streams=2)
     groups = hcpass.param_groups(converted, lr=1.0, weight_decay=0.1, mixer_lr_scale=5.0)
-    mixers = {id(p) for p in converted.mixers.parameters()}
-    assert [g["lr"] for g in groups] == [1.0, 1.0, 5.0]
-    assert {id(p) for p in groups[2]["params"]} == mixers and groups[2]["weight_decay"] == 0.0
+    assert [g["lr"] for g in groups] == [1.0, 1.0, 5.0, 5.0]
+    # The mixers' bias logits do not decay (0 is not their init); phi and alpha decay like
+    # the weights, towards their init (0 and 0.01): unbounded, they saturate H_res.
+    named = dict(converted.named_parameters())
+    biases = {id(p) for n, p in named.items() if n.startswith("mixers.") and n.endswith(".bias")}
+    dynamic = {id(p) for n, p in named.items() if n.endswith((".phi", ".alpha"))}
+    assert len(dynamic) == 2 * len(biases) > 0
+    assert {id(p) for p in groups[2]["params"]} == biases and groups[2]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[3]["params"]} == dynamic and groups[3]["weight_decay"] == 0.1
     assert sum(len(g["params"]) for g in groups) == len(list(converted.parameters()))
+    static = hcpass.convert(model, inputs, streams=2, dynamic=False)
+    assert [g["weight_decay"] for g in hcpass.param_groups(static, lr=1.0, weight_decay=0.1)] == [
+        0.1, 0.0, 0.0
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="mixer_lr_scale"):
         hcpass.param_groups(converted, lr=1.0, mixer_lr_scale=0)
     # Wrapped (torch.compile, as hcpass.compile returns; DDP likewise): the same groups.
