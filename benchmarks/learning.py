@@ -377,15 +377,18 @@ def save_runs(path: Path, runs: list[dict[str, Any]]) -> None:
     """Write-then-rename: a sweep stopped while writing keeps the previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"git_revision": common.git_revision(), "runs": runs}) + "\n")
+    tmp.write_text(json.dumps({"runs": runs}) + "\n")
     os.replace(tmp, path)
 
 
 def run_all(tasks: list[Task], path: Path, jobs: int) -> list[dict[str, Any]]:
     """Run the tasks not in `path` yet, each in a fresh process, appending each result to
     `path` as it finishes; returns the runs of `tasks` (old and new). Stopped (Ctrl-C), the
-    finished runs stay in the file and the same command resumes."""
+    finished runs stay in the file and the same command resumes. Runs are matched by their
+    settings, not by the code: each records its git revision; after a change that matters,
+    start a new file (--out)."""
     runs = load_runs(path)
+    revision = common.git_revision()
     done = {r["key"] for r in runs}
     pending = [t for t in tasks if t.key not in done]
     have = len(tasks) - len(pending)
@@ -395,7 +398,7 @@ def run_all(tasks: list[Task], path: Path, jobs: int) -> list[dict[str, Any]]:
     pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
     try:
         for task, record in pool.imap_unordered(run_keyed, pending):
-            runs.append({"key": task.key, **record})
+            runs.append({"key": task.key, "git_revision": revision, **record})
             save_runs(path, runs)
             outcome = (
                 f"diverged at step {record['diverged_at']}"
