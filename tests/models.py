@@ -152,7 +152,8 @@ def gpt2():
     return GPT2LMHeadModel(cfg)
 
 
-def llama():
+def llama(kv_heads: int = 1):
+    """`kv_heads`: 2 (one per attention head) for tensor parallelism over 2 ranks."""
     _quiet_hf()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -161,7 +162,7 @@ def llama():
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=2,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         vocab_size=VOCAB,
         max_position_embeddings=64,
         bos_token_id=0,

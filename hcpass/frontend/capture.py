@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _counter = itertools.count()
 
@@ -36,15 +37,23 @@ _counter = itertools.count()
 CAPTURE_SETTINGS: dict[str, Any] = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 
 
-Layout = tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, int]
+Layout = tuple[Any, int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device, int]
 
 
 def layout(t: torch.Tensor) -> Layout:
     """What makes two tensors hold the same values: the same memory, read the same way, and
-    not written to in between (views share their base's version counter)."""
+    not written to in between (views share their base's version counter). A tensor subclass
+    that wraps others (DTensor: its local shard) has no memory of its own: its memory is
+    theirs."""
+    if is_traceable_wrapper_subclass(t):
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        memory: Any = (type(t), tuple(layout(x) for x in inner if isinstance(x, torch.Tensor)))
+        offset = 0
+    else:
+        memory, offset = t.untyped_storage().data_ptr(), t.storage_offset()
     return (
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
+        memory,
+        offset,
         tuple(t.shape),
         t.stride(),
         t.dtype,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from hcpass.patterns.node_sets import (
     MOVEDIMS,
@@ -345,6 +346,15 @@ def _build(
             "with that write"
         )
     value = _tensor(stream)
+    wrapped = next((t for t in (value, _tensor(branch)) if is_traceable_wrapper_subclass(t)), None)
+    if wrapped is not None:
+        return Skip(
+            f"the residual is a {type(wrapped).__name__}, and the mixer ops take plain "
+            "tensors: tensor parallelism that keeps the stream distributed (sequence "
+            "parallelism, use_local_output=False) is not supported. Parallelize so that "
+            "each block returns a plain tensor (ColwiseParallel/RowwiseParallel with their "
+            "default use_local_output=True)"
+        )
     if value.dim() < 2:
         return Skip("stream has no batch dimension (rank < 2)")
     if branch is read:
