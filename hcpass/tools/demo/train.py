@@ -48,8 +48,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_schedule(model: nn.Module, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """AdamW on `hcpass.param_groups` (weight decay on matrices only, GPT-2 practice; the
-    mixers at ``cfg.mixer_lr_scale`` times the learning rate), scheduled by `lr_factor`."""
+    """AdamW on `hcpass.param_groups` (weight decay on matrices, GPT-2 practice, and on the
+    mixers' phi and alpha; the mixers at ``cfg.mixer_lr_scale`` times the learning rate),
+    scheduled by `lr_factor`."""
     groups = hcpass.param_groups(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, mixer_lr_scale=cfg.mixer_lr_scale
     )
