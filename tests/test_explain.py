@@ -104,6 +104,42 @@ def test_projection_shortcut_ends_the_chain():
     assert "projection shortcut" in report.skipped[0].reason
 
 
+class SharedAttentionBias(nn.Module):
+    """T5's attention before transformers 5.15: a bias computed once and added to every
+    layer's scores (``scores += bias``). From the second layer on the scores depend on the
+    bias through the hidden states, so ``bias + scores`` looks like a residual of the bias."""
+
+    def __init__(self, width: int = 16, heads: int = 2, length: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.bias = nn.Parameter(torch.randn(heads, length, length))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(2))
+        self.out = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        bias = self.bias * torch.ones(b, 1, 1, 1)
+        for norm, qkv, out in zip(self.norms, self.qkv, self.out, strict=True):
+            q, k, v = qkv(norm(x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) + bias
+            x = x + out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c))
+        return x
+
+
+def test_a_bias_shared_by_the_layers_is_not_a_stream():
+    model, x = SharedAttentionBias(), torch.randn(2, 8, 16)
+    report = hcpass.explain(model, (x,))
+    assert [(name.split(":")[0], status) for name, status in _table(report)] == [
+        ("root", "skipped"),
+        ("out.0", "rewritten"),
+        ("root", "skipped"),
+        ("out.1", "rewritten"),
+    ], report
+    assert "only through the stream of another chain" in report.sites[2].reason
+    models.assert_computes_like(hcpass.convert(model, (x,), streams=4), model, x)
+
+
 def test_elementwise_expression_is_not_a_block():
     report = hcpass.explain(Elementwise(), (torch.randn(2, 8),))
     assert report.sites[0].status == "skipped"

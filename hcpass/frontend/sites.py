@@ -281,6 +281,13 @@ def _classify(
     # that operand is a dtype cast of (``residual = x.to(torch.float32)``; Mamba).
     for stream, branch in ((lhs, rhs), (rhs, lhs)):
         if g.depends(branch, stream):
+            streams = [v for v in chain_of if g.depends(v, stream)]
+            if streams and not _reads_avoiding(g, branch, stream, set(streams)):
+                return Skip(
+                    f"the branch reads {stream.name!r} only through the stream of another "
+                    f"chain ({streams[0].name!r}): not a residual of it (e.g. an attention "
+                    "bias computed once and added to every layer's scores)"
+                )
             return _build(g, node, found, stream, branch, stream, anchors, None, [])
     for stream, branch in ((lhs, rhs), (rhs, lhs)):
         cast = _cast_read(g, stream, branch)
@@ -314,6 +321,20 @@ def _classify(
             "graph breaks say where Dynamo split the forward)"
         )
     return Skip("the operands share no input (not a residual: e.g. an embedding sum)")
+
+
+def _reads_avoiding(g: _Graph, node: fx.Node, value: fx.Node, cut: set[fx.Node]) -> bool:
+    """Whether `node` is computed from `value` along a path through none of the `cut` nodes."""
+    stack, seen = [node], set()
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent is value:
+                return True
+            if parent in cut or parent in seen or not g.depends(parent, value):
+                continue
+            seen.add(parent)
+            stack.append(parent)
+    return False
 
 
 def _reads_parameters(g: _Graph, operand: fx.Node, param_name: ParamName) -> bool:
