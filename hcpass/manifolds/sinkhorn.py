@@ -302,6 +302,13 @@ class Sinkhorn(Manifold):
             # Cast outside the Function: autograd's cast node hands back the logits' dtype.
             matrix = matrix.to(compute_dtype(matrix.dtype))
             return ImplicitSinkhorn.apply(matrix, self.options["sinkhorn_iters"])
+        if not (torch.is_grad_enabled() and matrix.requires_grad) and (
+            torch._C._functorch.peek_interpreter_stack() is None  # vmap needs the Function
+        ):
+            # Nothing to differentiate (inference, or inside the coeffs op, whose backward
+            # is its own op): the op without the Function's per-call cost (binding its
+            # signature, the autograd node), which at one position is most of res_map's time.
+            return sinkhorn_op(matrix, self.options["sinkhorn_iters"])
         return UnrolledSinkhorn.apply(matrix, self.options["sinkhorn_iters"])
 
     def res_map_backward(self, logits: Tensor, grad: Tensor) -> Tensor:

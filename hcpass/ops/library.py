@@ -34,6 +34,10 @@ def _without_autocast(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def run(first: Tensor, *args, **kwargs):
+        # Entering the context costs as much as a small op: at decode time (one position)
+        # each site's ops would pay it three times over for nothing.
+        if not torch.is_autocast_enabled(first.device.type):
+            return fn(first, *args, **kwargs)
         with torch.autocast(first.device.type, enabled=False):
             return fn(first, *args, **kwargs)
 

@@ -1,0 +1,73 @@
+"""Decoding with HF ``generate`` (greedy, KV cache): a converted model generates what the
+original does at init, and neither the eager runtime nor ``torch.compile(backend="hcpass")``
+captures a graph per generated token -- the KV cache grows by one position each step, so a
+graph per length would make every token pay a capture (benchmarks/decode.py measures the
+speed).
+
+Token ids are compared exactly: greedy decoding of fp32 logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import hcpass
+from tests import models
+
+# Prefill, the first step (cache length static), then the step that marks the length
+# dynamic: Dynamo's automatic dynamic shapes, whatever the number of tokens.
+GRAPHS_FOR_A_NEW_MODEL = 3
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+    """Greedy `tokens` new tokens with the KV cache, and the graphs Dynamo compiled meanwhile."""
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True
+        )
+    return out, counters["stats"]["unique_graphs"] - before
+
+
+def _perturbed(converted: hcpass.ConvertedModule) -> None:
+    """Move the mixers off their function-preserving init, so a lost mixer changes tokens."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in converted.mixers.parameters():
+            p.add_(torch.randn_like(p) * 3.0)
+
+
+@pytest.mark.hf
+def test_eager_generate_equals_the_original_at_init_without_a_graph_per_token():
+    model = models.gpt2().eval()
+    ids = torch.randint(1, models.VOCAB, (1, 5))
+    converted = hcpass.convert(model, (ids,))
+    want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out, graphs = _generate(converted, ids, 8)
+    assert torch.equal(out, want)
+    assert graphs <= GRAPHS_FOR_A_NEW_MODEL
+    out, graphs = _generate(converted, ids, 8)
+    assert torch.equal(out, want)
+    assert graphs == 0
+
+
+@pytest.mark.hf
+def test_compiled_generate_compiles_no_graph_per_token():
+    model = models.gpt2().eval()
+    ids = torch.randint(1, models.VOCAB, (1, 5))
+    converted = hcpass.convert(model, (ids,))
+    _perturbed(converted)
+    want, _ = _generate(converted, ids, 8)  # the eager runtime
+    assert not torch.equal(want, model.generate(ids, max_new_tokens=8, do_sample=False))
+    compiled = torch.compile(converted, backend="hcpass")
+    out, graphs = _generate(compiled, ids, 8)
+    assert torch.equal(out, want)
+    assert graphs <= GRAPHS_FOR_A_NEW_MODEL
+    # A new prompt length recompiles the prefill once, with its length dynamic; then none.
+    longer = torch.randint(1, models.VOCAB, (1, 9))
+    out, graphs = _generate(compiled, longer, 8)
+    assert graphs <= 1
+    assert torch.equal(out, _generate(converted, longer, 8)[0])
+    _, graphs = _generate(compiled, torch.randint(1, models.VOCAB, (1, 12)), 8)
+    assert graphs == 0
