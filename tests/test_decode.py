@@ -71,3 +71,22 @@ def test_compiled_generate_compiles_no_graph_per_token():
     assert torch.equal(out, _generate(converted, longer, 8)[0])
     _, graphs = _generate(compiled, torch.randint(1, models.VOCAB, (1, 12)), 8)
     assert graphs == 0
+
+
+def test_inference_runs_checkpoint_regions_without_torch_checkpoint(monkeypatch):
+    """Attention Residuals checkpoints each depth attention; with no gradient there is nothing
+    to recompute, and torch.utils.checkpoint's per-call cost is most of a decode step's."""
+    (ids,), _ = models.token_inputs()
+    converted = hcpass.convert(models.tiny_gpt(), (ids,), family="attnres")
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    )
+    trained = converted(ids)
+    assert calls  # with gradients, the regions are checkpointed
+    calls.clear()
+    with torch.no_grad():
+        inferred = converted(ids)
+    assert not calls
+    torch.testing.assert_close(inferred, trained.detach(), rtol=0, atol=0)

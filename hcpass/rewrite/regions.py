@@ -96,6 +96,11 @@ def run_checkpoint(body: fx.GraphModule, *args: Any, **options: Any) -> Any:
     written to be traced: it turns RNG-state preservation off (Inductor functionalises the
     RNG instead), so dropout in a region would draw new masks when recomputed and the
     gradients would be wrong. This checkpoints with the options the model gave."""
+    if not torch.is_grad_enabled():
+        # Nothing is saved for a backward, so nothing is recomputed: the body alone gives the
+        # same outputs, without torch.utils.checkpoint's per-call cost (at decode time, one
+        # position per step, Attention Residuals' regions cost as much as their arithmetic).
+        return body(*args)
     context_fn = body.meta.get("_checkpoint_context_fn")
     if context_fn is not None:
         options = {**options, "context_fn": context_fn}
