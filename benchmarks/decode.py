@@ -7,7 +7,9 @@ against converted (hyper-connections and Attention Residuals), eager and compile
 
 Variants: "plain" (the model), "hyper-connections" (``hcpass.convert``, default options:
 Sinkhorn, n = 4, dynamic mixers), "attnres" (``family="attnres"``), each eager and compiled
-(plain with ``backend="inductor"``, converted with ``backend="hcpass"``). Every variant is
+(``model.forward = torch.compile(model.forward, backend=...)``, plain with
+``backend="inductor"``, converted with ``backend="hcpass"``: ``generate`` on
+``torch.compile(model)`` would run the uncompiled model). Every variant is
 built fresh in this process; its first ``generate`` call (captures and compiles included)
 is timed on its own, then --rounds rounds of steady calls run interleaved across the
 variants (the machine is shared: each round sees the same load), one thread
@@ -61,7 +63,11 @@ def build(family: str, compiled: bool, args: argparse.Namespace, ids: torch.Tens
     if family != "plain":
         model = hcpass.convert(model, (ids,), family=family)
     if compiled:
-        return torch.compile(model, backend="inductor" if family == "plain" else "hcpass")
+        # The forward, not the module: `generate` is the model's own method, and on
+        # torch.compile(model) it runs bound to the uncompiled model.
+        model.forward = torch.compile(
+            model.forward, backend="inductor" if family == "plain" else "hcpass"
+        )
     return model
 
 
