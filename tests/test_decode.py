@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import hcpass
+from hcpass.manifolds.sinkhorn import UnrolledSinkhorn
 from tests import models
 
 # Prefill, the first step (cache length static), then the step that marks the length
@@ -94,3 +95,22 @@ def test_inference_runs_checkpoint_regions_without_torch_checkpoint(monkeypatch)
         inferred = converted(ids)
     assert not calls
     torch.testing.assert_close(inferred, trained.detach(), rtol=0, atol=0)
+
+
+def test_sinkhorn_without_gradients_skips_the_autograd_function(monkeypatch):
+    """At one position the Function's per-call cost (binding its signature, the node) was
+    most of Sinkhorn's time; with nothing to differentiate the op runs alone, same values."""
+    manifold = hcpass.manifolds.create("sinkhorn", 4)
+    logits = torch.randn(3, manifold.res_logits, requires_grad=True)
+    calls = []
+    apply = UnrolledSinkhorn.apply
+    monkeypatch.setattr(
+        UnrolledSinkhorn, "apply", staticmethod(lambda *a: calls.append(1) or apply(*a))
+    )
+    differentiable = manifold.res_map(logits)
+    assert calls
+    calls.clear()
+    with torch.no_grad():
+        inferred = manifold.res_map(logits)
+    assert not calls
+    torch.testing.assert_close(inferred, differentiable.detach(), rtol=0, atol=0)
