@@ -281,11 +281,20 @@ def _classify(
     # that operand is a dtype cast of (``residual = x.to(torch.float32)``; Mamba).
     for stream, branch in ((lhs, rhs), (rhs, lhs)):
         if g.depends(branch, stream):
-            streams = [v for v in chain_of if g.depends(v, stream)]
-            if streams and not _reads_avoiding(g, branch, stream, set(streams)):
+            # Chains `stream` entered through a branch only (its values are added into
+            # them); a chain computed from `stream` itself (inside this site's branch) is
+            # part of the branch.
+            entered = {
+                chain
+                for value, chain in chain_of.items()
+                if g.depends(value, stream)
+                and not (chain.input is stream or g.depends(chain.input, stream))
+            }
+            through = [value for value, chain in chain_of.items() if chain in entered]
+            if through and not _reads_avoiding(g, branch, stream, set(through)):
                 return Skip(
                     f"the branch reads {stream.name!r} only through the stream of another "
-                    f"chain ({streams[0].name!r}): not a residual of it (e.g. an attention "
+                    f"chain ({through[0].name!r}): not a residual of it (e.g. an attention "
                     "bias computed once and added to every layer's scores)"
                 )
             return _build(g, node, found, stream, branch, stream, anchors, None, [])
