@@ -263,6 +263,30 @@ def test_plain_and_converted_instances_of_one_class_compile_and_alternate():
         torch.testing.assert_close(run(ids), expected, rtol=1e-4, atol=1e-4)
 
 
+class ConstantBetweenBreaks(nn.Module):
+    """A graph that reads no input: a constant computed between two graph breaks."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.layer = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.layer(x)
+        torch._dynamo.graph_break()
+        scale = torch.ones(x.shape[-1]).cumsum(0)
+        torch._dynamo.graph_break()
+        return x * scale
+
+
+def test_a_graph_with_no_inputs_converts():
+    """It raised IndexError in the rewrite (BART with transformers 5.0 captures one)."""
+    x = torch.randn(2, 5, 16)
+    model = ConstantBetweenBreaks()
+    converted = hcpass.convert(model, (x,))
+    assert len(converted.report.rewritten) == 1
+    models.assert_computes_like(converted, model, x)
+
+
 class BreakBeforeChain(nn.Module):
     """A graph break before a pre-norm chain: the frame holding the chain is resumed after the
     break, one code object (and one Dynamo cache) for every instance of the class."""

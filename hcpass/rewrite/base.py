@@ -94,7 +94,10 @@ def add_placeholders(
     graph: fx.Graph, sites: list[Site], slot_of: dict[Site, MixerSlot]
 ) -> dict[str, MixerInputs]:
     """One placeholder per parameter of each site module, after the graph's inputs (a
-    placeholder must precede every other node)."""
+    placeholder must precede every other node). A graph without sites may have no inputs
+    at all (Dynamo's graph of a constant between two graph breaks)."""
+    if not sites:
+        return {}
     cursor = Cursor(graph, last_placeholder(graph))
     inputs: dict[str, MixerInputs] = {}
     for site in sites:
