@@ -604,13 +604,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         graph's slot."""
         key = self.site_key(anchor)
         module: SiteModule = self.mixers[key]
-        if module.spec != inputs.slot.spec or module.graph_parameters != inputs.slot.parameters:
-            # One model has one set of options: the graph was built for another model.
-            raise RuntimeError(
-                f"hcpass: mixer {key!r} ({module.spec}) differs from the one the cached graph "
-                f"was built for ({inputs.slot.spec}): Dynamo reused a graph across models "
-                "converted with different options"
-            )
+        # Same spec and parameters: `MixedGraph` reaches here only for a module with the
+        # rewrite_key the graph was built for.
         if module.channels != inputs.channels:
             raise RuntimeError(
                 f"hcpass: at these inputs the stream of site {self._label_of[key]} has "
