@@ -17,23 +17,43 @@ from hcpass.runtime.mixer import Mixer
 from hcpass.runtime.module import ConvertedModule
 from hcpass.runtime.pseudo_query import PseudoQuery
 from hcpass.tools import plot
-from hcpass.tools.inspection import DepthWeights, depth_weights, gain, mixers
+from hcpass.tools.inspection import (
+    DepthProfile,
+    DepthWeights,
+    SiteProfile,
+    depth_profile,
+    depth_weights,
+    gain,
+    mixers,
+)
 from hcpass.training import param_groups
 
 _logs.register()
 
+try:
+    from hcpass.codegen import register_cuda_kernels as _register_cuda_kernels
+except ModuleNotFoundError as error:  # no triton (a dependency on Linux only)
+    if error.name != "triton":
+        raise
+else:
+    # Here, not in the backend: a converted model run eagerly on CUDA calls the ops too.
+    _register_cuda_kernels()
+
 __all__ = [
     "FAMILIES",
     "ConvertedModule",
+    "DepthProfile",
     "DepthWeights",
     "Manifold",
     "Mixer",
     "PseudoQuery",
     "Report",
+    "SiteProfile",
     "SiteReport",
     "available_manifolds",
     "compile",
     "convert",
+    "depth_profile",
     "depth_weights",
     "explain",
     "gain",

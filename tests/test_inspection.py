@@ -3,6 +3,8 @@ composite gain explodes, the constrained manifolds' stays at 1."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from models import PreNormStack, TwoChains
 from torch import nn
 
 import hcpass
+from hcpass.tools.demo.gpt import GPT, GPTConfig
 
 
 class DeepStack(nn.Module):
@@ -191,3 +194,153 @@ def test_depth_weights_keep_chains_apart():
         second: (second, ("input",)),  # a one-site chain: its input, then the output
         f"{second}:output": (second, ("input", second)),
     }
+
+
+# ------------------------------------------------------------------- depth profile
+class ConstantBlocks(nn.Module):
+    """`depth` sites ``x = x + block(x)`` whose blocks ignore their input (zero weights) and
+    add their bias: ``sqrt(C) e_l``, orthogonal unit-RMS outputs."""
+
+    def __init__(self, depth: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        with torch.no_grad():
+            for index, block in enumerate(self.blocks):
+                block.weight.zero_()
+                block.bias.copy_(width**0.5 * torch.eye(width)[index])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def _column(profile, name: str) -> torch.Tensor:
+    return torch.tensor(profile.column(name), dtype=torch.float64)
+
+
+def test_depth_profile_of_blocks_adding_equal_variance_outputs():
+    """The stream after l unit-RMS outputs orthogonal to each other and to a unit-RMS input
+    has RMS sqrt(1 + l): each block's share of it shrinks with depth (PreNorm dilution)."""
+    depth, width = 4, 8
+    model = ConstantBlocks(depth, width)
+    x = (width**0.5 * torch.eye(width)[-1]).expand(3, width)  # orthogonal to every bias
+    target = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    profile = hcpass.depth_profile(model, (x,), loss_fn=lambda out: (out * target).sum())
+    assert profile.family == "plain"
+    assert profile.column("site") == [f"blocks_{i}" for i in range(depth)]
+    assert profile.column("depth") == [1, 2, 3, 4]
+    assert set(profile.column("chain")) == {"blocks_0"}
+    sites_so_far = torch.arange(1, depth + 1, dtype=torch.float64)
+    torch.testing.assert_close(_column(profile, "output_rms"), torch.ones_like(sites_so_far))
+    torch.testing.assert_close(_column(profile, "stream_rms"), (1 + sites_so_far).sqrt())
+    torch.testing.assert_close(_column(profile, "read_rms"), sites_so_far.sqrt())
+    # d loss / d x_L = target, and each block's output reaches x_L unchanged (zero weights):
+    # bias gradient sum_b target_b, weight gradient target^T x_{l-1}.
+    target = target.double()
+    stream, expected = x.double(), []
+    for block in model.blocks:
+        weight_grad = target.T @ stream
+        expected.append(math.hypot(weight_grad.norm(), target.sum(0).norm()))
+        stream = stream + block.bias.detach().double()
+    torch.testing.assert_close(_column(profile, "grad_norm"), torch.tensor(expected).double())
+    assert profile.loss == pytest.approx(float((stream * target).sum()), rel=1e-6)
+
+
+def _tiny_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(context=8, width=16, layers=2, heads=2)).eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    return model, ids, lambda logits: F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# fp32 forward and backward, the same ops in another order (the mixers' per-stream math)
+PROFILE_TOLERANCE = {"rtol": 1e-5, "atol": 1e-7}
+
+
+def _assert_columns_close(a, b, names):
+    for name in names:
+        torch.testing.assert_close(
+            _column(a, name),
+            _column(b, name),
+            **PROFILE_TOLERANCE,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
+
+
+@pytest.mark.parametrize("manifold", ["sinkhorn", "hc"])
+def test_depth_profile_of_hyper_connections_equals_plain_at_init(manifold):
+    model, ids, loss_fn = _tiny_gpt()
+    plain = hcpass.depth_profile(model, (ids,), loss_fn=loss_fn)
+    converted = hcpass.convert(model, (ids,), streams=4, manifold=manifold)
+    profile = hcpass.depth_profile(converted, (ids,), loss_fn=loss_fn)
+    assert profile.family == "hyper-connections"
+    assert profile.column("site") == plain.column("site") == list(converted.mixers)
+    assert profile.column("chain") == plain.column("chain")
+    _assert_columns_close(profile, plain, ("read_rms", "output_rms", "stream_rms", "grad_norm"))
+    assert all(math.isfinite(g) and g > 0 for g in profile.column("grad_norm"))
+    assert profile.loss == pytest.approx(plain.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_depth_profile_of_attnres_equals_plain_at_init(block_size):
+    """The values' sum is the plain stream; a branch reads the mean of its k values, x / k."""
+    model, ids, loss_fn = _tiny_gpt()
+    plain = hcpass.depth_profile(model, (ids,), loss_fn=loss_fn)
+    converted = hcpass.convert(model, (ids,), family="attnres", block_size=block_size)
+    profile = hcpass.depth_profile(converted, (ids,), loss_fn=loss_fn)
+    assert profile.family == "attnres"
+    assert profile.column("site") == plain.column("site")
+    _assert_columns_close(profile, plain, ("output_rms", "stream_rms", "grad_norm"))
+    size = block_size or 1
+    values = [1 + i // size + (i % size != 0) for i in range(len(plain.sites))]
+    read = _column(profile, "read_rms") * torch.tensor(values, dtype=torch.float64)
+    torch.testing.assert_close(read, _column(plain, "read_rms"), **PROFILE_TOLERANCE)
+
+
+@pytest.mark.hf
+def test_depth_profile_of_hf_gpt2_uses_its_loss_and_equals_plain_at_init():
+    from models import gpt2
+
+    model = gpt2().eval()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "labels": ids}
+    plain = hcpass.depth_profile(model, (), kwargs)
+    assert plain.column("site") == [
+        "transformer_h_0_attn",
+        "transformer_h_0_mlp",
+        "transformer_h_1_attn",
+        "transformer_h_1_mlp",
+    ]
+    converted = hcpass.depth_profile(hcpass.convert(model, (), kwargs), (), kwargs)
+    _assert_columns_close(converted, plain, ("read_rms", "output_rms", "stream_rms", "grad_norm"))
+    assert plain.loss == pytest.approx(model(**kwargs).loss.item(), rel=1e-6)
+
+
+def test_depth_profile_without_a_loss_has_no_gradients():
+    model, ids, _ = _tiny_gpt()
+    profile = hcpass.depth_profile(model, (ids,))
+    assert profile.loss is None
+    assert profile.column("grad_norm") == [None] * 4
+    assert all(p.grad is None for p in model.parameters())  # nothing written either way
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_depth_profile_reports_non_finite_values(convert):
+    model, ids, loss_fn = _tiny_gpt()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc.bias.fill_(float("nan"))  # the fourth site's branch
+    if convert:
+        model = hcpass.convert(model, (ids,), streams=4)
+    profile = hcpass.depth_profile(model, (ids,), loss_fn=loss_fn)
+    assert all(math.isfinite(v) for v in profile.column("output_rms")[:3])
+    assert math.isnan(profile.column("output_rms")[3])
+    assert math.isnan(profile.column("stream_rms")[3])
+    assert math.isnan(profile.loss)
+    assert all(math.isnan(g) for g in profile.column("grad_norm"))
+
+
+def test_depth_profile_needs_residual_sites():
+    with pytest.raises(ValueError, match="no residual sites.*hcpass.explain"):
+        hcpass.depth_profile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),))
