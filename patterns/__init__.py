@@ -5,11 +5,13 @@
   may pass through between sites (`is_stream_op`), which may alias their input (`is_view`);
 - `residual_add`: the spellings of a tensor + tensor add (``a + b``, ``x += y``,
   ``torch.add(.., alpha=)``, ``Tensor.add``) and `match_residual_add`;
+- `scale_invariant_norm`: LayerNorm and RMSNorm, called or spelled out (a multi-node
+  pattern), with where their epsilon is written, for Attention Residuals;
 - `site_boundary`: the multi-node pattern post_res -> coeffs -> pre between two sites of a
   rewritten graph, which the CUDA lowering fuses into one op;
 - `matcher`: the matcher multi-node patterns are declared for;
 - `result`: ``Match[T] | Skip``, a match or a skip with its reason.
 
-`hcpass.frontend.sites` and `hcpass.lowering.passes.fuse_across_sites` consult these; adding
+The front end, the Attention Residuals rewrite and the CUDA lowering consult these; adding
 a spelling is one line in one set. Nothing here imports the stages that use it.
 """

@@ -9,9 +9,10 @@ node, the captures become the pattern's typed result (`Pattern.build`), and the 
 
 Why not ``torch._inductor.pattern_matcher``: its patterns are trees matched upwards, from an
 output through each node's arguments, and an inner node must have exactly the users the
-pattern names. The pattern hcpass needs (`hcpass.patterns.site_boundary`) is found from a
-node downwards, through users it shares with the rest of the graph (a merge has several
-readers; the coefficients have three outputs), and each way it can fail needs a reason a
+pattern names. The patterns hcpass needs are found from a node downwards: the site boundary
+(`hcpass.patterns.site_boundary`) through users it shares with the rest of the graph (a
+merge has several readers; the coefficients have three outputs), the spelled-out RMSNorm
+(`hcpass.patterns.scale_invariant_norm`) from the value it normalises; and each way it can fail needs a reason a
 user reads in the log, where Inductor's ``FailedMatch`` carries a debugging message. Its API
 is also private and changes between torch releases; this module is small and has none.
 """
@@ -19,8 +20,9 @@ is also private and changes between torch releases; this module is small and has
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Generic, TypeVar
 
 from torch import fx
@@ -31,17 +33,32 @@ T = TypeVar("T")
 Captured = dict[str, object]  # capture name -> node (or, for `Outputs`, the nodes by index)
 
 
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY = _Any()  # an argument the pattern does not constrain
+
+
 @dataclass(frozen=True)
 class Call:
-    """A ``call_function`` node of `target`, without keyword arguments, whose arguments are
-    `args`: each the name of a node captured before (a string) or a constant; a trailing
-    ``...`` lets any further arguments follow."""
+    """A call of `target` -- a function, a tensor method (by name), or a frozenset of them --
+    whose positional arguments are `args` and keyword arguments `kwargs`.
+
+    Each expected argument is the name of a node captured before (a string), `ANY`, a type
+    (any constant of that type: ``float`` for an epsilon), or a constant compared with ``==``.
+    A trailing ``...`` in `args` lets any further positional arguments follow; `kwargs` names
+    exactly the keywords the call has (none by default), or is ``...`` to leave them, like the
+    spellings of ``mean(x, -1, keepdim=True)``, to the pattern's `where` check."""
 
     target: object
     args: tuple[object, ...]
+    kwargs: Mapping[str, object] | EllipsisType = field(default_factory=dict)
 
     def matches(self, node: fx.Node, captured: Captured) -> bool:
-        if node.op != "call_function" or node.target is not self.target or node.kwargs:
+        targets = self.target if isinstance(self.target, frozenset) else {self.target}
+        if node.op not in ("call_function", "call_method") or node.target not in targets:
             return False
         expected = self.args
         if expected and expected[-1] is Ellipsis:
@@ -50,24 +67,58 @@ class Call:
                 return False
         elif len(node.args) != len(expected):
             return False
+        if self.kwargs is not Ellipsis:
+            if node.kwargs.keys() != self.kwargs.keys():
+                return False
+            if not all(_fits(node.kwargs[k], want, captured) for k, want in self.kwargs.items()):
+                return False
         return all(
-            actual is captured[want] if isinstance(want, str) else actual == want
+            _fits(actual, want, captured)
             for actual, want in zip(node.args, expected)  # noqa: B905 (prefix under `...`)
         )
 
 
+class OneOf:
+    """Any of `calls`: the spellings of one step, such as ``m + eps`` and ``eps + m``."""
+
+    def __init__(self, *calls: Call) -> None:
+        self.calls = calls
+
+    def matches(self, node: fx.Node, captured: Captured) -> bool:
+        return any(call.matches(node, captured) for call in self.calls)
+
+    def __repr__(self) -> str:
+        return f"OneOf{self.calls!r}"
+
+
+def _fits(actual: object, want: object, captured: Captured) -> bool:
+    if want is ANY:
+        return True
+    if isinstance(want, str):
+        return actual is captured[want]
+    if isinstance(want, type):
+        return isinstance(actual, want)
+    return not isinstance(actual, fx.Node) and actual == want
+
+
 @dataclass(frozen=True)
 class User:
-    """Captures as `name` a user of the node captured as `of` that is `call`; `missing` is the
-    reason to skip when there is none (a function of the `of` node, to name what it found)."""
+    """Captures as `name` a user of the node captured as `of` that is `call` -- its only user
+    when `sole` (the match will change what that node computes, and no other reader may see
+    it); `missing` is the reason to skip when there is none (a function of the `of` node, to
+    name what it found)."""
 
     name: str
     of: str
-    call: Call
+    call: Call | OneOf
     missing: str | Callable[[fx.Node], str]
+    sole: bool = False
 
     def candidates(self, captured: Captured) -> list[object]:
-        return [u for u in captured[self.of].users if self.call.matches(u, captured)]
+        users = list(captured[self.of].users)
+        if self.sole and len(users) != 1:
+            return []
+        return [u for u in users if self.call.matches(u, captured)]
 
 
 @dataclass(frozen=True)
@@ -97,7 +148,7 @@ class Pattern(Generic[T]):
     ``build(**captures)``."""
 
     root: str
-    call: Call
+    call: Call | OneOf
     steps: tuple[Step, ...]
     build: Callable[..., T]
 

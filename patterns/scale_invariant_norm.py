@@ -17,13 +17,14 @@ The spelled-out RMSNorm (HF Llama, T5, most hand-written models)::
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .matcher import ANY, Call, OneOf, Pattern, User
 from .node_sets import calls_one_of, is_cast, target_name
 from .result import Match, Skip
 
@@ -35,7 +36,8 @@ CALLED_NORMS: dict[object, tuple[int, float | None]] = {
     F.rms_norm: (3, None),
     torch.rms_norm: (3, None),
 }
-SQUARES = frozenset({"pow", torch.pow, operator.pow, torch.square, "square"})
+POWS = frozenset({"pow", torch.pow, operator.pow})
+SQUARES = frozenset({torch.square, "square"})
 MEANS = frozenset({"mean", torch.mean})
 RSQRTS = frozenset({"rsqrt", torch.rsqrt})
 ADDS = frozenset({operator.add, "add", torch.add})
@@ -84,12 +86,14 @@ def _norm_at(value: fx.Node, reader: fx.Node) -> ScaleInvariantNorm | Skip:
         return called
     casts = [reader] if is_cast(reader) and _reads_first(reader, value) else []
     sources = [value, *casts]
-    squares = [u for s in sources for u in s.users if calls_one_of(u, SQUARES)]
+    squares = [u for s in sources for u in s.users if SPELLED_RMS_NORM.call.matches(u, {})]
+    why = "not a LayerNorm/RMSNorm over the channels"
     for square in squares:
-        spelled = _spelled_rms_norm(value, square, casts)
-        if spelled is not None:
-            return spelled
-    return Skip(f"{_describe(reader)}, not a LayerNorm/RMSNorm over the channels")
+        found = SPELLED_RMS_NORM.match(square, where=_of(value, casts))
+        if isinstance(found, Match):
+            return _spelled_norm(value, casts, found.value)
+        why = f"not a LayerNorm, and not an RMSNorm over the channels: {found.reason}"
+    return Skip(f"{_describe(reader)}, {why}")
 
 
 def _called_norm(value: fx.Node, reader: fx.Node) -> ScaleInvariantNorm | None:
@@ -110,45 +114,92 @@ def _called_norm(value: fx.Node, reader: fx.Node) -> ScaleInvariantNorm | None:
     return ScaleInvariantNorm(value, frozenset({reader}), eps, frozenset({reader}))
 
 
-def _spelled_rms_norm(
-    value: fx.Node, square: fx.Node, casts: list[fx.Node]
-) -> ScaleInvariantNorm | None:
-    source = square.args[0]
-    if calls_one_of(square, frozenset({"pow", torch.pow, operator.pow})):
-        if len(square.args) != 2 or square.args[1] != 2:
-            return None
-    mean = _only_user(square, MEANS)
-    if mean is None or not _means_last_dim(mean):
-        return None
-    add = _only_user(mean, ADDS)
-    if add is None:
-        return None
-    eps_index = next((i for i, a in enumerate(add.args) if isinstance(a, float)), None)
-    if eps_index is None:
-        return None
-    rsqrt = _only_user(add, RSQRTS)
-    if rsqrt is None:
-        return None
-    muls = [u for u in rsqrt.users if calls_one_of(u, MULS)]
+@dataclass(frozen=True)
+class SpelledRmsNorm:
+    """The nodes of ``c * rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)``."""
+
+    square: fx.Node
+    mean: fx.Node
+    add: fx.Node
+    rsqrt: fx.Node
+    scale: fx.Node  # the product of the input (or its cast) and rsqrt
+
+
+# The epsilon is rescaled in place, so each intermediate must have no other reader (`sole`).
+SPELLED_RMS_NORM = Pattern(
+    root="square",
+    # square = c.pow(2), or torch.square(c)
+    call=OneOf(Call(POWS, (ANY, 2)), Call(SQUARES, (ANY,))),
+    steps=(
+        # mean = square.mean(-1, keepdim=True): which dimension, `where` checks
+        User(
+            "mean",
+            "square",
+            Call(MEANS, ("square", ...), kwargs=...),
+            missing="the square is not averaged, or read by more than the average",
+            sole=True,
+        ),
+        # add = mean + eps
+        User(
+            "add",
+            "mean",
+            OneOf(Call(ADDS, ("mean", float)), Call(ADDS, (float, "mean"))),
+            missing="the mean of squares gets no epsilon, or has another reader",
+            sole=True,
+        ),
+        # rsqrt = rsqrt(add)
+        User(
+            "rsqrt",
+            "add",
+            Call(RSQRTS, ("add",)),
+            missing="no rsqrt of the mean of squares, or another reader of its sum",
+            sole=True,
+        ),
+        # scale = c * rsqrt (or rsqrt * c)
+        User(
+            "scale",
+            "rsqrt",
+            OneOf(Call(MULS, (ANY, "rsqrt")), Call(MULS, ("rsqrt", ANY))),
+            missing="nothing is scaled by the rsqrt",
+        ),
+    ),
+    build=SpelledRmsNorm,
+)
+
+
+def _of(value: fx.Node, casts: list[fx.Node]) -> Callable[[SpelledRmsNorm], Skip | None]:
+    """The checks a spelled-out RMSNorm of `value` (read directly or through `casts`) must
+    pass beyond its shape."""
     inputs = {value, *casts}
-    scaled = [m for m in muls if any(a in inputs for a in m.args)]
-    if len(scaled) != 1 or source not in inputs:
+
+    def check(norm: SpelledRmsNorm) -> Skip | None:
+        if not _means_last_dim(norm.mean):
+            return Skip("its mean is not over the last dimension with keepdim=True")
+        scaled = [
+            m
+            for m in norm.rsqrt.users
+            if calls_one_of(m, MULS) and any(a in inputs for a in m.args)
+        ]
+        if norm.square.args[0] not in inputs or scaled != [norm.scale]:
+            return Skip("it squares or scales another value than its input")
+        # A cast read by anything else would hand that reader the rescaled value.
+        nodes = {norm.square, norm.scale, *casts}
+        if any(u not in nodes for cast in casts for u in cast.users):
+            return Skip("the cast of its input has other readers")
         return None
-    nodes = frozenset({square, scaled[0], *casts})
-    # A cast read by anything else would hand that reader the rescaled value.
-    if any(u not in nodes for cast in casts for u in cast.users):
-        return None
-    eps = Epsilon(add, eps_index, add.args[eps_index])
-    return ScaleInvariantNorm(value, nodes, eps, nodes | {mean, add, rsqrt})
+
+    return check
+
+
+def _spelled_norm(value: fx.Node, casts: list[fx.Node], norm: SpelledRmsNorm) -> ScaleInvariantNorm:
+    nodes = frozenset({norm.square, norm.scale, *casts})
+    eps_index = next(i for i, a in enumerate(norm.add.args) if isinstance(a, float))
+    eps = Epsilon(norm.add, eps_index, norm.add.args[eps_index])
+    return ScaleInvariantNorm(value, nodes, eps, nodes | {norm.mean, norm.add, norm.rsqrt})
 
 
 def _reads_first(node: fx.Node, value: fx.Node) -> bool:
     return bool(node.args) and node.args[0] is value
-
-
-def _only_user(node: fx.Node, targets: frozenset[object]) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 and calls_one_of(users[0], targets) else None
 
 
 def _means_last_dim(mean: fx.Node) -> bool:

@@ -8,9 +8,11 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from hcpass.patterns.matcher import ANY, Call, OneOf, User
 from hcpass.patterns.node_sets import is_cast, is_stream_op, is_view, mutates_first_arg
 from hcpass.patterns.residual_add import AddMatch, match_residual_add
 from hcpass.patterns.result import Match, Skip
+from hcpass.patterns.scale_invariant_norm import Epsilon, ScaleInvariantNorm, norms_reading
 from hcpass.patterns.site_boundary import SITE_BOUNDARY, SiteBoundary
 from torch import fx
 
@@ -174,3 +176,148 @@ def test_a_merge_two_sites_read_matches_the_first_boundary_where_accepts():
 
     found = SITE_BOUNDARY.match(merge, where=not_the_first)
     assert isinstance(found, Match) and (found.value.coeffs, found.value.pre) == (coeffs, pre)
+
+
+# -- the matcher's calls -------------------------------------------------------------------------
+
+
+def calls(*specs: tuple[str, object, tuple, dict]) -> tuple[fx.Node, list[fx.Node]]:
+    """A placeholder ``a`` and, in one graph, a node per (op, target, args, kwargs) spec
+    reading it (``"a"`` in args)."""
+    graph = fx.Graph()
+    a = graph.placeholder("a")
+    made = [
+        graph.create_node(op, target, tuple(a if x == "a" else x for x in args), kwargs)
+        for op, target, args, kwargs in specs
+    ]
+    return a, made
+
+
+def test_a_call_may_name_several_targets_keywords_and_wildcards():
+    mean = Call(frozenset({"mean", torch.mean}), ("a", ANY), kwargs={"keepdim": True})
+    a, (method, function, no_keepdim, total, by_keyword) = calls(
+        ("call_method", "mean", ("a", -1), {"keepdim": True}),
+        ("call_function", torch.mean, ("a", 0), {"keepdim": True}),
+        ("call_method", "mean", ("a", -1), {}),
+        ("call_method", "sum", ("a", -1), {"keepdim": True}),
+        ("call_method", "mean", ("a",), {"dim": -1}),
+    )
+    assert mean.matches(method, {"a": a}) and mean.matches(function, {"a": a})
+    assert not mean.matches(no_keepdim, {"a": a})  # the keywords must be the declared ones
+    assert not mean.matches(total, {"a": a})
+    assert Call("mean", ("a", ...), kwargs=...).matches(by_keyword, {"a": a})
+
+
+def test_a_type_matches_any_constant_of_it_and_one_of_takes_either_order():
+    plus_eps = OneOf(Call(operator.add, ("a", float)), Call(operator.add, (float, "a")))
+    a, (after, before, integer, itself) = calls(
+        ("call_function", operator.add, ("a", 1e-6), {}),
+        ("call_function", operator.add, (1e-6, "a"), {}),
+        ("call_function", operator.add, ("a", 1), {}),
+        ("call_function", operator.add, ("a", "a"), {}),
+    )
+    assert plus_eps.matches(after, {"a": a}) and plus_eps.matches(before, {"a": a})
+    assert not plus_eps.matches(integer, {"a": a}) and not plus_eps.matches(itself, {"a": a})
+
+
+def test_a_sole_user_step_fails_when_the_node_has_other_readers():
+    graph = fx.Graph()
+    a = graph.placeholder("a")
+    relu = graph.call_method("relu", (a,))
+    graph.output((relu, graph.call_method("neg", (a,))))
+    sole = User("relu", "a", Call("relu", ("a",)), missing="a is read by more", sole=True)
+    assert sole.candidates({"a": a}) == []
+    assert User("relu", "a", Call("relu", ("a",)), missing="").candidates({"a": a}) == [relu]
+
+
+# -- scale-invariant norms ----------------------------------------------------------------------
+
+CHANNELS = 6
+
+
+def traced(fn) -> tuple[fx.Node, dict[str, fx.Node]]:
+    """`fn(x)` traced, its nodes carrying Dynamo's ``example_value`` meta (from a (2, 3, C)
+    input); returns the input and the nodes by name."""
+    module = fx.symbolic_trace(fn)
+
+    class Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> object:
+            n.meta["example_value"] = result = super().run_node(n)
+            return result
+
+    Record(module).run(torch.randn(2, 3, CHANNELS))
+    named = nodes(module.graph)
+    return named["x"], named
+
+
+def llama_rms_norm(x):
+    c = x.to(torch.float32)
+    variance = c.pow(2).mean(-1, keepdim=True)
+    return c * torch.rsqrt(variance + 1e-6)
+
+
+def test_a_spelled_out_rms_norm_through_a_cast_is_captured_with_its_epsilon():
+    x, n = traced(llama_rms_norm)
+    body = {n["to"], n["pow_1"], n["mean"], n["add"], n["rsqrt"], n["mul"]}
+    assert norms_reading(x, x.users) == Match(
+        [
+            ScaleInvariantNorm(
+                input=x,
+                nodes=frozenset({n["to"], n["pow_1"], n["mul"]}),
+                eps=Epsilon(n["add"], 1, 1e-6),
+                body=frozenset(body),
+            )
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: x * torch.rsqrt(torch.square(x).mean(dim=-1, keepdim=True) + 1e-5),
+        lambda x: torch.rsqrt(1e-5 + x.pow(2).mean(2, keepdim=True)) * x,  # rank 3: dim 2 is last
+        lambda x: x * torch.rsqrt(torch.mean(x**2, -1, True) + 1e-5),
+    ],
+    ids=["square-keywords", "eps-first-dim-2", "operator-pow"],
+)
+def test_every_spelling_of_an_rms_norm_matches(fn):
+    x, _ = traced(fn)
+    found = norms_reading(x, x.users)
+    assert isinstance(found, Match) and len(found.value) == 1
+    assert found.value[0].eps.value == 1e-5
+
+
+def test_called_norms_capture_where_their_epsilon_is_written():
+    x, n = traced(lambda x: F.layer_norm(x, (CHANNELS,), None, None, 1e-3) + F.rms_norm(x, (6,)))
+    found = norms_reading(x, x.users)
+    assert isinstance(found, Match)
+    assert [norm.eps for norm in found.value] == [
+        Epsilon(n["layer_norm"], "eps", 1e-3),  # fx writes it as a keyword
+        Epsilon(n["rms_norm"], "eps", torch.finfo(torch.float32).eps),  # F.rms_norm's default
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fn", "reason"),
+    [
+        (
+            lambda x: x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6),
+            "pow (pow_1), not a LayerNorm, and not an RMSNorm over the channels: its mean is not "
+            "over the last dimension with keepdim=True",
+        ),
+        (
+            lambda x: (x * torch.rsqrt((m := x.pow(2).mean(-1, keepdim=True)) + 1e-6), m),
+            "pow (pow_1), not a LayerNorm, and not an RMSNorm over the channels: the mean of "
+            "squares gets no epsilon, or has another reader",
+        ),
+        (
+            lambda x: F.layer_norm(x, (3, CHANNELS)),  # over more than the channels
+            "layer_norm (layer_norm), not a LayerNorm/RMSNorm over the channels",
+        ),
+        (lambda x: F.relu(x), "relu (relu), not a LayerNorm/RMSNorm over the channels"),
+    ],
+    ids=["mean-over-positions", "mean-read-twice", "layer-norm-over-two-dims", "relu"],
+)
+def test_what_is_not_a_scale_invariant_norm_is_skipped_with_the_step_that_failed(fn, reason):
+    x, _ = traced(fn)
+    assert norms_reading(x, x.users) == Skip(reason)
