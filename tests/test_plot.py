@@ -12,7 +12,7 @@ from factories import TINY
 from models import TwoChains
 
 import hcpass
-from hcpass.tools import plot
+from hcpass.tools import inspection, plot
 from hcpass.tools.demo.gpt import GPT
 
 needs_matplotlib = pytest.mark.skipif(
@@ -79,6 +79,50 @@ def test_gains_switches_to_log_scale_for_exploding_products(tmp_path):
     rows = [{"depth": d, "forward": 3.0**d, "backward": 2.0**d} for d in range(1, 9)]
     flat = [{"depth": d, "forward": 1.0, "backward": 1.0} for d in range(1, 9)]
     assert is_png(plot.gains({"hc": rows, "sinkhorn": flat}, tmp_path / "gain_log.png"))
+
+
+def _profile(stream: list[float], grad: list[float | None], loss: float | None = 1.0):
+    sites = tuple(
+        inspection.SiteProfile(f"s{d}", "s1", d, s, 0.1 * s, s, g)
+        for d, (s, g) in enumerate(zip(stream, grad, strict=True), 1)
+    )
+    return inspection.DepthProfile("plain", sites, loss)
+
+
+@needs_matplotlib
+def test_depth_profile_writes_magnitude_and_gradient_panels(converted, tmp_path):
+    model, inputs = converted
+    ids = inputs[0]
+
+    def loss_fn(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+    out = plot.depth_profile(model, inputs, tmp_path / "depth.png", loss_fn=loss_fn, label="hc")
+    assert out == tmp_path / "depth.png"
+    assert is_png(out)
+
+
+@needs_matplotlib
+def test_depth_profiles_say_which_model_went_non_finite(monkeypatch, tmp_path):
+    drawn = []
+    monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.append(fig) or Path(path))
+    profiles = {
+        "plain": _profile([1.0, 1.4, 1.7, 2.0], [0.5, 0.4, 0.3, 0.2]),
+        "hc": _profile([1.0, float("nan"), float("nan"), float("nan")], [float("nan")] * 4),
+    }
+    plot.depth_profiles(profiles, tmp_path / "depth.png")
+    (fig,) = drawn
+    magnitude, gradient = fig.axes
+    for ax in (magnitude, gradient):
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert labels == ["plain", "hc (non-finite values)"]
+    assert len(magnitude.get_lines()) == 4  # branch output and stream, per model
+
+
+@needs_matplotlib
+def test_depth_profiles_without_a_loss_have_no_gradient_panel(tmp_path):
+    profile = _profile([1.0, 2.0], [None, None], loss=None)
+    assert is_png(plot.depth_profiles({"plain": profile}, tmp_path / "magnitudes.png"))
 
 
 @needs_matplotlib

@@ -1,5 +1,6 @@
 """Pictures of a converted model: H_res heatmaps, composite gain over depth, Attention
-Residuals' weights over depth, loss curves.
+Residuals' weights over depth, magnitudes and gradients over depth (plain models too), loss
+curves.
 
 matplotlib is an optional extra (``pip install 'hcpass[plot]'``); it is imported when a
 picture is drawn, not when this module is imported, so ``import hcpass`` works without matplotlib.
@@ -10,7 +11,7 @@ Every function writes one image to `path` (the format follows the suffix, e.g. `
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,70 @@ def depth_weights(
         title or "Attention Residuals: weights over depth per site (mean over positions)",
         fontsize=11,
     )
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------- depth profile
+def depth_profile(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    path: str | Path,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    label: str | None = None,
+) -> Path:
+    """`hcpass.depth_profile` of one model drawn by `depth_profiles`."""
+    profile = inspection.depth_profile(model, example_inputs, example_kwargs, loss_fn=loss_fn)
+    return depth_profiles({label or type(model).__name__: profile}, path)
+
+
+def depth_profiles(
+    profiles: Mapping[str, inspection.DepthProfile],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Several models' `hcpass.depth_profile` (label -> profile) side by side, one colour
+    per label: on the left the RMS over depth of each site's branch output (solid) and of
+    the residual stream after it (dashed), on the right the gradient norm over each branch's
+    parameters (without a loss: no right panel). A label whose numbers are not all finite
+    says so in the legend (matplotlib leaves a gap at a NaN)."""
+    if not profiles:
+        raise ValueError("no profiles to plot")
+    with_gradients = any(p.loss is not None for p in profiles.values())
+    fig = _figure(figsize=(12 if with_gradients else 6.5, 4.4))
+    axes = fig.subplots(1, 2 if with_gradients else 1, squeeze=False).ravel()
+    magnitudes: list[float] = []
+    gradients: list[float] = []
+    for index, (label, profile) in enumerate(profiles.items()):
+        color, marker = f"C{index % 10}", "osD^v<>"[index % 7]
+        size = max(3.0, 7.0 - 1.0 * index)  # coinciding curves (equal at init) stay visible
+        depth = profile.column("depth")
+        columns = {name: profile.column(name) for name in ("output_rms", "stream_rms", "grad_norm")}
+        finite = all(v is None or math.isfinite(v) for values in columns.values() for v in values)
+        name = label if finite else f"{label} (non-finite values)"
+        style = {"marker": marker, "markersize": size, "color": color}
+        axes[0].plot(depth, columns["output_rms"], "-", label=name, **style)
+        axes[0].plot(depth, columns["stream_rms"], "--", fillstyle="none", alpha=0.8, **style)
+        magnitudes += columns["output_rms"] + columns["stream_rms"]
+        if with_gradients and profile.loss is not None:
+            axes[1].plot(depth, columns["grad_norm"], "-", label=name, **style)
+            gradients += columns["grad_norm"]
+    axes[0].set_ylabel("RMS: branch output (solid), stream after it (dashed)")
+    axes[0].set_title("Magnitude over depth")
+    if with_gradients:
+        axes[1].set_ylabel("gradient norm over the branch's parameters")
+        axes[1].set_title("Gradient over depth")
+    for ax, values in zip(axes, (magnitudes, gradients), strict=False):
+        positive = [v for v in values if math.isfinite(v) and v > 0]
+        if positive and max(positive) / min(positive) > LOG_SCALE_RATIO:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.set_xlabel("depth (sites, attention and MLP counted separately)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Magnitudes and gradients over depth", fontsize=11)
     return _save(fig, path)
 
 
