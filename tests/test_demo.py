@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hcpass
-from hcpass.tools import cli
+from hcpass.tools import cli, inspection
 from hcpass.tools.demo import corpus, options, report, train, variants
 from hcpass.tools.demo.gpt import GPT, GPTConfig
 
@@ -40,9 +40,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     first = [v["curve"][0] for v in variants.values()]
     assert max(first) - min(first) < 1e-4
     assert torch.get_num_threads() == threads  # --threads is restored afterwards
+    # After training, every variant's magnitudes and gradients over depth, plain's included.
+    for variant in variants.values():
+        profile = variant["depth_profile"]
+        assert [s["site"] for s in profile["sites"]] == ["blocks_0_attn", "blocks_0_mlp"]
+        assert all(s["grad_norm"] > 0 and s["stream_rms"] > 0 for s in profile["sites"])
+    assert "Over depth, first -> last site" in out.out
 
     if importlib.util.find_spec("matplotlib") is not None:
-        pictures = {"losses.png", "gain.png", "mixers_sinkhorn.png", "mixers_hc.png"}
+        pictures = {"losses.png", "depth.png", "gain.png", "mixers_sinkhorn.png", "mixers_hc.png"}
         assert pictures <= {p.name for p in tmp_path.iterdir()}
 
 
@@ -211,6 +217,21 @@ def test_nan_losses_are_never_compared():
     assert lines == ["plain: held-out loss not finite (nan); no variant is compared with it."]
     text = report.results_table([result("plain", 1.8861), diverged])
     assert "diverged at step 1128" in text.splitlines()[3] and "nan" not in text
+
+
+def test_depth_table_prints_non_finite_values():
+    def profile(stream: float) -> inspection.DepthProfile:
+        sites = tuple(
+            inspection.SiteProfile(f"s{d}", "s1", d, 1.0, 0.5, d * stream, 0.1) for d in (1, 2)
+        )
+        return inspection.DepthProfile("plain", sites, 2.0)
+
+    plain, diverged = result("plain", 2.0), result("hc", float("nan"))
+    plain.depth_profile, diverged.depth_profile = profile(1.0), profile(float("nan"))
+    lines = report.depth_table([plain, diverged, result("sinkhorn", 2.0)]).splitlines()
+    assert lines[2].split() == ["plain", "1", "->", "2", "0.5", "->", "0.5", "0.1", "->", "0.1"]
+    assert lines[3].split()[:4] == ["hc", "nan", "->", "nan"]
+    assert len(lines) == 4  # a result without a profile has no row
 
 
 def test_table_has_one_row_per_variant():

@@ -76,15 +76,41 @@ def verdicts(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+def depth_table(results: Sequence[Result]) -> str:
+    """Per variant, the ends of its depth profile (`hcpass.depth_profile`, after training,
+    on a held-out batch): first and last site's stream RMS, branch output RMS and gradient
+    norm (NaN printed as nan, never left out)."""
+    rows = []
+    for r in results:
+        if r.depth_profile is None:
+            continue
+        first, last = r.depth_profile.sites[0], r.depth_profile.sites[-1]
+        rows.append(
+            (
+                r.name,
+                *(
+                    f"{getattr(first, name):.3g} -> {getattr(last, name):.3g}"
+                    for name in ("stream_rms", "output_rms", "grad_norm")
+                ),
+            )
+        )
+    header = ("variant", "stream RMS", "branch output RMS", "gradient norm")
+    return table(rows, header=header, align="<>>>")
+
+
 def pictures(
     out: Path,
     results: Sequence[Result],
     models: dict[str, nn.Module],
     example: Tensor,
 ) -> list[Path]:
-    """Write losses.png, mixers_<variant>.png, gain.png and (for attnres) depth_attnres.png
-    to `out`."""
+    """Write losses.png, depth.png (magnitudes and gradients over depth, every variant),
+    mixers_<variant>.png, gain.png and (for attnres) depth_attnres.png to `out`."""
     written = [plot.losses({r.name: r.curve for r in results}, out / "losses.png")]
+    profiles = {r.name: r.depth_profile for r in results if r.depth_profile is not None}
+    if profiles:
+        title = "After training, on a held-out batch: magnitudes and gradients over depth"
+        written.append(plot.depth_profiles(profiles, out / "depth.png", title=title))
     for name, model in models.items():
         if name == ATTNRES:  # no streams, no H_res: what it learnt is where it reads from
             title = f"{name}: weights over depth per site (mean over positions, held-out batch)"

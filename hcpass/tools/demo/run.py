@@ -13,7 +13,14 @@ from typing import Any
 from hcpass.tools import plot
 from hcpass.tools.demo.corpus import load_corpus
 from hcpass.tools.demo.options import choose_manifolds, configs
-from hcpass.tools.demo.report import describe, have_matplotlib, pictures, results_table, verdicts
+from hcpass.tools.demo.report import (
+    depth_table,
+    describe,
+    have_matplotlib,
+    pictures,
+    results_table,
+    verdicts,
+)
 from hcpass.tools.demo.train import torch_threads
 from hcpass.tools.demo.variants import BASELINE, TRAIN_LOSS_WINDOW, compare
 
@@ -45,6 +52,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"(one seed, {cfg.steps} steps: rerun with other --seed values before reading much "
             "into small differences)"
         )
+        print()
+        print("Over depth, first -> last site (hcpass.depth_profile on a held-out batch):")
+        print(depth_table(results))
         out.mkdir(parents=True, exist_ok=True)
         written = pictures(out, results, models, example) if plots else []
 

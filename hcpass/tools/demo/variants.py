@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hcpass
 from hcpass.frontend.plan import ATTNRES  # also the name of the attnres variant
 from hcpass.tools.demo.gpt import GPT, GPTConfig
 from hcpass.tools.demo.train import TrainConfig, evaluate, step_ms, train, validation_batches
+from hcpass.tools.inspection import DepthProfile
 
 BASELINE = "plain"
 TRAIN_LOSS_WINDOW = 20  # the reported train loss is the mean of the last steps' losses
@@ -38,6 +40,8 @@ class Result:
     # The step whose loss or gradient was first non-finite, where training stopped; its
     # train and held-out losses are then NaN (never compared). None: it trained every step.
     diverged_at: int | None = None
+    # After training, on the first held-out batch: magnitudes and gradients over depth.
+    depth_profile: DepthProfile | None = None
 
     @property
     def finite(self) -> bool:
@@ -107,6 +111,16 @@ def inspect(result: Result, variant: str, model: nn.Module, example: Tensor) -> 
         result.gain = hcpass.gain(model, (example,))
 
 
+def profile(model: nn.Module, batch: tuple[Tensor, Tensor]) -> DepthProfile:
+    """`hcpass.depth_profile` on a held-out batch, with its cross-entropy as the loss."""
+    x, y = batch
+
+    def loss_fn(logits: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    return hcpass.depth_profile(model, (x,), loss_fn=loss_fn)
+
+
 def compare(
     gpt: GPTConfig, cfg: TrainConfig, variants: Sequence[str], data: tuple[Tensor, Tensor]
 ) -> tuple[list[Result], dict[str, nn.Module], Tensor]:
@@ -121,6 +135,7 @@ def compare(
     for variant in [None, *variants]:
         name = variant or BASELINE
         result, model = run_variant(name, variant, base, data, held_out, cfg)
+        result.depth_profile = profile(model, held_out[0])
         if variant is not None:
             inspect(result, variant, model, held_out[0][0])
             models[name] = model
