@@ -9,9 +9,10 @@
 - `attnres.py`: the Attention Residuals kernels (its two phases) and their launchers, with
   the signatures of `hcpass.ops.attnres.reference`.
 
-`register_cuda_kernels()` makes the launchers the CUDA implementation of the ops, so
-eager CUDA calls and Inductor's output code (which calls the ops as extern kernels) run
-the generated kernels. docs/kernels.md has the fusion plan and how to test and benchmark.
+`register_cuda_kernels()` makes the launchers (`LAUNCHERS`) the CUDA implementation of the
+ops, so eager CUDA calls and Inductor's output code (which calls the ops as extern kernels)
+run the generated kernels; ``import hcpass`` calls it wherever triton is installed.
+docs/kernels.md has the fusion plan and how to test and benchmark.
 """
 
 from __future__ import annotations
@@ -31,18 +32,22 @@ from .kernels import (
     pre_backward,
 )
 
+# op name -> launcher, every ``hcpass::`` op that has a generated kernel
+LAUNCHERS = {**kernels.LAUNCHERS, **attnres.LAUNCHERS}
+
 
 @functools.cache
 def register_cuda_kernels() -> None:
     """Register the generated kernels as the ``cuda`` kernels of the ``hcpass::`` ops.
     Idempotent (cached); CPU calls keep the reference implementation."""
-    import hcpass.ops.library  # noqa: F401  (defines the ops)
+    import hcpass.ops  # noqa: F401  (defines the ops)
 
-    for name, launcher in {**kernels.LAUNCHERS, **attnres.LAUNCHERS}.items():
+    for name, launcher in LAUNCHERS.items():
         torch.library.register_kernel(f"hcpass::{name}", "cuda", launcher)
 
 
 __all__ = [
+    "LAUNCHERS",
     "attnres",
     "coeffs",
     "coeffs_backward",

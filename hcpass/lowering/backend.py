@@ -59,9 +59,7 @@ def lowering(cuda: bool, share: bool = True) -> PassManager:
     """The passes that lower a rewritten graph for the device its inputs are on (`share`:
     on CPU, every site's mixer work in shared subgraphs, see `LowerToReference`)."""
     if cuda:
-        from hcpass.codegen import register_cuda_kernels
-
-        register_cuda_kernels()
+        # the ops' CUDA kernels, the generated ones, were registered by `import hcpass`
         return PassManager([FuseAcrossSites()])
     return PassManager([LowerToReference(share)])
 
