@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import PreNormStack, TwoChains
+from models import ParallelBlocks, PreNormStack, TwoChains
 from torch import nn
 
 import hcpass
@@ -297,6 +297,55 @@ def test_depth_profile_of_attnres_equals_plain_at_init(block_size):
     values = [1 + i // size + (i % size != 0) for i in range(len(plain.sites))]
     read = _column(profile, "read_rms") * torch.tensor(values, dtype=torch.float64)
     torch.testing.assert_close(read, _column(plain, "read_rms"), **PROFILE_TOLERANCE)
+
+
+class BrokenSharedStack(nn.Module):
+    """A chain across a graph break, with a weight-shared block run twice."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
+        self.shared = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
+
+    def forward(self, x):
+        x = x + self.first(x)
+        torch._dynamo.graph_break()
+        x = x + self.shared(x)
+        return x + self.shared(x)
+
+
+@pytest.mark.parametrize(
+    ("make", "inputs", "sites"),
+    [
+        # the shared block's second run is a site of its own (keyed on another parameter)
+        (BrokenSharedStack, lambda: torch.randn(3, 8), ["first", "shared", "shared_2"]),
+        (
+            ParallelBlocks,
+            lambda: torch.randint(0, 50, (2, 6)),
+            ["attn_0", "mlp_0", "attn_1"],  # as hcpass.explain: mlp(h) + attn(h) is no site
+        ),
+        (
+            TwoChains,
+            lambda: torch.randn(2, 5, 16),
+            ["first_layers_0", "first_layers_1", "second_layers_0"],
+        ),
+    ],
+    ids=["graph-break-and-shared-block", "parallel-blocks", "two-chains"],
+)
+def test_depth_profile_follows_the_front_end_s_sites(make, inputs, sites):
+    torch.manual_seed(0)
+    model, x = make(), inputs()
+    weights = torch.randn(model(x).shape)
+
+    def loss_fn(out):
+        return (out * weights).sum()
+
+    plain = hcpass.depth_profile(model, x, loss_fn=loss_fn)  # a single tensor is one input
+    assert plain.column("site") == sites
+    converted = hcpass.depth_profile(hcpass.convert(model, (x,)), (x,), loss_fn=loss_fn)
+    assert converted.column("site") == sites
+    assert converted.column("chain") == plain.column("chain")
+    _assert_columns_close(converted, plain, ("read_rms", "output_rms", "stream_rms", "grad_norm"))
 
 
 @pytest.mark.hf

@@ -277,6 +277,8 @@ def depth_profile(
 
     Runs eagerly (Dynamo capture, no Inductor); buffers and the RNG state are restored.
     ``ValueError`` for a model without residual sites."""
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if isinstance(model, ConvertedModule):
         original = model.original
@@ -409,8 +411,9 @@ def _reads_parameters_only(node: fx.Node) -> bool:
 
 # The plain model: its captured graphs run through an interpreter that measures each site.
 class _PlainSites(fx.Interpreter):
-    """Runs one captured graph, measuring each residual site at its add (before it: an
-    in-place ``x += y`` writes over the stream value its branch read)."""
+    """Runs one captured graph, measuring each residual site at its add, and each stream
+    value a branch reads when it is computed (an in-place ``x += y`` writes over it later,
+    and the interpreter frees it after its last reader)."""
 
     def __init__(self, gm: fx.GraphModule, sites: Sequence[Site], runs: list[_SiteRun]) -> None:
         super().__init__(gm)
@@ -424,15 +427,23 @@ class _PlainSites(fx.Interpreter):
                     "checkpoint region of the plain model; profile it with checkpointing off"
                 )
             self.sites[nodes[0]] = (nodes[1], nodes[2], site)
+        self.read_rms: dict[fx.Node, float] = dict.fromkeys(
+            read for _, read, _ in self.sites.values()
+        )
         self.runs = runs
 
     def run_node(self, n: fx.Node) -> Any:
         if n not in self.sites:
-            return super().run_node(n)
+            out = super().run_node(n)
+            if n in self.read_rms:
+                self.read_rms[n] = _rms(out)
+            return out
         branch, read, site = self.sites[n]
-        run = _SiteRun(site.anchor_name, _rms(self.env[read]), _rms(site.alpha * self.env[branch]))
+        run = _SiteRun(site.anchor_name, self.read_rms[read], _rms(site.alpha * self.env[branch]))
         out = super().run_node(n)
         run.stream_rms = _rms(out)
+        if n in self.read_rms:  # the next site reads it
+            self.read_rms[n] = run.stream_rms
         self.runs.append(run)
         return out
 
