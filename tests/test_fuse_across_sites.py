@@ -85,6 +85,19 @@ return (mean, post_res_default_1)""",
         self.assertNotIn("post_res_coeffs_pre", counts)
         self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (2, 2, 2))
 
+    def test_boundaries_inside_checkpoint_regions_fuse(self):
+        """Each checkpointed block is a region whose body holds its two sites: the boundary
+        between them fuses inside the body; the one between two regions cannot."""
+        from test_checkpoint import CheckpointedGPT
+
+        gm = fused(CheckpointedGPT(reentrant=False), models.token_inputs()[0], streams=4)
+        regions = [m for m in gm.children() if isinstance(m, fx.GraphModule)]
+        self.assertEqual(len(regions), 2)
+        for region in regions:
+            counts = op_counts(region)
+            self.assertEqual(counts.get("post_res_coeffs_pre"), 1)
+            self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (1, 1, 1))
+
     def test_a_side_reader_reads_the_fused_merge(self):
         gm = fused(SideReader(), (torch.randn(2, 3, 4),))
         (boundary,) = [n for n in gm.graph.nodes if n.target is OPS.post_res_coeffs_pre.default]

@@ -15,7 +15,7 @@ merge, checks there is a place for the fused op, and replaces the nodes. Not fus
 as they are: what the pattern does not match (a chain's first site, a site whose stream
 passes through a per-stream op first), and a boundary where no place in the graph comes after
 the coefficients' parameters and before every reader of the merge. The log says which, for
-each merge.
+each merge. Inside activation-checkpoint regions, each region's body is fused on its own.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ _OPS = torch.ops.hcpass
 
 class FuseAcrossSites(GraphPass):
     def __call__(self, graph: fx.Graph) -> None:
+        for node in graph.find_nodes(op="get_attr") if graph.owning_module else ():
+            # Activation-checkpoint bodies hold whole sites (hcpass.rewrite.regions): their
+            # boundaries fuse inside the body; a boundary between two regions cannot.
+            body = operator.attrgetter(node.target)(graph.owning_module)
+            if isinstance(body, fx.GraphModule):
+                self(body.graph)
+                body.recompile()
         merges = SITE_BOUNDARY.roots(graph)
         unfused = []
         for merge in merges:
