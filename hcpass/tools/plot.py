@@ -257,7 +257,8 @@ def depth_profiles(
 ) -> Path:
     """Several models' `hcpass.depth_profile` (label -> profile) side by side, one colour
     per label: on the left the RMS over depth of each site's branch output (solid) and of
-    the residual stream after it (dashed), on the right the gradient norm over each branch's
+    what its branch reads (dashed: the hidden state entering the block; for Attention
+    Residuals the softmax over depth), on the right the gradient norm over each branch's
     parameters (without a loss: no right panel). A label whose numbers are not all finite
     says so in the legend (matplotlib leaves a gap at a NaN)."""
     if not profiles:
@@ -271,17 +272,17 @@ def depth_profiles(
         color, marker = f"C{index % 10}", "osD^v<>"[index % 7]
         size = max(3.0, 7.0 - 1.0 * index)  # coinciding curves (equal at init) stay visible
         depth = profile.column("depth")
-        columns = {name: profile.column(name) for name in ("output_rms", "stream_rms", "grad_norm")}
+        columns = {name: profile.column(name) for name in ("output_rms", "read_rms", "grad_norm")}
         finite = all(v is None or math.isfinite(v) for values in columns.values() for v in values)
         name = label if finite else f"{label} (non-finite values)"
         style = {"marker": marker, "markersize": size, "color": color}
         axes[0].plot(depth, columns["output_rms"], "-", label=name, **style)
-        axes[0].plot(depth, columns["stream_rms"], "--", fillstyle="none", alpha=0.8, **style)
-        magnitudes += columns["output_rms"] + columns["stream_rms"]
+        axes[0].plot(depth, columns["read_rms"], "--", fillstyle="none", alpha=0.8, **style)
+        magnitudes += columns["output_rms"] + columns["read_rms"]
         if with_gradients and profile.loss is not None:
             axes[1].plot(depth, columns["grad_norm"], "-", label=name, **style)
             gradients += columns["grad_norm"]
-    axes[0].set_ylabel("RMS: branch output (solid), stream after it (dashed)")
+    axes[0].set_ylabel("RMS: branch output (solid), branch input (dashed)")
     axes[0].set_title("Magnitude over depth")
     if with_gradients:
         axes[1].set_ylabel("gradient norm over the branch's parameters")

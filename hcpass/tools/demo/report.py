@@ -78,8 +78,8 @@ def verdicts(results: Sequence[Result]) -> list[str]:
 
 def depth_table(results: Sequence[Result]) -> str:
     """Per variant, the ends of its depth profile (`hcpass.depth_profile`, after training,
-    on a held-out batch): first and last site's stream RMS, branch output RMS and gradient
-    norm (NaN printed as nan, never left out)."""
+    on a held-out batch): the first and last site's branch input RMS, branch output RMS,
+    stream RMS and gradient norm (NaN printed as nan, never left out)."""
     rows = []
     for r in results:
         if r.depth_profile is None:
@@ -90,12 +90,12 @@ def depth_table(results: Sequence[Result]) -> str:
                 r.name,
                 *(
                     f"{getattr(first, name):.3g} -> {getattr(last, name):.3g}"
-                    for name in ("stream_rms", "output_rms", "grad_norm")
+                    for name in ("read_rms", "output_rms", "stream_rms", "grad_norm")
                 ),
             )
         )
-    header = ("variant", "stream RMS", "branch output RMS", "gradient norm")
-    return table(rows, header=header, align="<>>>")
+    header = ("variant", "branch input RMS", "branch output RMS", "stream RMS", "gradient norm")
+    return table(rows, header=header, align="<>>>>")
 
 
 def pictures(
