@@ -1,38 +1,35 @@
 """CPU lowering: the mixer ops become plain PyTorch that Inductor compiles.
 
 Every site does the same mixer work: its entry (``coeffs`` and the ``pre`` that reads its
-H_pre) and its merge (``post_res``). Inlined at every site, that work was traced,
-partitioned, lowered and scheduled again per site, so a converted model's cold compile grew
-several times faster per layer than the plain model's (docs/performance.md). Instead it goes
-into subgraphs called through PyTorch's ``invoke_subgraph`` higher-order op (what
+H_pre) and its merge (``post_res``). Inlined at every site, that work would be traced,
+partitioned, lowered and scheduled again per site, and a converted model's cold compile would
+grow much faster per layer than the plain model's. Instead it goes into subgraphs called
+through PyTorch's ``invoke_subgraph`` higher-order op (what
 ``torch.compiler.nested_compile_region`` records), which AOTAutograd traces once and Inductor
 compiles once however many sites call them (`_SharedSubgraphs`): a chain's first entry, each
 boundary between two sites (a merge, then the next site's entry on the merged state: the
 grouping `FuseAcrossSites` gives the CUDA kernels) and the chain's last merge. A site adds a
 call and a few getitems to the graph. Inside, Inductor fuses the boundary's merge with the
 new state's norm; what a subgraph gives up is fusing with the branch's first and last ops
-(the steady step is up to 10 % slower at 8 layers, docs/performance.md). Sinkhorn's
-iterations are one op, `hcpass::sinkhorn` (unrolled they made one site's coefficients ~685
-FX nodes).
+(docs/performance.md has the cost). Sinkhorn's iterations are one op, `hcpass::sinkhorn`
+(unrolled, one site's coefficients would be hundreds of FX nodes).
 
-Not shared, and lowered inline as before: a site whose state is a channels-last view of an
-NCHW stream (conv nets; the layout Inductor picks for that view is not one a shared subgraph
-can be traced for), and coefficients that call an op with side effects (`_side_effects`),
-with the stream ops that read them. Inline, the references run on states whose positions are
+Not shared, and lowered inline: a site whose state is a channels-last view of an NCHW stream
+(conv nets; the layout Inductor picks for that view is not one a shared subgraph can be
+traced for), and coefficients that call an op with side effects (`_side_effects`), with the
+stream ops that read them. Inline, the references run on states whose positions are
 flattened into one dimension (``x[n, P, C]``) and the coefficients stay flat between a site's
-ops: a conv net's per-position tensors would otherwise be 4-D ``[B, H, W, k]`` (``H_pre``,
-the projection's logits), and Inductor treats every 4-D tensor next to a convolution as an
-NCHW activation: its layout optimisation gives a saved one channels-last strides computed
-from ``(B, H, W, k)``, which under dynamic shapes it cannot order (``1 < H`` undecided:
-"cannot determine truth value of Relational") -- training at a second input size failed.
-Flat, they have at most one symbolic dimension.
+ops. Why flat: a conv net's per-position tensors would otherwise be 4-D ``[B, H, W, k]``
+(``H_pre``, the projection's logits), and Inductor treats every 4-D tensor next to a
+convolution as an NCHW activation: its layout optimisation gives a saved one channels-last
+strides computed from ``(B, H, W, k)``, which under dynamic shapes it cannot order (``1 <
+H`` undecided), so training at a second input size would fail. Flat, they have at most one
+symbolic dimension.
 
 A shared subgraph needs `hcpass.lowering.passes.subgraph_aliases` under Inductor (the backend
-adds it): torch 2.13's Inductor reuses the buffer of a subgraph's operand once the call is
-its last visible use, even when the partitioned subgraph returned that operand as a tensor
-saved for backward. hc's projection saves the state itself, so its backward read a later
-site's state and its gradients came out wrong (relative errors above 1) until that pass had
-the callers read the operand itself.
+adds it): Inductor may reuse the buffer of a subgraph's operand once the call is its last
+visible use, even when the partitioned subgraph returned that operand as a tensor saved for
+backward; that pass has the callers read the operand itself.
 """
 
 from __future__ import annotations

@@ -3,12 +3,11 @@ recomputed there.
 
 Why: AOTAutograd's min-cut partitioner treats pointwise chains as free to recompute and
 minimises the bytes it saves. A site's new state ``X' = H_res X + H_post y`` is pointwise
-in the previous state, so it saved the branch outputs ``y`` and the coefficients (n times
-smaller) and rebuilt every site's state in backward -- all of them, in one kernel at the
-start of the backward (the states of a 4-layer GPT: 8 loops over ``[P, n, C]``, 8.5 ms of a
-~150 ms step on one CPU thread), whose buffers then live as long as saved ones would have.
-The rebuild chains every site to the one before, so its kernel grows with depth (the
-8-layer cold first step: 47-52 s with it, 43-47 s without; docs/performance.md).
+in the previous state, so it would save the branch outputs ``y`` and the coefficients (n times
+smaller) and rebuild every site's state in backward -- all of them, in one kernel at the
+start of the backward, whose buffers then live as long as saved ones would have. The rebuild
+chains every site to the one before, so its kernel, and the cold compile, grow with depth
+(docs/performance.md has the measurements).
 
 Only the merges `LowerToReference` inlines need it (a shared merge's state is the output of
 a subgraph call, which the partitioner never recomputes). It tags their nodes (node meta

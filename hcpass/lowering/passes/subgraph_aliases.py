@@ -8,18 +8,17 @@ outputs are fresh ``MultiOutput`` buffers to the calling graph: nothing tells th
 memory planner that such an output *is* the operand it passed in. Once the operand's last
 visible use is the call, the planner frees its buffer and hands it to a later tensor of the
 same size (``buf26 = buf3; del buf3  # reuse``), which overwrites the saved tensor; the
-backward then reads another site's state. That is what gave hc's mixers wrong gradients with
-a shared coefficient subgraph (hc's ``project`` reads the state itself, so the state is
-saved; sinkhorn was right because the base class's projection then saved a flattened copy
--- it now reads the state in place too, stream by stream, and relies on this pass as well).
+backward then reads another site's state. Every projection that reads the state in place
+(hc's, and the base class's, stream by stream) saves the state itself, so without this pass
+its mixers' gradients are wrong.
 
 The fix, in two parts. Where the body returns an input unchanged (hc's state; any state a
 projection reads in place), the callers read the operand they passed instead of that output:
 the operand is then itself saved, so its buffer lives as long as the backward needs it, and
-nothing is copied (the copy cost every site a state-sized write per step, 2 MB at C = 128,
-n = 4, P = 1024). Every other output that shares storage with an input (a view of one: the
-parameters' transposes the body saves, a few KB) is replaced by a copy made inside the body,
-so the buffer the caller gets is one the body allocated. The body is shared between calls
+nothing is copied (a copy would cost every site a state-sized write per step). Every other
+output that shares storage with an input (a view of one: the parameters' transposes the body
+saves, a few KB) is replaced by a copy made inside the body, so the buffer the caller gets is
+one the body allocated. The body is shared between calls
 and cannot tell which of its operands are graph inputs (never reused), so every such view
 is copied.
 """
