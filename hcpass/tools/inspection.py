@@ -304,6 +304,13 @@ def depth_profile(
         chain_of = {key: _first_of(key, first) for key in first}
         for run in runs:
             run.key = key_of[run.key]
+    elif unplanned := sorted({run.key for run in runs} - set(key_of.values())):
+        # Their branches' parameters would be unknown: no gradient norm to give.
+        raise ValueError(
+            f"hcpass.depth_profile: at these inputs the original model has no site for the "
+            f"converted model's mixer(s) {', '.join(unplanned)}; profile it with inputs like "
+            "those it was converted with"
+        )
     loss = _loss(output, loss_fn)
     grads = _branch_gradients(original, graphs, key_of, loss)
     sites: list[SiteProfile] = []
