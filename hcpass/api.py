@@ -42,6 +42,7 @@ def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwa
             f"model with the original in its place (`model.{inner} = model.{inner}.original`), "
             "or leave the rest of the model unconverted"
         )
+    _refuse_fully_sharded(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
@@ -49,6 +50,31 @@ def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwa
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError("example_kwargs must be a dict")
     return tuple(example_inputs), dict(example_kwargs or {})
+
+
+def _refuse_fully_sharded(model: nn.Module) -> None:
+    """Refuse a model with FSDP2-sharded modules: convert first, then `fully_shard`.
+
+    FSDP2 swaps a sharded module's parameters for gathered copies in hooks around its
+    forward, outside the graphs hcpass captures, so no branch would be seen reading a
+    parameter. And mixers made after `fully_shard` would belong to no FSDP module: their
+    gradients would not be reduced across the data-parallel ranks."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = next((name for name, m in model.named_modules() if isinstance(m, FSDPModule)), None)
+    if sharded is not None:
+        where = f"its submodule {sharded!r}" if sharded else "its root module"
+        raise ValueError(
+            f"hcpass got a model with {where} sharded by FSDP2's fully_shard: convert "
+            "before fully_shard, then fully_shard the blocks and the converted model (the "
+            "mixers are the converted root's parameters). Sharded first, FSDP2 swaps each "
+            "module's parameters for gathered copies outside the graphs hcpass captures, "
+            "and mixers made afterwards would be in no FSDP group: their gradients would not "
+            "be reduced across data-parallel ranks. Tensor parallelism (parallelize_module) "
+            "may come before or after convert"
+        )
 
 
 def _refuse_compiled_root(model: nn.Module) -> None:

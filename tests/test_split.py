@@ -310,6 +310,41 @@ def test_tensor_parallel_trains_like_one_process(tmp_path: Path, order: str, com
         torch.testing.assert_close(got["params"][name], param, rtol=0, atol=1e-5, msg=name)
 
 
+def _fully_sharded_worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        ids = models.token_inputs()[0][0]
+        blocks_only = models.tiny_gpt()
+        for block in blocks_only.blocks:
+            fully_shard(block, mesh=mesh)
+        with pytest.raises(
+            ValueError,
+            match=r"submodule 'blocks\.0' sharded by FSDP2's fully_shard: convert before",
+        ):
+            hcpass.convert(blocks_only, (ids,))
+        whole = fully_shard(models.tiny_gpt(), mesh=mesh)
+        for check in (hcpass.convert, hcpass.explain):
+            with pytest.raises(
+                ValueError, match="root module sharded by FSDP2's fully_shard: convert before"
+            ):
+                check(whole, (ids,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_sharded_with_fully_shard_is_refused_at_convert():
+    """fully_shard, then convert: refused, saying to convert first (it left no sites, with
+    the reason that no branch reads a parameter: FSDP2 swaps in gathered copies of them)."""
+    _run_ranks(_fully_sharded_worker)
+
+
 def _distributed_stream_worker(rank: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
