@@ -18,10 +18,13 @@ docs/kernels.md has the fusion plan and how to test and benchmark.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 
 import torch
 
-from . import attnres, kernels
+from hcpass.ops.library import without_autocast
+
+from . import attnres, generate, kernels
 from .kernels import (
     coeffs,
     coeffs_backward,
@@ -40,10 +43,29 @@ LAUNCHERS = {**kernels.LAUNCHERS, **attnres.LAUNCHERS}
 def register_cuda_kernels() -> None:
     """Register the generated kernels as the ``cuda`` kernels of the ``hcpass::`` ops.
     Idempotent (cached); CPU calls keep the reference implementation."""
-    import hcpass.ops  # noqa: F401  (defines the ops)
+    _register("cuda", LAUNCHERS)
 
-    for name, launcher in LAUNCHERS.items():
-        torch.library.register_kernel(f"hcpass::{name}", "cuda", launcher)
+
+def _register(device_type: str, launchers: Mapping[str, Callable]) -> None:
+    """`launchers` as their ops' kernels for `device_type`, with autocast off inside: the
+    launchers' PyTorch parts (HC's coefficients, the H_res maps without a Triton epilogue)
+    compute in fp32 under autocast too, as the ops' CPU kernels do."""
+    for name, launcher in launchers.items():
+        torch.library.register_kernel(f"hcpass::{name}", device_type, without_autocast(launcher))
+
+
+def register_interpreted_cpu_kernels(launchers: Mapping[str, Callable] = LAUNCHERS) -> None:
+    """Register `launchers` as the ``cpu`` kernels of their ops too, so CPU tensors take the
+    CUDA path, every kernel run by Triton's interpreter: the CUDA-path tests and
+    ``benchmarks/gpu_session.sh --dry-run``. Only in a process that imported triton with
+    TRITON_INTERPRET=1. An op's own CPU kernel stays reachable through its
+    ``set_kernel_enabled("cpu", False)``."""
+    if not generate.interpreted():
+        raise RuntimeError(
+            "register_interpreted_cpu_kernels: triton was imported without TRITON_INTERPRET=1, "
+            "so the kernels cannot run on CPU tensors; set it before anything imports triton"
+        )
+    _register("cpu", launchers)
 
 
 __all__ = [
@@ -57,4 +79,5 @@ __all__ = [
     "pre",
     "pre_backward",
     "register_cuda_kernels",
+    "register_interpreted_cpu_kernels",
 ]

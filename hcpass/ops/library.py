@@ -26,33 +26,44 @@ from hcpass.ops import reference, streams
 _F = TypeVar("_F", bound=Callable[..., tuple[Tensor, ...]])
 
 
-def _without_autocast(fn: _F) -> _F:
-    """Run a CPU kernel with autocast off: the coefficients are fp32 and the stream sums
+def without_autocast(fn: _F) -> _F:
+    """Run an op's kernel with autocast off: the coefficients are fp32 and the stream sums
     accumulate in fp32 by contract (docs/math.md), but a custom op falls through the
-    autocast dispatch key, so its kernel -- and the reference traced in its place on CPU --
-    would run its matmuls in bf16."""
+    autocast dispatch key, so its kernel -- the reference traced in its place on CPU, the
+    PyTorch parts of a CUDA launcher -- would run its matmuls in bf16. The device is the
+    first tensor argument's (or the first tensor of a leading list: the attnres ops')."""
 
     @functools.wraps(fn)
-    def run(first: Tensor, *args, **kwargs):
+    def run(*args, **kwargs):
+        device = _device_type(args)
         # Entering the context costs as much as a small op: at decode time (one position)
         # each site's ops would pay it three times over for nothing.
-        if not torch.is_autocast_enabled(first.device.type):
-            return fn(first, *args, **kwargs)
-        with torch.autocast(first.device.type, enabled=False):
-            return fn(first, *args, **kwargs)
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
 
     return run  # type: ignore[return-value]
 
 
-_coeffs_ref = _without_autocast(reference.coeffs)
-_coeffs_backward_ref = _without_autocast(reference.coeffs_backward)
-_post_res_coeffs_pre_ref = _without_autocast(reference.post_res_coeffs_pre)
+def _device_type(args: tuple) -> str:
+    for arg in args:
+        if isinstance(arg, (list, tuple)) and arg:
+            arg = arg[0]
+        if isinstance(arg, Tensor):
+            return arg.device.type
+    raise ValueError("an hcpass op was called without a tensor argument")
+
+
+_coeffs_ref = without_autocast(reference.coeffs)
+_coeffs_backward_ref = without_autocast(reference.coeffs_backward)
+_post_res_coeffs_pre_ref = without_autocast(reference.post_res_coeffs_pre)
 # The batched fallback's matmuls would be autocast to bf16 too (the references' broadcast
 # products are not on autocast's list); they accumulate in fp32 by contract.
-_pre_cpu = _without_autocast(streams.pre)
-_pre_backward_cpu = _without_autocast(streams.pre_backward)
-_post_res_cpu = _without_autocast(streams.post_res)
-_post_res_backward_cpu = _without_autocast(streams.post_res_backward)
+_pre_cpu = without_autocast(streams.pre)
+_pre_backward_cpu = without_autocast(streams.pre_backward)
+_post_res_cpu = without_autocast(streams.post_res)
+_post_res_backward_cpu = without_autocast(streams.post_res_backward)
 
 
 @torch.library.custom_op("hcpass::coeffs", mutates_args=())
