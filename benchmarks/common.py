@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,11 @@ import torch
 
 from hcpass.text import table
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# HCPASS_RESULTS_DIR: elsewhere, for a dry run (gpu_session.sh --dry-run) that must not add
+# results to the repository.
+RESULTS_DIR = Path(
+    os.environ.get("HCPASS_RESULTS_DIR") or Path(__file__).resolve().parent / "results"
+)
 
 
 def require_cuda(script: str) -> None:
@@ -29,15 +34,21 @@ def require_cuda(script: str) -> None:
 
 
 def median_ms(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median time of `fn` in ms (triton.testing.do_bench: warmup, L2 flushed between runs)."""
+    """Median time of `fn` in ms (triton.testing.do_bench: warmup, L2 flushed between runs).
+    Without CUDA (a dry run on CPU) one call after one warmup call, on the wall clock."""
+    if not torch.cuda.is_available():
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, device: str = "cuda") -> float:
     """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e6
@@ -57,6 +68,10 @@ def git_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def environment() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     python benchmarks/mixer.py                  # tokens 16 x 2048, C 1024..7168, n 2, 4, 8
     python benchmarks/mixer.py --n 4 --C 4096   # one configuration
+    TRITON_INTERPRET=1 python benchmarks/mixer.py --dry-run   # CPU, one tiny configuration
 
 For each (n, C), bf16 streams, sinkhorn manifold (20 iterations): forward and backward of
 each op (coeffs, pre, post_res), of the boundary between two sites (post_res of site l, then
@@ -21,6 +22,11 @@ Columns, side by side:
 once, each output written once) over the measured device copy bandwidth; GB/s is those
 bytes over hcpass's time, and "x bound" hcpass's time over the bound. Results go to
 benchmarks/results/<device>-<date>.json (section "mixer").
+
+--dry-run (benchmarks/gpu_session.sh --dry-run, in CI): the same steps on CPU, n = 4,
+C = 24, 1 x 7 tokens, the hcpass column's kernels run by Triton's interpreter (the launchers
+registered as the ops' CPU kernels), each phase timed once: checks that the script runs, its
+numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,13 +79,13 @@ class Problem:
     h_res: Tensor
 
     @classmethod
-    def make(cls, n: int, C: int, batch: int, seq: int) -> Problem:
+    def make(cls, n: int, C: int, batch: int, seq: int, device: str = "cuda") -> Problem:
         torch.manual_seed(0)
         m = create("sinkhorn", n)
-        x = torch.randn(n, batch, seq, C, device="cuda", dtype=torch.bfloat16)
-        phi = torch.randn(m.phi_shape(C), device="cuda") / math.sqrt(n * C)
-        alpha = torch.full((3,), 0.5, device="cuda")
-        bias = m.init_bias(0).cuda()
+        x = torch.randn(n, batch, seq, C, device=device, dtype=torch.bfloat16)
+        phi = torch.randn(m.phi_shape(C), device=device) / math.sqrt(n * C)
+        alpha = torch.full((3,), 0.5, device=device)
+        bias = m.init_bias(0).to(device)
         coefficients = reference.coeffs(x, phi, alpha, bias, m.spec())
         return cls(
             n,
@@ -121,8 +128,7 @@ class Implementation:
 
 
 def hcpass_ops(p: Problem) -> Implementation:
-    codegen.register_cuda_kernels()
-    ops = torch.ops.hcpass
+    ops = torch.ops.hcpass  # their CUDA kernels are the generated ones (`import hcpass`)
     return Implementation(
         lambda x, *a: ops.coeffs(x, *a, p.spec),
         ops.pre,
@@ -272,6 +278,19 @@ def run_column(name: str, p: Problem) -> dict[str, float | str]:
         torch.cuda.empty_cache()
 
 
+def require_measured(columns: dict[str, dict]) -> None:
+    """A dry run fails on a column that broke (only a library that is not installed may be
+    missing): a GPU session would have lost that column."""
+    broken = {
+        f"{name} {phase}": value
+        for name, column in columns.items()
+        for phase, value in column.items()
+        if isinstance(value, str) and not value.startswith("n/a")
+    }
+    if broken:
+        sys.exit(f"dry run: broken columns: {broken}")
+
+
 # -------------------------------------------------------------------------- report
 def cell(value: float | str) -> str:
     if isinstance(value, str):
@@ -320,17 +339,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, interpreter, tiny shapes")
     args = parser.parse_args()
-    common.require_cuda("benchmarks/mixer.py")
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        codegen.register_interpreted_cpu_kernels()
+        args.n, args.C, args.batch, args.seq = [4], [24], 1, 7
+    else:
+        common.require_cuda("benchmarks/mixer.py")
 
-    bandwidth = common.copy_bandwidth_gbs()
-    print(f"{torch.cuda.get_device_name()}: device copy bandwidth {bandwidth:.0f} GB/s")
+    bandwidth = common.copy_bandwidth_gbs(1 << 20 if args.dry_run else 1 << 30, device)
+    print(f"{common.device_name()}: device copy bandwidth {bandwidth:.0f} GB/s")
     records = []
     for C in args.C:
         for n in args.n:
-            p = Problem.make(n, C, args.batch, args.seq)
+            p = Problem.make(n, C, args.batch, args.seq, device)
             columns = {name: run_column(name, p) for name in args.impl}
             records += report(p, lower_bounds(p), columns, bandwidth)
+            if args.dry_run:
+                require_measured(columns)
             del p
             gc.collect()
             torch.cuda.empty_cache()
@@ -342,6 +369,7 @@ def main() -> None:
             "seq": args.seq,
             "dtype": "bfloat16",
             "manifold": "sinkhorn",
+            "dry_run": args.dry_run,
             "rows": records,
         },
     )

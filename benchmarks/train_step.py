@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # C = 2048, 8 layers, 4 x 2048 tokens
     python benchmarks/train_step.py --dim 4096 --layers 4
+    TRITON_INTERPRET=1 python benchmarks/train_step.py --dry-run   # CPU, a tiny model
 
 Variants, each a fresh model from the same seed, bf16 weights, fused AdamW:
 - eager: the plain model;
@@ -13,6 +14,11 @@ A step is forward, cross-entropy, backward and the optimizer step. Reported: med
 time over --steps steps after --warmup steps (CUDA events), tokens/s, and peak memory
 allocated during the timed steps. Results go to benchmarks/results/<device>-<date>.json
 (section "train_step").
+
+--dry-run (benchmarks/gpu_session.sh --dry-run, in CI): the same steps on CPU with a tiny
+model (C = 32, 2 layers, 1 x 16 tokens), one warmup and one timed step: checks that the
+script runs, its numbers mean nothing. On CPU tensors the hcpass backend lowers for the CPU
+(tests/test_cuda_path.py runs the CUDA lowering on CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import time
 from collections.abc import Callable
 
 import common
@@ -119,7 +126,7 @@ class Llama(nn.Module):
 def build(variant: str, args: argparse.Namespace, ids: Tensor) -> nn.Module:
     torch.manual_seed(0)
     model = Llama(args.vocab, args.dim, args.layers, args.heads, args.seq)
-    model = model.to(device="cuda", dtype=torch.bfloat16)
+    model = model.to(device=ids.device, dtype=torch.bfloat16)
     if variant == "inductor":
         return torch.compile(model)
     if variant == "hcpass":
@@ -129,8 +136,9 @@ def build(variant: str, args: argparse.Namespace, ids: Tensor) -> nn.Module:
 
 
 def measure(variant: str, args: argparse.Namespace) -> dict[str, float]:
-    ids = torch.randint(args.vocab, (args.batch, args.seq), device="cuda")
-    targets = torch.randint(args.vocab, (args.batch, args.seq), device="cuda")
+    device = "cpu" if args.dry_run else "cuda"
+    ids = torch.randint(args.vocab, (args.batch, args.seq), device=device)
+    targets = torch.randint(args.vocab, (args.batch, args.seq), device=device)
     model = build(variant, args, ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
@@ -143,13 +151,18 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, float]:
 
     for _ in range(args.warmup):  # includes the compiles
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = [timed(step) for _ in range(args.steps)]
+    if args.dry_run:
+        times = [wall_clock(step) for _ in range(args.steps)]
+        peak = float("nan")
+    else:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = [timed(step) for _ in range(args.steps)]
+        peak = torch.cuda.max_memory_allocated() / 2**30
     return {
         "step_ms": statistics.median(times),
         "tokens_per_s": args.batch * args.seq / statistics.median(times) * 1e3,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": peak,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -163,6 +176,12 @@ def timed(fn: Callable[[], None]) -> float:
     return start.elapsed_time(end)
 
 
+def wall_clock(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=2048)
@@ -174,8 +193,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, one step")
     args = parser.parse_args()
-    common.require_cuda("benchmarks/train_step.py")
+    if args.dry_run:
+        tiny = dict(dim=32, layers=2, heads=2, vocab=64, batch=1, seq=16, warmup=1, steps=1)
+        vars(args).update(tiny)
+    else:
+        common.require_cuda("benchmarks/train_step.py")
 
     results: dict[str, dict[str, float] | str] = {}
     for variant in args.variant:
@@ -189,7 +213,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     print(
-        f"{torch.cuda.get_device_name()}: Llama-style C={args.dim}, {args.layers} layers, "
+        f"{common.device_name()}: Llama-style C={args.dim}, {args.layers} layers, "
         f"{args.batch} x {args.seq} tokens, bf16"
     )
     rows = []
