@@ -92,7 +92,27 @@ class CapturedGraph:
 def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[CapturedGraph]:
     """Run `model` once under Dynamo (RNG and buffers restored) and return its graphs, one
     per call, parameter placeholders annotated with the names of the parameters passed."""
-    calls = _Calls(parameter_names(model))
+    return capture_and_run(model, args, kwargs)[0]
+
+
+# Runs one call of a captured graph: (the call's record, parameters named; the graph Dynamo
+# compiled; the call's arguments) -> the graph's outputs.
+GraphRunner = Callable[[CapturedGraph, fx.GraphModule, tuple[Any, ...]], Any]
+
+
+def _run_graph(captured: CapturedGraph, gm: fx.GraphModule, args: tuple[Any, ...]) -> Any:
+    return gm.forward(*args)
+
+
+def capture_and_run(
+    model: nn.Module,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    run: GraphRunner = _run_graph,
+) -> tuple[list[CapturedGraph], Any]:
+    """`capture`, with each graph call run by `run` (an interpreter that measures, say), and
+    the model's output."""
+    calls = _Calls(parameter_names(model), run)
     compiled = torch.compile(fresh_trampoline("capture"), backend=_record)
     token = _CAPTURING.set(calls)
     try:
@@ -100,10 +120,10 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> li
             side_effect_free(model),
             torch._dynamo.config.patch(recompile_limit=64, **CAPTURE_SETTINGS),
         ):
-            compiled(model, tuple(args), dict(kwargs))
+            output = compiled(model, tuple(args), dict(kwargs))
     finally:
         _CAPTURING.reset(token)
-    return calls.graphs
+    return calls.graphs, output
 
 
 def _record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -135,8 +155,9 @@ class _Calls:
     once per block, and each call has its own parameters, hence its own sites. Each call also
     records which inputs an earlier call returned (`CapturedGraph.inputs_from`)."""
 
-    def __init__(self, names: dict[int, str]) -> None:
+    def __init__(self, names: dict[int, str], run: GraphRunner) -> None:
         self.names = names
+        self.run_graph = run
         self.graphs: list[CapturedGraph] = []
         # layout of each tensor a call returned -> (graph index, output position); outputs
         # are held until the capture ends, so their memory is not reused by other tensors.
@@ -151,7 +172,7 @@ class _Calls:
         for i, arg in enumerate(args):
             if isinstance(arg, torch.Tensor) and layout(arg) in self.returned:
                 captured.inputs_from[i] = self.returned[layout(arg)]
-        outputs = gm.forward(*args)
+        outputs = self.run_graph(captured, gm, args)
         self.held.append(outputs)
         for i, out in enumerate(outputs):
             if isinstance(out, torch.Tensor):

@@ -5,7 +5,6 @@ depth (`depth_profile`: the PreNorm-dilution picture)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,15 +15,10 @@ from torch import Tensor, fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcpass.frontend.capture import (
-    _CAPTURING,
-    CAPTURE_SETTINGS,
     CapturedGraph,
-    _Calls,
-    _record,
     capture,
-    fresh_trampoline,
+    capture_and_run,
     parameter_name,
-    parameter_names,
     side_effect_free,
     unwrapped_parameters,
 )
@@ -455,42 +449,19 @@ class _PlainSites(fx.Interpreter):
         return out
 
 
-class _MeasuredCalls(_Calls):
-    """`capture`'s recorder, with each graph run through `_PlainSites`, its sites found in
-    the graph as the call annotated it (parameters named), as `convert` finds them."""
-
-    def __init__(self, names: dict[int, str]) -> None:
-        super().__init__(names)
-        self.runs: list[_SiteRun] = []
-
-    def run(self, gm: fx.GraphModule, graph_break: str | None, *args: Any) -> Any:
-        # `_Calls.run` records the call, then runs ``gm.forward``: measured here instead.
-        gm.forward = functools.partial(self._measured_forward, gm)
-        try:
-            return super().run(gm, graph_break, *args)
-        finally:
-            del gm.forward
-
-    def _measured_forward(self, gm: fx.GraphModule, *args: Any) -> Any:
-        _, analysis = analyse(self.graphs[-1].gm)
-        return _PlainSites(gm, analysis.sites, self.runs).run(*args)
-
-
 def _run_plain(
     model: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[list[CapturedGraph], list[_SiteRun], Any]:
-    calls = _MeasuredCalls(parameter_names(model))
-    compiled = torch.compile(fresh_trampoline("profile"), backend=_record)
-    token = _CAPTURING.set(calls)
-    try:
-        with (
-            side_effect_free(model),
-            torch._dynamo.config.patch(recompile_limit=64, **CAPTURE_SETTINGS),
-        ):
-            output = compiled(model, args, kwargs)
-    finally:
-        _CAPTURING.reset(token)
-    return calls.graphs, calls.runs, output
+    """Capture `model` as `convert` does, each graph call run through `_PlainSites` with its
+    sites found in the call's graph (parameters named)."""
+    runs: list[_SiteRun] = []
+
+    def measured(captured: CapturedGraph, gm: fx.GraphModule, call_args: tuple[Any, ...]) -> Any:
+        _, analysis = analyse(captured.gm)
+        return _PlainSites(gm, analysis.sites, runs).run(*call_args)
+
+    graphs, output = capture_and_run(model, args, kwargs, measured)
+    return graphs, runs, output
 
 
 # A converted model: its mixer ops, seen where the rewritten graphs run them.
