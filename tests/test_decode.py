@@ -13,7 +13,10 @@ import torch
 from torch._dynamo.utils import counters
 
 import hcpass
+from hcpass import native
 from hcpass.manifolds.sinkhorn import UnrolledSinkhorn
+from hcpass.ops import decode, library
+from hcpass.ops.attnres import library as attnres_library
 from tests import models
 
 # Prefill, the first step (cache length static), then the step that marks the length
@@ -31,12 +34,12 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> tuple[t
     return out, counters["stats"]["unique_graphs"] - before
 
 
-def _perturbed(converted: hcpass.ConvertedModule) -> None:
+def _perturbed(converted: hcpass.ConvertedModule, scale: float = 3.0) -> None:
     """Move the mixers off their function-preserving init, so a lost mixer changes tokens."""
     torch.manual_seed(1)
     with torch.no_grad():
         for p in converted.mixers.parameters():
-            p.add_(torch.randn_like(p) * 3.0)
+            p.add_(torch.randn_like(p) * scale)
 
 
 @pytest.mark.hf
@@ -114,3 +117,74 @@ def test_sinkhorn_without_gradients_skips_the_autograd_function(monkeypatch):
         inferred = manifold.res_map(logits)
     assert not calls
     torch.testing.assert_close(inferred, differentiable.detach(), rtol=0, atol=0)
+
+
+# The CPU kernels the hcpass ops run (module globals their bodies call).
+OP_KERNELS = {
+    library: ("_coeffs_ref", "_pre_cpu", "_post_res_cpu"),
+    attnres_library: ("_attnres_ref",),
+}
+
+
+def _count_calls(monkeypatch) -> tuple[list[str], list[str]]:
+    """(names of the ops' CPU kernels called, native decode kernels called) from now on."""
+    ops, kernels = [], []
+    for module, names in OP_KERNELS.items():
+        for name in names:
+            kernel = getattr(module, name)
+            monkeypatch.setattr(
+                module, name, lambda *a, _k=kernel, _n=name: ops.append(_n) or _k(*a)
+            )
+    for name, args in (
+        (decode.KERNEL, decode.KERNEL_ARGS),
+        (decode.ATTNRES_KERNEL, decode.ATTNRES_KERNEL_ARGS),
+    ):
+        kernel = native.load(name, args)
+        monkeypatch.setitem(
+            native._KERNELS, name, lambda *a, _k=kernel, _n=name: kernels.append(_n) or _k(*a)
+        )
+    return ops, kernels
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("family", ["hyper-connections", "attnres"])
+def test_a_decoding_step_runs_each_sites_mixer_work_as_one_native_call(family, monkeypatch):
+    """At one position the ops cost their dispatch, not their arithmetic (~250 us a
+    hyper-connection site on CPU, more than the plain model's whole step): the eager runtime
+    calls hcpass.ops.decode instead, one kernel call per site (and the chain's last merge)."""
+    model = models.gpt2().eval()
+    ids = torch.randint(1, models.VOCAB, (1, 5))
+    converted = hcpass.convert(model, (ids,), family=family)
+    _perturbed(converted)
+    want, _ = _generate(converted, ids, 4)  # captures every graph a step needs
+    ops, kernels = _count_calls(monkeypatch)
+    out, _ = _generate(converted, ids, 4)
+    assert torch.equal(out, want)
+    sites = len(converted.mixers)
+    if family == "hyper-connections":
+        # one chain: its first site's read, a merge and read per later site, the last merge
+        per_step = [decode.KERNEL] * (sites + 1)
+    else:
+        # an attention over depth at each site but the first (it reads x_0 alone), and at
+        # the chain's output
+        per_step = [decode.ATTNRES_KERNEL] * sites
+    assert ops == []
+    assert kernels == per_step * 4  # the prompt, then 3 steps (the last token is not fed)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("family", ["hyper-connections", "attnres"])
+def test_the_inference_path_computes_what_the_ops_compute(family):
+    """Without gradients the mixers run natively, with gradients the ops (the training path):
+    the logits agree to rounding (the projection's and mean squares' summation order)."""
+    model = models.gpt2().eval()
+    ids = torch.randint(1, models.VOCAB, (2, 7))
+    converted = hcpass.convert(model, (ids,), family=family)
+    # Off the init, but not so far that fp32 rounding is amplified: with the default scale
+    # Sinkhorn's logits reach tens and fp32 and fp64 logits differ by 0.5.
+    _perturbed(converted, 0.5)
+    trained = converted(ids).logits
+    with torch.no_grad():
+        inferred = converted(ids).logits
+    assert not torch.allclose(trained, model(ids).logits, atol=1e-3)  # the mixers matter
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-5)

@@ -45,6 +45,7 @@ from hcpass.rewrite.base import MixerInputs, MixerSlot, graph_module
 from hcpass.rewrite.chains import rewrite_chains
 from hcpass.rewrite.regions import checkpoint_eagerly
 from hcpass.runtime import export, handoff
+from hcpass.runtime.decode import call_decode_steps
 from hcpass.runtime.mixer import SiteModule
 
 
@@ -545,9 +546,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def rewrite_eagerly(
         self, gm: fx.GraphModule, where: str = "hcpass eager runtime"
     ) -> MixedGraph:
-        """`rewrite`, for the graph to run eagerly (checkpoint regions too)."""
+        """`rewrite`, for the graph to run eagerly (checkpoint regions too; the mixer ops
+        through `hcpass.runtime.decode`, natively at a few positions without gradients)."""
         rewritten, mixed = self.rewrite(gm)
         checkpoint_eagerly(rewritten.graph)
+        call_decode_steps(rewritten)
         rewritten.recompile()
         logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, where)
         return mixed
