@@ -23,6 +23,8 @@ out=${1:?usage: gpu_session.sh [--dry-run] OUT [tests|mixer|train|all] [ARGS...]
 what=${2:-all}
 shift $(($# < 2 ? $# : 2))
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.." || exit 1  # the repository root, wherever it was called from
 export PYTHONUNBUFFERED=1
 
 if ((dry_run)); then

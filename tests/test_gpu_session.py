@@ -22,9 +22,10 @@ def test_gpu_session_dry_run(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("TRITON_INTERPRET", None)  # the script sets it
     before = _results_in_the_repository()
+    # called from elsewhere, OUT relative to there: the script finds the repository itself
     run = subprocess.run(
-        ["bash", "benchmarks/gpu_session.sh", "--dry-run", str(tmp_path)],
-        cwd=REPO,
+        ["bash", str(REPO / "benchmarks" / "gpu_session.sh"), "--dry-run", "session"],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -32,10 +33,11 @@ def test_gpu_session_dry_run(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert _results_in_the_repository() == before
+    out = tmp_path / "session"
 
     # the GPU tests were collected (on CPU they would only be skipped)
-    assert "test_cuda_kernels_match_reference" in (tmp_path / "gpu-tests.log").read_text()
-    (path,) = (tmp_path / "results").glob("*.json")
+    assert "test_cuda_kernels_match_reference" in (out / "gpu-tests.log").read_text()
+    (path,) = (out / "results").glob("*.json")
     results = json.loads(path.read_text())
     mixer = results["mixer"]
     assert mixer["dry_run"] is True and len(mixer["rows"]) == MIXER_PHASES
