@@ -54,8 +54,8 @@ _INT, _POINTER, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 # h_res_in, merged; phi, alpha, bias, k, iters, rms_eps; h_pre, h_post, h_res, u
 KERNEL_ARGS = (*[_INT] * 4, _POINTER, _INT, _INT, *[_POINTER] * 7, _INT, _INT, _DOUBLE)
 KERNEL_ARGS += (_POINTER,) * 4
-# double_precision, k, P, C, values (pointers), position strides, w, eps, h
-ATTNRES_KERNEL_ARGS = (*[_INT] * 4, _POINTER, _POINTER, _POINTER, _DOUBLE, _POINTER)
+# double_precision, k, P, C, values (pointers), w, eps, h
+ATTNRES_KERNEL_ARGS = (*[_INT] * 4, _POINTER, _POINTER, _DOUBLE, _POINTER)
 # decode.cpp's scratch bounds: logits of one position, values of one attnres
 _MAX_LOGITS, _MAX_VALUES = 1024, 4096
 _FLOATING = (torch.float32, torch.float64)
@@ -71,18 +71,21 @@ def prefetch() -> None:
 
 def inference(x: Tensor, *tensors: Tensor | None) -> bool:
     """Whether the native path may run on the stream state `x` and `tensors` (None: an
-    absent parameter): see the module docstring."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
-        return False
+    absent parameter): see the module docstring. Plain loops: this runs at every call."""
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
-    if torch.is_autocast_enabled("cpu") or x.dtype not in _FLOATING:
-        return False
     dtype = x.dtype
-    return all(
-        t is None or (type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == dtype)
-        for t in (x, *tensors)
-    )
+    if dtype not in _FLOATING or torch.is_autocast_enabled("cpu"):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in (x, *tensors):
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu":
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -251,13 +254,10 @@ def _attnres_native(values: Sequence[Tensor], query: Tensor, eps: float) -> Tens
     kernel = native.load(ATTNRES_KERNEL, ATTNRES_KERNEL_ARGS)
     if kernel is None:
         return None
-    rows = []
-    for v in values:
-        r = v.reshape(positions, shape[-1])
-        rows.append(r if r.stride(-1) == 1 else r.contiguous())
+    # The blocks' outputs, contiguous at a decoding step; copies held until the call returns.
+    rows = [v if v.is_contiguous() else v.contiguous() for v in values]
     k = len(rows)
     pointers = (ctypes.c_void_p * k)(*[r.data_ptr() for r in rows])
-    strides = (ctypes.c_int64 * k)(*[r.stride(0) for r in rows])
     w = query.contiguous()
     h = first.new_empty(shape)
     kernel(
@@ -266,7 +266,6 @@ def _attnres_native(values: Sequence[Tensor], query: Tensor, eps: float) -> Tens
         positions,
         shape[-1],
         ctypes.addressof(pointers),
-        ctypes.addressof(strides),
         w.data_ptr(),
         eps,
         h.data_ptr(),

@@ -21,13 +21,12 @@ namespace {
 constexpr int64_t kMaxValues = 4096;
 
 template <typename T>
-void run(int64_t k, int64_t P, int64_t C, const void* const* values, const int64_t* strides,
-         const T* w, T eps, T* h) {
+void run(int64_t k, int64_t P, int64_t C, const void* const* values, const T* w, T eps, T* h) {
   T alpha[kMaxValues];
   for (int64_t p = 0; p < P; ++p) {
     T top = -INFINITY;
     for (int64_t i = 0; i < k; ++i) {
-      const T* v = static_cast<const T*>(values[i]) + p * strides[i];
+      const T* v = static_cast<const T*>(values[i]) + p * C;
       T square = T(0), dot = T(0);
 #pragma omp simd reduction(+ : square, dot)
       for (int64_t c = 0; c < C; ++c) {
@@ -41,11 +40,11 @@ void run(int64_t k, int64_t P, int64_t C, const void* const* values, const int64
     for (int64_t i = 0; i < k; ++i) total += (alpha[i] = std::exp(alpha[i] - top));
     for (int64_t i = 0; i < k; ++i) alpha[i] /= total;
     T* out = h + p * C;
-    const T* first = static_cast<const T*>(values[0]) + p * strides[0];
+    const T* first = static_cast<const T*>(values[0]) + p * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) out[c] = alpha[0] * first[c];
     for (int64_t i = 1; i < k; ++i) {
-      const T* v = static_cast<const T*>(values[i]) + p * strides[i];
+      const T* v = static_cast<const T*>(values[i]) + p * C;
       const T a = alpha[i];
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) out[c] += a * v[c];
@@ -55,15 +54,13 @@ void run(int64_t k, int64_t P, int64_t C, const void* const* values, const int64
 
 }  // namespace
 
-// values: k pointers to [P, C] rows with C contiguous, position stride strides[i] (in
-// elements); w [C]; h [P, C] contiguous. 2 <= k <= 4096. double_precision: 0 fp32, 1 fp64.
+// values: k pointers to contiguous [P, C] values; w [C]; h [P, C] contiguous. 2 <= k <=
+// 4096. double_precision: 0 fp32, 1 fp64.
 extern "C" void kernel(int64_t double_precision, int64_t k, int64_t P, int64_t C,
-                       const void* const* values, const int64_t* strides, const void* w,
-                       double eps, void* h) {
+                       const void* const* values, const void* w, double eps, void* h) {
   if (double_precision)
-    run<double>(k, P, C, values, strides, static_cast<const double*>(w), eps,
-                static_cast<double*>(h));
+    run<double>(k, P, C, values, static_cast<const double*>(w), eps, static_cast<double*>(h));
   else
-    run<float>(k, P, C, values, strides, static_cast<const float*>(w), static_cast<float>(eps),
+    run<float>(k, P, C, values, static_cast<const float*>(w), static_cast<float>(eps),
                static_cast<float*>(h));
 }
