@@ -388,7 +388,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                 if run.compiled:
                     # An outer torch.compile is tracing: let it trace the original forward;
                     # the hcpass backend finds this module through the context variable.
-                    out = self._entry(self._model, args, kwargs)
+                    # A model with DTensor parameters recompiles each new input shape with
+                    # static sizes (`_has_dtensor_parameters`).
+                    dynamic = not _has_dtensor_parameters(self._model)
+                    with torch._dynamo.config.patch(automatic_dynamic_shapes=dynamic):
+                        out = self._entry(self._model, args, kwargs)
                 elif regions := handoff.compiled_regions(self._model):
                     # Regional compile: under our own Dynamo run the regions would be inlined
                     # (not compiled). Run the code around them as plain Python instead; each
@@ -639,6 +643,20 @@ def _unpickle(original: type[nn.Module]) -> ConvertedModule:
 
 
 _NOT_PLANNED = "no mixer: the site was not rewritten when the model was converted"
+
+
+def _has_dtensor_parameters(model: nn.Module) -> bool:
+    """Whether `model` holds DTensor parameters (tensor parallel, FSDP2).
+
+    torch 2.13 cannot compile the backward of such a model at symbolic sizes, converted or
+    not: a DTensor view's saved size is a SymInt the tracer never saw, and tracing
+    ``sym_max(s, 1)``, which returns that SymInt itself, gives it itself as its definition
+    (RecursionError in proxy_tensor's ``_compute_proxy``). With static sizes there is none."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
