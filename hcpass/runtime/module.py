@@ -13,12 +13,13 @@ the `ConvertedModule` whose forward is running (a context variable).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import functools
 import inspect
 import types
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,7 +381,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             # registered after the first call would never run.
             with (
                 visible_residuals(),
-                torch._dynamo.config.patch(
+                _dynamo_settings(
                     optimize_ddp=False, skip_nnmodule_hook_guards=False, **CAPTURE_SETTINGS
                 ),
             ):
@@ -400,7 +401,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # through hcpass.runtime.handoff.
                     out = self._model(*args, **kwargs)
                 else:
-                    with torch._dynamo.config.patch(recompile_limit=64):
+                    with _dynamo_settings(recompile_limit=64):
                         out = self._eager(self._model, args, kwargs)
         except BaseException:
             self._fresh_runtime()
@@ -677,6 +678,25 @@ def _encoder_decoder_generate(model_name: str, *args: Any, **kwargs: Any) -> Any
         "converted model itself for each step (`converted(input_ids=..., "
         "decoder_input_ids=...)`), or generate without mixers: `converted.original.generate`"
     )
+
+
+@contextlib.contextmanager
+def _dynamo_settings(**settings: Any) -> Iterator[None]:
+    """``torch._dynamo.config.patch(**settings)``, for every forward: it sets (and restores)
+    only the settings that differ. A patch costs ~30 µs on entry and exit; a decoding step of
+    a small model is ~1.5 ms."""
+    config = torch._dynamo.config
+    changed = {}
+    for name, value in settings.items():
+        previous = getattr(config, name)
+        if previous != value:
+            changed[name] = previous
+            setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, previous in changed.items():
+            setattr(config, name, previous)
 
 
 def _tracing(anchor: torch.Tensor) -> bool:
