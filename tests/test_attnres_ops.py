@@ -333,12 +333,12 @@ def test_cpu_lowering_inlines_the_reference(compiler):
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._inductor.compile_fx import compile_fx
 
-    from hcpass.lowering.backend import lowering
+    from hcpass.lowering.passes import pass_plan
 
     seen = []
 
     def backend(gm, example_inputs):
-        lowering(cuda=False)(gm.graph)
+        pass_plan(cuda=False).lower(gm.graph)
         gm.recompile()
         seen.extend(n.target for n in gm.graph.nodes)
         if compiler == "inductor":

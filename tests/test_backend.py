@@ -17,10 +17,12 @@ import torch
 from expecttest import TestCase
 from op_inputs import OP_NAMES, coeffs_inputs
 from torch import fx
+from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import hcpass
-from hcpass.lowering.backend import hcpass_backend, lowering
+from hcpass.lowering.backend import hcpass_backend
+from hcpass.lowering.passes import pass_plan
 from hcpass.lowering.passes.lower_reference import LOWERED, _side_effects
 from hcpass.lowering.passes.save_stream_states import (
     STREAM_STATE,
@@ -90,7 +92,7 @@ class TestCpuLowering(TestCase):
         calls."""
         converted = hcpass.convert(TwoResidualLinears(), (torch.randn(2, 3, 8),))
         gm = converted.graph_module
-        lowering(cuda=False)(gm.graph)
+        pass_plan(cuda=False).lower(gm.graph)
         gm.recompile()
         code = re.sub(r"(hcpass_(entry|boundary|merge))_[0-9a-f]{16}", r"\1", graphs.body(gm))
         self.assertExpectedInline(
@@ -125,12 +127,18 @@ def test_cpu_lowering_shares_the_stream_ops_and_the_coefficients_of_every_site()
     converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     gm = converted.graph_module
     assert HCPASS_OPS <= {n.target for n in gm.graph.nodes}
-    lowering(cuda=False)(gm.graph)
+    counters.clear()
+    pass_plan(cuda=False).lower(gm.graph)
     targets = [n.target for n in gm.graph.nodes]
     assert not set(targets) & (HCPASS_OPS | set(LOWERED.values()))
     # 4 sites (2 blocks) in one chain: the first site's entry, 3 boundaries, the last merge
     calls = Counter(name.rsplit("_", 1)[0] for name in _shared_calls(gm))
     assert calls == {"hcpass_entry": 1, "hcpass_boundary": 3, "hcpass_merge": 1}
+    assert counters["hcpass"] == {
+        "shared_entry_calls": 1,
+        "shared_boundary_calls": 3,
+        "shared_merge_calls": 1,
+    }
     entry = next(name for name in _shared_calls(gm) if name.startswith("hcpass_entry_"))
     # Inside the entry, Sinkhorn's iterations are one op, not 2 * 20 unrolled
     # normalisations (whose traced forward and backward were C++ kernels of thousands of lines).
@@ -149,7 +157,7 @@ def test_cpu_lowering_inlines_coefficients_that_call_an_op_with_side_effects(cap
     gm = converted.graph_module
     _side_effects.cache_clear()  # so it logs here
     with caplog.at_level("INFO", logger="hcpass"):
-        lowering(cuda=False)(gm.graph)
+        pass_plan(cuda=False).lower(gm.graph)
     targets = [n.target for n in gm.graph.nodes]
     # not shared, and neither are pre and post_res, which read its coefficients
     assert torch.ops.higher_order.invoke_subgraph not in targets
@@ -316,7 +324,10 @@ def test_the_compiled_backward_does_not_rebuild_the_inlined_merges():
     mul, sum, mul, add, from the saved branch outputs and coefficients)."""
     (ids,), _ = models.token_inputs()
     converted = hcpass.convert(models.tiny_gpt(layers=1), (ids,), manifold="stiefel")
+    counters.clear()
     backward = _backward(_compiled_graphs(converted, ids))
+    # one state per site (2), each inlined op (2 coeffs, 2 pre, 2 post_res) lowered
+    assert counters["hcpass"] == {"mixer_ops_inlined": 6, "stream_states_saved": 2}
     reads_a_tangent: set[fx.Node] = set()
     for n in backward.nodes:
         if n.name.startswith("tangents") or set(n.all_input_nodes) & reads_a_tangent:
@@ -336,7 +347,10 @@ def test_the_compiled_backward_does_not_rebuild_the_inlined_merges():
 def test_cuda_lowering_fuses_site_boundaries_and_registers_the_generated_kernels():
     converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
     graph = converted.graph_module.graph
-    lowering(cuda=True)(graph)
+    counters.clear()
+    pass_plan(cuda=True).lower(graph)
+    # 4 sites in one chain: 3 boundaries; the last merge has no site after it
+    assert counters["hcpass"] == {"site_boundaries_fused": 3, "site_boundaries_unfused": 1}
     # Inductor calls them as extern kernels: the chain's first coeffs and pre, its last
     # post_res, and the fused boundaries between
     targets = {n.target for n in graph.nodes}
@@ -447,11 +461,11 @@ def test_a_graph_inductor_cannot_compile_shared_is_compiled_inlined(monkeypatch,
 
     compile_fx, compiled = backend._compile_fx, []
 
-    def fails_when_shared(gm, example_inputs):
+    def fails_when_shared(gm, example_inputs, passes):
         compiled.append(backend._has_shared_subgraphs(gm))
         if compiled[-1]:
             raise SHARED_FORM_FAILURES[failure]()
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, passes)
 
     monkeypatch.setattr(backend, "_compile_fx", fails_when_shared)
     x = torch.randn(2, 5, 16)
@@ -495,11 +509,11 @@ def test_dynamos_restart_signal_is_not_taken_for_a_failure_of_the_shared_form(mo
 
     compile_fx, compiled = backend._compile_fx, []
 
-    def restarts_once(gm, example_inputs):
+    def restarts_once(gm, example_inputs, passes):
         compiled.append(backend._has_shared_subgraphs(gm))
         if len(compiled) == 1:
             raise torch._dynamo.exc.TensorifyScalarRestartAnalysis
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, passes)
 
     monkeypatch.setattr(backend, "_compile_fx", restarts_once)
     x = torch.randn(2, 5, 16)

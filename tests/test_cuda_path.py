@@ -10,7 +10,7 @@ they do on a GPU:
 
 - eager: the rewritten graph as the runtime runs it, the launchers under the ops' autograd;
 - compiled: ``torch.compile(converted, backend="hcpass")`` with the backend lowering every
-  graph as for CUDA inputs (`lowering(cuda=True)`: the site boundaries fused into
+  graph as for CUDA inputs (`pass_plan(cuda=True)`: the site boundaries fused into
   ``post_res_coeffs_pre``), then AOTAutograd with Inductor's decompositions and min-cut
   partitioner; the forward and backward graphs it makes run as FX graphs, so the ops they
   call reach the launchers. Left out: Inductor's code generation for the rest of the graph,
@@ -135,8 +135,9 @@ def _own_cpu_kernels() -> Iterator[None]:
 _INDUCTOR = backend._compile_fx
 
 
-def _aot_graphs_run_as_fx(gm, example_inputs):
-    """Inductor's AOTAutograd step (decompositions, min-cut partitioner), graphs run as FX."""
+def _aot_graphs_run_as_fx(gm, example_inputs, passes):
+    """Inductor's AOTAutograd step (decompositions, min-cut partitioner), graphs run as FX
+    (the CUDA plan has no Inductor hooks: `passes` needs nothing here)."""
     from torch._dynamo.backends.debugging import aot_eager_decomp_partition
 
     return aot_eager_decomp_partition(gm, list(example_inputs))

@@ -13,7 +13,7 @@ from test_rewrite import PostNorm, SideReader
 from torch import fx, nn
 
 import hcpass
-from hcpass.lowering.passes import PassManager
+from hcpass.lowering.passes import pass_plan
 from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.manifolds import create
 
@@ -141,7 +141,7 @@ def values_and_gradients(fn, leaves: list[torch.Tensor], spec: str) -> list[torc
 def traced(fuse: bool, spec: str) -> fx.GraphModule:
     gm = fx.symbolic_trace(three_sites, concrete_args={"spec": spec})
     if fuse:
-        PassManager([FuseAcrossSites()])(gm.graph)
+        pass_plan(cuda=True).lower(gm.graph)
         gm.recompile()
     return gm
 
@@ -211,8 +211,8 @@ def recording_compile_fx(graphs: list[fx.GraphModule]):
 
     compile_fx = hcpass.lowering.backend._compile_fx
 
-    def compile_and_record(gm: fx.GraphModule, example_inputs):
+    def compile_and_record(gm: fx.GraphModule, example_inputs, passes):
         graphs.append(gm)
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, passes)
 
     return compile_and_record

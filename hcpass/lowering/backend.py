@@ -20,48 +20,29 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
 from hcpass import logs
 from hcpass.frontend.capture import annotate_call, annotate_parameters, parameter_names
 from hcpass.frontend.plan import analyse
-from hcpass.lowering.passes import PassManager
-from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
-from hcpass.lowering.passes.lower_reference import LowerToReference
-from hcpass.lowering.passes.save_stream_states import SaveStreamStates
-from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
+from hcpass.lowering.passes import NO_PASSES, PassPlan, pass_plan
 from hcpass.runtime import handoff
 from hcpass.runtime.module import MixedGraph, current_owner
 
 log = logging.getLogger("hcpass")
 
 
-def _compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    from torch._inductor import config
+def _compile_fx(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], passes: PassPlan
+) -> Callable[..., Any]:
+    """Inductor on `gm` with the joint and post-grad passes of `passes` (the pre-Inductor
+    ones have run)."""
     from torch._inductor.compile_fx import compile_fx
 
-    # Every merge's new state is saved for backward instead of rebuilt there (see the pass).
-    given = get_custom_graph_passes(config.joint_custom_post_pass)
-    patches: dict[str, Any] = {"joint_custom_post_pass": [*given, SaveStreamStates()]}
-    if _has_shared_subgraphs(gm):
-        # Shared coefficient subgraphs (LowerToReference): without this pass Inductor can
-        # recycle the buffer of a tensor a subgraph saved for backward (see the pass).
-        given = get_custom_graph_passes(config.post_grad_custom_post_pass)
-        patches["post_grad_custom_post_pass"] = [*given, CopySubgraphOutputAliases()]
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
+    return compile_fx(gm, list(example_inputs), config_patches=passes.inductor_config())
 
 
 def _on_cuda(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-
-
-def lowering(cuda: bool, share: bool = True) -> PassManager:
-    """The passes that lower a rewritten graph for the device its inputs are on (`share`:
-    on CPU, every site's mixer work in shared subgraphs, see `LowerToReference`)."""
-    if cuda:
-        # the ops' CUDA kernels, the generated ones, were registered by `import hcpass`
-        return PassManager([FuseAcrossSites()])
-    return PassManager([LowerToReference(share)])
 
 
 def _lower_and_compile(rewritten: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -73,10 +54,11 @@ def _lower_and_compile(rewritten: fx.GraphModule, example_inputs: list[Any]) -> 
     cuda = _on_cuda(example_inputs)
     # a copy before lowering edits the graph and its checkpoint bodies in place
     inlined = None if cuda else copy.deepcopy(rewritten)
-    lowering(cuda)(rewritten.graph)
+    passes = pass_plan(cuda)
+    passes.lower(rewritten.graph)
     rewritten.recompile()
     try:
-        return _compile_fx(rewritten, example_inputs)
+        return _compile_fx(rewritten, example_inputs, passes)
     except Exception as error:
         # Dynamo's own exceptions are signals (restart the trace, skip the frame), not
         # failures of the shared form; Inductor's errors (InductorError, a subclass) are
@@ -94,9 +76,10 @@ def _lower_and_compile(rewritten: fx.GraphModule, example_inputs: list[Any]) -> 
             type(error).__name__,
             str(error).splitlines()[0] if str(error) else "",
         )
-    lowering(cuda, share=False)(inlined.graph)
+    passes = pass_plan(cuda, share=False)
+    passes.lower(inlined.graph)
     inlined.recompile()
-    return _compile_fx(inlined, example_inputs)
+    return _compile_fx(inlined, example_inputs, passes)
 
 
 def _has_shared_subgraphs(gm: fx.GraphModule) -> bool:
@@ -120,7 +103,7 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
         captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Inductor edits gm in place
         for node in captured.graph.nodes:
             node.meta.pop("grapharg", None)  # its weak reference dies when this returns
-        return PlainGraph(captured, _compile_fx(gm, example_inputs))
+        return PlainGraph(captured, _compile_fx(gm, example_inputs, NO_PASSES))
     rewritten, mixed = owner.rewrite(gm)
     logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass backend")
     mixer_params = [

@@ -26,7 +26,7 @@ import operator
 import torch
 from torch import fx
 
-from hcpass.lowering.passes.manager import GraphPass
+from hcpass.lowering.passes.graph_pass import GraphPass, count
 from hcpass.patterns.result import Skip
 from hcpass.patterns.site_boundary import SITE_BOUNDARY, SiteBoundary
 
@@ -52,6 +52,8 @@ class FuseAcrossSites(GraphPass):
                 unfused.append(f"{merge.name}: {found.reason}")
                 continue
             _fuse(graph, found.value, _placement(found.value))
+        count("site_boundaries_fused", len(merges) - len(unfused))
+        count("site_boundaries_unfused", len(unfused))
         if merges:
             log.info(
                 "hcpass: fused %d of %d site boundaries into post_res_coeffs_pre%s",

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, fx
 
-from hcpass.lowering.passes.manager import GraphPass
+from hcpass.lowering.passes.graph_pass import GraphPass, count
 from hcpass.lowering.passes.save_stream_states import tag_stream_state
 from hcpass.manifolds import resolve
 from hcpass.manifolds.base import compute_dtype
@@ -121,10 +121,12 @@ class LowerToReference(GraphPass):
             elif self.share and node.op == "call_function" and shared.can_merge(node):
                 shared.merge(node)
             elif node.op == "call_function" and node.target in LOWERED:
+                count("mixer_ops_inlined")
                 node.target = LOWERED[node.target]
                 if node.target in (post_res, post_res_coeffs_pre):
                     tag_stream_state(node)
             elif node.op == "call_function" and node.target in REFERENCE:
+                count("mixer_ops_inlined")
                 node.target = REFERENCE[node.target]  # Attention Residuals
             elif node.op == "get_attr" and graph.owning_module is not None:
                 # Activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions).
@@ -308,6 +310,7 @@ class _SharedSubgraphs:
         if name not in self.registered:
             self.graph.owning_module.register_module(name, body())
             self.registered.add(name)
+        count(f"shared_{key[0]}_calls")  # entry, boundary, merge
         with self.graph.inserting_before(node):
             attr = self.graph.get_attr(name)
             call = self.graph.call_function(_INVOKE_SUBGRAPH, (attr, name, *operands))

@@ -31,6 +31,8 @@ from torch._functorch import config as functorch_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
+from hcpass.lowering.passes.graph_pass import count
+
 # Key in node.meta["custom"]: which lowered merge (post_res) a traced node came from.
 STREAM_STATE = "hcpass_stream_state"
 
@@ -54,6 +56,7 @@ class SaveStreamStates(CustomGraphPass):
                 continue
             if any(_merge_of(u) != merge and u not in backward for u in node.users):
                 _must_save(node, merge)
+                count("stream_states_saved")
 
     def uuid(self) -> Any:
         # Part of Inductor's FX-graph cache key: a new version of this file is a new pass.

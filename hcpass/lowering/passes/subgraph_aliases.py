@@ -36,6 +36,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from hcpass.lowering.passes.graph_pass import count
+
 _INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 _aten = torch.ops.aten
 
@@ -59,7 +61,10 @@ class CopySubgraphOutputAliases(CustomGraphPass):
             if not isinstance(module, fx.GraphModule):
                 continue
             passed_on = _read_returned_inputs_from_operands(nodes, module.graph)
-            if copy_output_aliases(module.graph, keep=passed_on):
+            copied = copy_output_aliases(module.graph, keep=passed_on)
+            count("subgraph_outputs_read_from_operands", len(passed_on))
+            count("subgraph_output_aliases_copied", copied)
+            if copied:
                 module.recompile()
 
     def uuid(self) -> Any:
