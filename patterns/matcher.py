@@ -12,9 +12,10 @@ output through each node's arguments, and an inner node must have exactly the us
 pattern names. The patterns hcpass needs are found from a node downwards: the site boundary
 (`hcpass.patterns.site_boundary`) through users it shares with the rest of the graph (a
 merge has several readers; the coefficients have three outputs), the spelled-out RMSNorm
-(`hcpass.patterns.scale_invariant_norm`) from the value it normalises; and each way it can fail needs a reason a
-user reads in the log, where Inductor's ``FailedMatch`` carries a debugging message. Its API
-is also private and changes between torch releases; this module is small and has none.
+(`hcpass.patterns.scale_invariant_norm`) from the value it normalises; and each way it can
+fail needs a reason a user reads in the log, where Inductor's ``FailedMatch`` carries a
+debugging message. Its API is also private and changes between torch releases; this module
+is small and has none.
 """
 
 from __future__ import annotations

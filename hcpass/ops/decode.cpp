@@ -157,29 +157,27 @@ void run(int64_t n, int64_t P, int64_t C, State<T> x, const T* y, const T* h_pos
 // [n, P, C], all contiguous); read when `u` is not null (phi [n*C, k] or null, alpha [3] or
 // null, bias [k]; outputs h_pre, h_post [P, n], h_res [P, k - 2n], u [P, C], contiguous).
 // k <= 1024. double_precision: 0 fp32, 1 fp64 (every pointer of that type).
+template <typename T>
+void run_typed(int64_t n, int64_t P, int64_t C, const void* x, int64_t x_stream,
+               int64_t x_position, const void* y, const void* h_post_in, const void* h_res_in,
+               void* merged, const void* phi, const void* alpha, const void* bias, int64_t k,
+               int64_t iters, double rms_eps, void* h_pre, void* h_post, void* h_res, void* u) {
+  Read<T> r{static_cast<const T*>(phi), static_cast<const T*>(alpha),
+            static_cast<const T*>(bias),  k, iters, static_cast<T>(rms_eps),
+            static_cast<T*>(h_pre),       static_cast<T*>(h_post),
+            static_cast<T*>(h_res),       static_cast<T*>(u)};
+  run<T>(n, P, C, {static_cast<const T*>(x), x_stream, x_position}, static_cast<const T*>(y),
+         static_cast<const T*>(h_post_in), static_cast<const T*>(h_res_in),
+         static_cast<T*>(merged), r);
+}
+
 extern "C" void kernel(int64_t double_precision, int64_t n, int64_t P, int64_t C, const void* x,
                        int64_t x_stream, int64_t x_position, const void* y,
                        const void* h_post_in, const void* h_res_in, void* merged,
                        const void* phi, const void* alpha, const void* bias, int64_t k,
                        int64_t iters, double rms_eps, void* h_pre, void* h_post, void* h_res,
                        void* u) {
-  if (double_precision) {
-    using T = double;
-    Read<T> r{static_cast<const T*>(phi), static_cast<const T*>(alpha),
-              static_cast<const T*>(bias),  k, iters, static_cast<T>(rms_eps),
-              static_cast<T*>(h_pre),       static_cast<T*>(h_post),
-              static_cast<T*>(h_res),       static_cast<T*>(u)};
-    run<T>(n, P, C, {static_cast<const T*>(x), x_stream, x_position}, static_cast<const T*>(y),
-           static_cast<const T*>(h_post_in), static_cast<const T*>(h_res_in),
-           static_cast<T*>(merged), r);
-  } else {
-    using T = float;
-    Read<T> r{static_cast<const T*>(phi), static_cast<const T*>(alpha),
-              static_cast<const T*>(bias),  k, iters, static_cast<T>(rms_eps),
-              static_cast<T*>(h_pre),       static_cast<T*>(h_post),
-              static_cast<T*>(h_res),       static_cast<T*>(u)};
-    run<T>(n, P, C, {static_cast<const T*>(x), x_stream, x_position}, static_cast<const T*>(y),
-           static_cast<const T*>(h_post_in), static_cast<const T*>(h_res_in),
-           static_cast<T*>(merged), r);
-  }
+  auto typed = double_precision ? run_typed<double> : run_typed<float>;
+  typed(n, P, C, x, x_stream, x_position, y, h_post_in, h_res_in, merged, phi, alpha, bias, k,
+        iters, rms_eps, h_pre, h_post, h_res, u);
 }
