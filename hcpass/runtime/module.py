@@ -391,8 +391,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # the hcpass backend finds this module through the context variable.
                     # A model with DTensor parameters recompiles each new input shape with
                     # static sizes (`_has_dtensor_parameters`).
-                    dynamic = not _has_dtensor_parameters(self._model)
-                    with torch._dynamo.config.patch(automatic_dynamic_shapes=dynamic):
+                    static = _has_dtensor_parameters(self._model)
+                    with _dynamo_settings(
+                        **({"automatic_dynamic_shapes": False} if static else {})
+                    ):
                         out = self._entry(self._model, args, kwargs)
                 elif regions := handoff.compiled_regions(self._model):
                     # Regional compile: under our own Dynamo run the regions would be inlined
