@@ -545,3 +545,18 @@ def test_eager_and_compiled_calls_of_one_model_do_not_share_dynamos_cache():
     converted.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), converted(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_users_automatic_dynamic_shapes_setting_is_kept():
+    """Under backend="hcpass" a converted model without DTensor parameters compiles as the
+    user configured Dynamo: with ``automatic_dynamic_shapes=False`` every new batch size is
+    a static graph of its own (the runtime used to force the setting on, and the third size
+    then reused a dynamic graph)."""
+    converted = hcpass.convert(TwoResidualLinears(), (torch.randn(2, 3, 8),))
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="hcpass")
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False), torch.no_grad():
+        for batch in (2, 3, 4):
+            compiled(torch.randn(batch, 3, 8))
+    assert counters["stats"]["unique_graphs"] - before == 3
