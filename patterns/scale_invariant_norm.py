@@ -89,7 +89,7 @@ def _norm_at(value: fx.Node, reader: fx.Node) -> ScaleInvariantNorm | Skip:
     squares = [u for s in sources for u in s.users if SPELLED_RMS_NORM.call.matches(u, {})]
     why = "not a LayerNorm/RMSNorm over the channels"
     for square in squares:
-        found = SPELLED_RMS_NORM.match(square, where=_of(value, casts))
+        found = SPELLED_RMS_NORM.match(square, where=_norm_checks(value, casts))
         if isinstance(found, Match):
             return _spelled_norm(value, casts, found.value)
         why = f"not a LayerNorm, and not an RMSNorm over the channels: {found.reason}"
@@ -167,7 +167,7 @@ SPELLED_RMS_NORM = Pattern(
 )
 
 
-def _of(value: fx.Node, casts: list[fx.Node]) -> Callable[[SpelledRmsNorm], Skip | None]:
+def _norm_checks(value: fx.Node, casts: list[fx.Node]) -> Callable[[SpelledRmsNorm], Skip | None]:
     """The checks a spelled-out RMSNorm of `value` (read directly or through `casts`) must
     pass beyond its shape."""
     inputs = {value, *casts}
