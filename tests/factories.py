@@ -1,7 +1,7 @@
 """Helpers for the CLI, demo and plot tests.
 
 - `tiny_gpt`, `tiny_gpt_kwargs`, `no_sites`, `not_a_model`: factories for ``hcpass explain
-  MODULE:FACTORY`` (this module is importable as ``factories`` with tests/ on sys.path);
+  MODULE:FACTORY`` (``tests.factories:tiny_gpt`` from the repository root);
 - `rewritten_tiny_gpt`: a rewritten graph to log.
 """
 
