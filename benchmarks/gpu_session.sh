@@ -8,7 +8,7 @@
 #
 # ARGS go to pytest (tests) or to the benchmark script (mixer, train).
 #
-# --dry-run (CI runs it: tests/test_gpu_session.py): the same steps on CPU, in the current
+# --dry-run (CI runs it: tests/project/test_gpu_session.py): the same steps on CPU, in the current
 # environment (nothing installed), so the script cannot rot between GPU sessions: the
 # GPU-marked tests are collected (without a GPU they would only be skipped), and the
 # benchmarks run with --dry-run (tiny shapes, the kernels in Triton's interpreter) and write

@@ -18,7 +18,7 @@ allocated during the timed steps. Results go to benchmarks/results/<device>-<dat
 --dry-run (benchmarks/gpu_session.sh --dry-run, in CI): the same steps on CPU with a tiny
 model (C = 32, 2 layers, 1 x 16 tokens), one warmup and one timed step: checks that the
 script runs, its numbers mean nothing. On CPU tensors the hcpass backend lowers for the CPU
-(tests/test_cuda_path.py runs the CUDA lowering on CPU).
+(tests/lowering/test_cuda_path.py runs the CUDA lowering on CPU).
 """
 
 from __future__ import annotations

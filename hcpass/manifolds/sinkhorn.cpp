@@ -1,6 +1,6 @@
 // Sinkhorn-Knopp on CPU: the kernels of `hcpass::sinkhorn` and `hcpass::sinkhorn_backward`
 // for CPU tensors. `sinkhorn` and `sinkhorn_vjp` in sinkhorn.py are the PyTorch reference
-// (tests/test_sinkhorn_cpu.py compares the two); built by `hcpass.manifolds._cpp`.
+// (tests/manifolds/test_sinkhorn_cpu.py compares the two); built by `hcpass.manifolds._cpp`.
 //
 // Per position, the n x n logits L:
 //   m_0 = exp(L - max L)

@@ -1,7 +1,7 @@
 """The stream ops' eager CPU kernels in PyTorch, where `streams`' C++ kernel cannot be built:
 the per-position n x n mixes as n (or n^2) products of contiguous ``[P, C]`` slabs.
 
-Same signatures and results as `hcpass.ops.reference` (tests/test_ops.py compares them over
+Same signatures and results as `hcpass.ops.reference` (tests/ops/test_ops.py compares them over
 shapes, dtypes and layouts). The reference writes each mix as a broadcast product and a sum,
 the form Inductor fuses into one loop without materialising the product -- which is why the
 CPU lowering inlines the reference. Run eagerly, that product is materialised: ``post_res``

@@ -1,6 +1,6 @@
 // A hyper-connection site's inference work at a few positions, as one call: the eager
 // runtime's decode path (`hcpass.ops.decode`, which falls back to the `hcpass::` ops wherever
-// this does not apply). `hcpass.ops.reference` is the math; tests/test_decode_ops.py compares
+// this does not apply). `hcpass.ops.reference` is the math; tests/ops/test_decode_ops.py compares
 // the two. Built by `hcpass.native`.
 //
 // Per position p (a state X is n rows of C channels):

@@ -21,7 +21,7 @@ ops otherwise (then the ops' own autograd, kernels and fallbacks apply). Where t
 cannot be built (`hcpass.native`), always the ops.
 
 The kernels sum in the order of the ops' CPU kernels; the projection and the mean squares,
-which the ops leave to ATen, differ by rounding (tests/test_decode_ops.py: within 1e-6 of
+which the ops leave to ATen, differ by rounding (tests/ops/test_decode_ops.py: within 1e-6 of
 the reference in fp32, 1e-12 in fp64).
 """
 

@@ -125,7 +125,7 @@ def post_res_coeffs_pre(
 
 # ------------------------------------------------------------------------ fake kernels
 # Every output is contiguous whatever the inputs' layout, as the reference and the kernels
-# return it (tests/test_ops.py checks the two agree).
+# return it (tests/ops/test_ops.py checks the two agree).
 def _coeff_shapes(x: Tensor) -> tuple[tuple[int, ...], int]:
     return tuple(x.shape[1:-1]), x.shape[0]
 

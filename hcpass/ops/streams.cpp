@@ -1,6 +1,6 @@
 // The stream ops on CPU: the kernels of `hcpass::pre`, `hcpass::post_res` and their backward
 // for CPU tensors. `hcpass.ops.reference` is the math they compute and `hcpass.ops.batched`
-// the PyTorch fallback where this file cannot be built (tests/test_ops.py compares all
+// the PyTorch fallback where this file cannot be built (tests/ops/test_ops.py compares all
 // three); built by `hcpass.native`.
 //
 // Per position p (states X[i] and gradients G[i] are rows of C channels; <a, b> sums over C):

@@ -2,7 +2,7 @@
 writes every output of that position from them, or `batched` where it cannot be built (or
 the tensors are not on CPU).
 
-Same signatures and results as `hcpass.ops.reference` (tests/test_ops.py compares the
+Same signatures and results as `hcpass.ops.reference` (tests/ops/test_ops.py compares the
 three). The kernel computes in `compute_dtype` (fp32, or fp64 for fp64 streams): other
 stream dtypes are converted, as `batched` does, and the outputs converted back. It reads a
 state in place in any layout whose positions flatten to one stride -- a chain's first site

@@ -132,7 +132,7 @@ class LowerToReference(GraphPass):
                 # Activation-checkpoint bodies hold mixer ops too (hcpass.rewrite.regions).
                 # Inlined there: AOTAutograd's recompute of a shared subgraph inside a
                 # checkpoint region gave a site's phi a wrong gradient (torch 2.13; relative
-                # error 1 to 37x, tests/test_checkpoint.py).
+                # error 1 to 37x, tests/end_to_end/test_checkpoint.py).
                 body = operator.attrgetter(node.target)(graph.owning_module)
                 if isinstance(body, fx.GraphModule):
                     LowerToReference(share=False)(body.graph)

@@ -1,7 +1,7 @@
 // An Attention Residuals site's inference work at a few positions, as one call: the eager
 // runtime's decode path of `hcpass::attnres` (`hcpass.ops.decode`, which falls back to the
 // op wherever this does not apply). `hcpass.ops.attnres.reference.attnres` is the math;
-// tests/test_decode_ops.py compares the two. Built by `hcpass.native`.
+// tests/ops/test_decode_ops.py compares the two. Built by `hcpass.native`.
 //
 // Per position, over the k values v_i (rows of C channels) and the query w:
 //   s_i = (mean_c v_i^2 + eps)^(-1/2) <w, v_i>,  alpha = softmax_i(s),  h = sum_i alpha_i v_i
