@@ -109,7 +109,7 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
     mixer_params = [
         p
         for index, inputs in mixed.mixer_inputs
-        for p in owner.mixer_parameters(example_inputs[index], inputs)[1]
+        for p in owner._lookup.mixer_parameters(example_inputs[index], inputs)[1]
     ]
     traced = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
     states = handoff.examples(mixed.stream_inputs, traced)

@@ -54,7 +54,7 @@ class StreamOutput:
 
 
 class Sites(Protocol):
-    """What the hand-off needs of the converted module."""
+    """What the hand-off needs of the converted module's sites (`hcpass.runtime.lookup`)."""
 
     def site_key(self, anchor: torch.Tensor) -> str: ...
 

@@ -37,16 +37,16 @@ from hcpass.frontend.capture import (
     fresh_function,
     fresh_trampoline,
     parameter_names,
-    unwrapped_parameters,
     visible_residuals,
 )
 from hcpass.frontend.plan import ATTNRES, HYPER_CONNECTIONS, Plan, Report, analyse
 from hcpass.rewrite.attnres import AttnResOptions, rewrite_attnres
-from hcpass.rewrite.base import MixerInputs, MixerSlot, graph_module
+from hcpass.rewrite.base import MixerInputs, graph_module
 from hcpass.rewrite.chains import rewrite_chains
 from hcpass.rewrite.regions import checkpoint_eagerly
 from hcpass.runtime import export, handoff
 from hcpass.runtime.decode import call_decode_steps
+from hcpass.runtime.lookup import SiteLookup
 from hcpass.runtime.mixer import SiteModule
 
 
@@ -108,14 +108,16 @@ class MixedGraph:
             return self._rewritten_for(run.owner, args)(*args)
         params: list[torch.Tensor] = []
         for index, inputs in self.mixer_inputs:
-            key, mixer_params = run.owner.mixer_parameters(args[index], inputs)
+            key, mixer_params = run.owner._lookup.mixer_parameters(args[index], inputs)
             run.keys.add(key)
             params += mixer_params
         for index in self.starts:
-            cut = run.owner.restarted(args[index])
+            cut = run.owner._lookup.restarted(args[index])
             if cut is not None and cut not in run.cuts:
                 run.cuts.append(cut)
-        states = handoff.enter(run.handoffs, run.owner, self.stream_inputs, args, self.dense)
+        states = handoff.enter(
+            run.handoffs, run.owner._lookup, self.stream_inputs, args, self.dense
+        )
         run.graphs += 1
         run.mixers_ran += self.site_count
         run.notes += [note for note in self.notes if note not in run.notes]
@@ -124,7 +126,7 @@ class MixedGraph:
                 result = self.fn(*args, *params, *states)
         else:
             result = self.fn(*args, *params, *states)
-        return handoff.leave(run.handoffs, run.owner, self.stream_outputs, args, result)
+        return handoff.leave(run.handoffs, run.owner._lookup, self.stream_outputs, args, result)
 
     def _rewritten_for(self, owner: ConvertedModule, args: Sequence[Any]) -> MixedGraph:
         """The captured graph rewritten for `owner`, converted with other options than the
@@ -142,7 +144,7 @@ class MixedGraph:
 _ROOT_KINDS = ("_parameters", "_buffers", "_modules")
 
 # Rebuilt, never pickled or copied: each holds Dynamo state tied to its code object.
-_RUNTIME_STATE = ("_entry", "_eager_entry", "_probe", "_eager", "_names_by_id")
+_RUNTIME_STATE = ("_entry", "_eager_entry", "_probe", "_eager")
 
 
 class _FromOriginal(type):
@@ -214,10 +216,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             (key, m.spec, m.channels, m.graph_parameters) for key, m in sorted(mixers.items())
         )
         self.report: Report = plan.report
-        self._key_of = {site.anchor: site.key for site in plan.sites}
-        self._follows = {site.key: site.follows for site in plan.sites}
-        self._label_of = {site.key: site.name for site in plan.sites}
-        self._expected_runs = plan.runs
+        object.__setattr__(self, "_lookup", SiteLookup(plan, model, self.mixers))
         self._fresh_runtime()
         # What one forward runs, as captured with the example inputs.
         self.graph_modules: list[fx.GraphModule] = [self.rewrite(g.gm)[0] for g in graphs]
@@ -230,7 +229,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         for stale in ("_entry", "_eager_entry", "_probe"):
             if stale in self.__dict__:
                 reset_code(self.__dict__[stale].__code__)
-        object.__setattr__(self, "_names_by_id", {})
+        self._lookup.forget_parameters()
         export.register(self)
         # One trampoline for an outer torch.compile, one for the eager runtime: Dynamo keeps
         # a code object's graphs for every backend in one cache, so shared, calls that
@@ -416,9 +415,9 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def _check_regions_ran(self, run: _Run, regions: list[str]) -> None:
         """With compiled regions, a site outside them runs without its mixer: an error."""
-        if regions and run.mixers_ran < self._expected_runs:
+        if regions and run.mixers_ran < self._lookup.runs:
             raise RuntimeError(
-                f"hcpass: {run.mixers_ran} of {self._expected_runs} mixer runs happened "
+                f"hcpass: {run.mixers_ran} of {self._lookup.runs} mixer runs happened "
                 f"with compiled regions {regions}: each residual site must lie inside a "
                 "region compiled with backend='hcpass' (a site outside them, or in a region "
                 "compiled by another backend, runs without its mixer). Compile every block "
@@ -432,12 +431,12 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def _check_ran(self, run: _Run) -> None:
         """Raise unless this forward ran every mixer and kept every chain whole."""
-        missing = sorted(set(self._key_of.values()) - run.keys)
+        missing = sorted(self._lookup.keys - run.keys)
         problems = []
         if missing:
             problems.append(f"site(s) {', '.join(missing)} ran without their mixers")
-        elif run.mixers_ran < self._expected_runs:
-            problems.append(f"{run.mixers_ran} of {self._expected_runs} site runs had their mixers")
+        elif run.mixers_ran < self._lookup.runs:
+            problems.append(f"{run.mixers_ran} of {self._lookup.runs} site runs had their mixers")
         if run.cuts:
             problems.append(
                 f"residual chain(s) cut at {', '.join(run.cuts)}: each piece collapsed its streams"
@@ -450,7 +449,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         )
 
     def _cause(self, run: _Run) -> str:
-        if replaced := self._replaced_parameters():
+        if replaced := self._lookup.replaced_parameters():
             return (
                 f"The model no longer holds {', '.join(replaced[:3])}"
                 f"{', ...' if len(replaced) > 3 else ''} as parameters, and each mixer is "
@@ -488,19 +487,6 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             )
         return "Dynamo re-captured the forward for these inputs and took another path."
 
-    def _replaced_parameters(self) -> list[str]:
-        """The mixers' anchor parameters that the module no longer holds as parameters."""
-        replaced = []
-        for name in self._key_of:
-            owner, _, leaf = name.rpartition(".")
-            try:
-                module = self._model.get_submodule(owner)
-            except AttributeError:  # the layer itself is gone
-                module = None
-            if not isinstance(getattr(module, leaf, None), nn.Parameter):
-                replaced.append(name)
-        return replaced
-
     # -------------------------------------------------------------- used by the graphs
     def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, MixedGraph]:
         """Rewrite a graph Dynamo captured from this module's forward.
@@ -510,7 +496,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         annotate_parameters(gm, parameter_names(self._model))
         family = HYPER_CONNECTIONS if self.attnres is None else ATTNRES
         graph, analysis = analyse(gm, keep=self._keep, family=family)
-        slots = {site: self._slot(site.anchor_name) for site in analysis.sites}
+        slots = {site: self._lookup.slot(site.anchor_name) for site in analysis.sites}
         if self.attnres is None:
             result = rewrite_chains(graph, analysis, slots)
         else:
@@ -563,71 +549,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         return mixed
 
     def _keep(self, site) -> str | None:
-        return None if site.anchor_name in self._key_of else _NOT_PLANNED
-
-    def _slot(self, anchor: str) -> MixerSlot:
-        key = self._key_of[anchor]
-        module: SiteModule = self.mixers[key]
-        return MixerSlot(key, module.spec, module.graph_parameters, getattr(module, "streams", 1))
-
-    def _anchor_name(self, anchor: torch.Tensor) -> str | None:
-        # Called per mixer per forward: scan the parameters again only on a miss. The map
-        # holds the tensors so that an id is only trusted for the tensor it was taken from
-        # (ids are reused once load_state_dict(assign=True) frees the old parameters).
-        hit = self._names_by_id.get(id(anchor))
-        if hit is None or hit[1] is not anchor:
-            self._names_by_id = {id(p): (name, p) for name, p in unwrapped_parameters(self._model)}
-            hit = self._names_by_id.get(id(anchor))
-        return hit[0] if hit is not None else None
-
-    def site_key(self, anchor: torch.Tensor) -> str:
-        """The mixer key of the site whose mixer is keyed on the parameter `anchor`."""
-        name = self._anchor_name(anchor)
-        key = self._key_of.get(name) if name is not None else None
-        if key is None:
-            raise RuntimeError(
-                f"hcpass: a graph rewritten for a converted model was called with parameter "
-                f"{name or '(not one of this model)'}, which no mixer of this "
-                f"{type(self._model).__name__} is keyed on: Dynamo reused a graph across "
-                "models with different residual sites"
-            )
-        return key
-
-    def follows(self, key: str) -> str | None:
-        """The site before `key`'s in its planned chain (None where the chain starts)."""
-        return self._follows[key]
-
-    def site_label(self, key: str) -> str:
-        return self._label_of[key]
-
-    def restarted(self, anchor: torch.Tensor) -> str | None:
-        """If the site keyed on `anchor` starts a chain that the plan continues from an
-        earlier site, that cut ("site (after earlier site)")."""
-        key = self.site_key(anchor)
-        before = self._follows[key]
-        return None if before is None else f"{self._label_of[key]} (after {self._label_of[before]})"
-
-    def mixer_parameters(
-        self, anchor: torch.Tensor, inputs: MixerInputs
-    ) -> tuple[str, list[torch.Tensor]]:
-        """The key and parameters of the site module keyed on `anchor`, checked against the
-        graph's slot."""
-        key = self.site_key(anchor)
-        module: SiteModule = self.mixers[key]
-        # Same spec and parameters: `MixedGraph` reaches here only for a module with the
-        # rewrite_key the graph was built for.
-        if module.channels != inputs.channels:
-            raise RuntimeError(
-                f"hcpass: at these inputs the stream of site {self._label_of[key]} has "
-                f"{inputs.channels} channels, and its mixer was converted with "
-                f"{module.channels}: a mixer has a fixed width. hcpass takes as channels the "
-                "stream dimension that the branch's first linear layer, norm or convolution "
-                "acts on; here that dimension's size follows the "
-                "input's shape, so this site cannot run converted at these inputs. Call the "
-                "model with inputs that keep it, or convert a model whose blocks have a fixed "
-                "width"
-            )
-        return key, [getattr(module, name) for name in inputs.slot.parameters]
+        return None if self._lookup.planned(site.anchor_name) else _NOT_PLANNED
 
 
 @functools.cache
