@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hcpass.tools.demo.gpt import GPT, Block, GPTConfig
 
@@ -326,6 +327,55 @@ class TwoChains(nn.Module):
 
     def forward(self, x):
         return self.second(self.proj(self.first(x)))
+
+
+class PostNorm(nn.Module):
+    """BERT-style: the stream passes through a norm between sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.g = nn.Linear(4, 4)
+        self.ln1 = nn.LayerNorm(4)
+        self.ln2 = nn.LayerNorm(4)
+
+    def forward(self, x):
+        x = self.ln1(x + self.f(x))
+        return self.ln2(x + self.g(x))
+
+
+class SideReader(nn.Module):
+    """Collects hidden states mid-chain, like HF's output_hidden_states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.g = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x + self.f(x)
+        hidden = x
+        x = x + self.g(x)
+        return x, hidden
+
+
+class CheckpointedGPT(GPT):
+    """The tiny GPT whose blocks run under ``checkpoint(block, x, use_reentrant=...)`` (None: no
+    checkpointing)."""
+
+    def __init__(self, reentrant: bool | None, dropout: float = 0.0, layers: int = 2) -> None:
+        super().__init__(replace(GPT_CONFIG, layers=layers))
+        self.reentrant = reentrant
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            if self.reentrant is None:
+                x = self.drop(block(x))
+            else:
+                x = checkpoint(lambda h, b=block: self.drop(b(h)), x, use_reentrant=self.reentrant)
+        return self.head(self.ln(x))
 
 
 class MixerBlock(nn.Module):

@@ -24,25 +24,6 @@ GRAD_ATOL = 1e-6  # fp32, same ops in the same order: measured 0.0
 COMPILED_RTOL = 1e-4  # Inductor vs eager, fp32 (measured 5.7e-6 absolute)
 
 
-class CheckpointedGPT(GPT):
-    """The tiny GPT whose blocks run under ``checkpoint(block, x, use_reentrant=...)`` (None: no
-    checkpointing)."""
-
-    def __init__(self, reentrant: bool | None, dropout: float = 0.0, layers: int = 2) -> None:
-        super().__init__(replace(models.GPT_CONFIG, layers=layers))
-        self.reentrant = reentrant
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.blocks:
-            if self.reentrant is None:
-                x = self.drop(block(x))
-            else:
-                x = checkpoint(lambda h, b=block: self.drop(b(h)), x, use_reentrant=self.reentrant)
-        return self.head(self.ln(x))
-
-
 class _ActiveBlock:
     """Python state outside the model that each checkpointed block sets to itself and restores,
     as `kernels.use_kernelized_func` does in every attention layer of transformers >= 5.25.
@@ -55,7 +36,7 @@ class _ActiveBlock:
 _ACTIVE = _ActiveBlock()
 
 
-class StatefulCheckpointedGPT(CheckpointedGPT):
+class StatefulCheckpointedGPT(models.CheckpointedGPT):
     """`CheckpointedGPT` whose checkpointed blocks record themselves in `_ACTIVE` while they run."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -105,7 +86,7 @@ def _assert_same_gradients(got: dict, want: dict, atol: float, rtol: float = 0.0
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_checkpointed_blocks_are_rewritten_with_equal_gradients_and_less_saved(reentrant):
     (ids,), _ = models.token_inputs()
-    base = CheckpointedGPT(reentrant=None)
+    base = models.CheckpointedGPT(reentrant=None)
     plain = hcpass.convert(copy.deepcopy(base), (ids,), streams=4)
     _trained_mixers(plain)
     model = copy.deepcopy(base)
@@ -164,7 +145,7 @@ def test_dropout_in_a_region_is_replayed_when_recomputed():
     """The checkpoint op's own eager kernel does not restore the RNG state on recomputation
     (it expects Inductor to); the converted module's runtime checkpoints with it restored."""
     (ids,), _ = models.token_inputs()
-    base = CheckpointedGPT(reentrant=None, dropout=0.5)
+    base = models.CheckpointedGPT(reentrant=None, dropout=0.5)
     plain = hcpass.convert(copy.deepcopy(base), (ids,), streams=2)
     model = copy.deepcopy(base)
     model.reentrant = False
@@ -227,7 +208,7 @@ def test_compiled_checkpoint_regions_match_eager():
     Two blocks: with shared subgraphs inside the regions, the second site of each block got
     a wrong phi gradient (relative error 1, each parameter's own scale)."""
     (ids,), _ = models.token_inputs()
-    model = CheckpointedGPT(reentrant=False, layers=2)
+    model = models.CheckpointedGPT(reentrant=False, layers=2)
     converted = hcpass.convert(model, (ids,), streams=4)
     _trained_mixers(converted)
     eager = copy.deepcopy(converted)

@@ -158,9 +158,7 @@ def _build(case: Case) -> tuple[torch.nn.Module, tuple]:
     if case.model == "gpt":
         model = models.tiny_gpt(width=case.width, layers=case.layers)
     elif case.model == "checkpointed_gpt":
-        from tests.end_to_end.test_checkpoint import CheckpointedGPT
-
-        model = CheckpointedGPT(reentrant=False, layers=case.layers)
+        model = models.CheckpointedGPT(reentrant=False, layers=case.layers)
     elif case.model == "llama":
         model = models.llama()
     else:

@@ -15,7 +15,6 @@ from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.manifolds import create
 from tests import models
 from tests.graphs import body, op_counts
-from tests.rewrite.test_rewrite import PostNorm, SideReader
 
 OPS = torch.ops.hcpass
 
@@ -75,7 +74,7 @@ return (mean, post_res_default_1)""",
 
     def test_a_norm_between_sites_keeps_them_apart_and_the_log_says_why(self):
         with self.assertLogs("hcpass", level="INFO") as logs:
-            gm = fused(PostNorm(), (torch.randn(2, 3, 4),))
+            gm = fused(models.PostNorm(), (torch.randn(2, 3, 4),))
         message = logs.output[-1]
         self.assertIn("fused 0 of 2 site boundaries", message)
         self.assertIn(
@@ -88,9 +87,8 @@ return (mean, post_res_default_1)""",
     def test_boundaries_inside_checkpoint_regions_fuse(self):
         """Each checkpointed block is a region whose body holds its two sites: the boundary
         between them fuses inside the body; the one between two regions cannot."""
-        from tests.end_to_end.test_checkpoint import CheckpointedGPT
 
-        gm = fused(CheckpointedGPT(reentrant=False), models.token_inputs()[0], streams=4)
+        gm = fused(models.CheckpointedGPT(reentrant=False), models.token_inputs()[0], streams=4)
         regions = [m for m in gm.children() if isinstance(m, fx.GraphModule)]
         self.assertEqual(len(regions), 2)
         for region in regions:
@@ -99,7 +97,7 @@ return (mean, post_res_default_1)""",
             self.assertEqual((counts["coeffs"], counts["pre"], counts["post_res"]), (1, 1, 1))
 
     def test_a_side_reader_reads_the_fused_merge(self):
-        gm = fused(SideReader(), (torch.randn(2, 3, 4),))
+        gm = fused(models.SideReader(), (torch.randn(2, 3, 4),))
         (boundary,) = [n for n in gm.graph.nodes if n.target is OPS.post_res_coeffs_pre.default]
         (merge,) = [u for u in boundary.users if u.args[1] == 0]
         self.assertIn("mean", {u.target for u in merge.users})  # the hidden state

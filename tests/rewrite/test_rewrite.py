@@ -25,36 +25,6 @@ class OneBlock(nn.Module):
         return x + self.mlp(self.ln(x))
 
 
-class PostNorm(nn.Module):
-    """BERT-style: the stream passes through a norm between sites."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = nn.Linear(4, 4)
-        self.g = nn.Linear(4, 4)
-        self.ln1 = nn.LayerNorm(4)
-        self.ln2 = nn.LayerNorm(4)
-
-    def forward(self, x):
-        x = self.ln1(x + self.f(x))
-        return self.ln2(x + self.g(x))
-
-
-class SideReader(nn.Module):
-    """Collects hidden states mid-chain, like HF's output_hidden_states."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = nn.Linear(4, 4)
-        self.g = nn.Linear(4, 4)
-
-    def forward(self, x):
-        x = x + self.f(x)
-        hidden = x
-        x = x + self.g(x)
-        return x, hidden
-
-
 class Fp32Residual(nn.Module):
     """Mamba's ``residual_in_fp32``: the residual is a cast of the value the branch reads."""
 
@@ -100,7 +70,7 @@ return (mean, post_res_default)""",
 
     def test_post_norm_is_applied_per_stream(self):
         x = torch.randn(2, 3, 4)
-        converted = hcpass.convert(PostNorm(), (x,), streams=2)
+        converted = hcpass.convert(models.PostNorm(), (x,), streams=2)
         self.assertExpectedInline(
             body(converted.graph_module),
             """\
@@ -128,7 +98,7 @@ return (layer_norm_1,)""",
 
     def test_side_reader_gets_the_collapsed_stream(self):
         x = torch.randn(2, 3, 4)
-        converted = hcpass.convert(SideReader(), (x,), streams=2)
+        converted = hcpass.convert(models.SideReader(), (x,), streams=2)
         self.assertExpectedInline(
             body(converted.graph_module),
             """\
