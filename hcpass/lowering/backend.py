@@ -2,7 +2,8 @@
 entry point).
 
 - Under a `ConvertedModule`'s forward, each graph is rewritten with that module's mixers
-  and lowered: on CPU the mixer ops become their references and Inductor fuses them into
+  (asked of the running call's `hcpass.runtime.call.Rewriter`, never of the module) and
+  lowered: on CPU the mixer ops become their references and Inductor fuses them into
   C++; on CUDA they stay ``hcpass::`` ops whose CUDA kernels are the generated Triton kernels,
   and the boundaries between consecutive sites are fused into one op (`FuseAcrossSites`).
 - Anywhere else (a model that was never converted) the graph is compiled unchanged by
@@ -22,11 +23,11 @@ import torch
 from torch import fx
 
 from hcpass import logs
-from hcpass.frontend.capture import annotate_call, annotate_parameters, parameter_names
+from hcpass.frontend.capture import annotate_parameters
 from hcpass.frontend.plan import analyse
 from hcpass.lowering.passes import NO_PASSES, PassPlan, pass_plan
 from hcpass.runtime import handoff
-from hcpass.runtime.module import MixedGraph, current_owner
+from hcpass.runtime.call import MixedGraph, current_rewriter
 
 log = logging.getLogger("hcpass")
 
@@ -97,20 +98,16 @@ def hcpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **options:
             f"backend='hcpass' takes no options, got {sorted(given)}; streams and manifold "
             "are chosen by hcpass.convert(model, example_inputs, streams=..., manifold=...)"
         )
-    owner = current_owner()
-    if owner is None:
+    rewriter = current_rewriter()
+    if rewriter is None:
         _log_plain_model(gm)
         captured = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Inductor edits gm in place
         for node in captured.graph.nodes:
             node.meta.pop("grapharg", None)  # its weak reference dies when this returns
         return PlainGraph(captured, _compile_fx(gm, example_inputs, NO_PASSES))
-    rewritten, mixed = owner.rewrite(gm)
+    rewritten, mixed = rewriter.rewrite(gm)
     logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, "hcpass backend")
-    mixer_params = [
-        p
-        for index, inputs in mixed.mixer_inputs
-        for p in owner._lookup.mixer_parameters(example_inputs[index], inputs)[1]
-    ]
+    mixer_params = rewriter.mixer_parameters(mixed, example_inputs)
     traced = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
     states = handoff.examples(mixed.stream_inputs, traced)
     compiled = _lower_and_compile(rewritten, [*example_inputs, *mixer_params, *states])
@@ -131,12 +128,13 @@ class PlainGraph:
     mixed: MixedGraph | None = None
 
     def __call__(self, *args: Any) -> Any:
-        owner = current_owner()
-        if owner is None:
+        rewriter = current_rewriter()
+        if rewriter is None:
             return self.compiled(*args)
         if self.mixed is None:
-            annotate_call(self.captured, args, parameter_names(owner.original))
-            self.mixed = owner.rewrite_eagerly(self.captured, "hcpass backend, plain graph")
+            self.mixed = rewriter.rewrite_eagerly(
+                self.captured, "hcpass backend, plain graph", args
+            )
         return self.mixed(*args)
 
 

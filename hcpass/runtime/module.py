@@ -13,14 +13,10 @@ the `ConvertedModule` whose forward is running (a context variable).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import copy
 import functools
 import inspect
 import types
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,117 +24,27 @@ from torch import fx, nn
 from torch._C._dynamo.eval_frame import reset_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hcpass import logs
 from hcpass.frontend.capture import (
     CAPTURE_SETTINGS,
     CapturedGraph,
-    annotate_call,
-    annotate_parameters,
     fresh_function,
     fresh_trampoline,
-    parameter_names,
     visible_residuals,
 )
-from hcpass.frontend.plan import ATTNRES, HYPER_CONNECTIONS, Plan, Report, analyse
-from hcpass.rewrite.attnres import AttnResOptions, rewrite_attnres
-from hcpass.rewrite.base import MixerInputs, graph_module
-from hcpass.rewrite.chains import rewrite_chains
-from hcpass.rewrite.regions import checkpoint_eagerly
+from hcpass.frontend.plan import Plan, Report
+from hcpass.rewrite.attnres import AttnResOptions
 from hcpass.runtime import export, handoff
-from hcpass.runtime.decode import call_decode_steps
+from hcpass.runtime.call import (
+    RUN,
+    MixedGraph,
+    Run,
+    dynamo_settings,
+    has_dtensor_parameters,
+    tracing,
+)
+from hcpass.runtime.graphs import GraphRewriter, eager_backend
 from hcpass.runtime.lookup import SiteLookup
 from hcpass.runtime.mixer import SiteModule
-
-
-@dataclass
-class _Run:
-    """One forward call of a ConvertedModule: what ran, checked against the plan at the end."""
-
-    owner: ConvertedModule
-    observer: TorchDispatchMode | None = None  # sees the mixer ops (hcpass.mixers)
-    compiled: bool = False  # an outer torch.compile traced this forward
-    graphs: int = 0  # rewritten graphs that ran
-    mixers_ran: int = 0  # site executions
-    keys: set[str] = field(default_factory=set)  # mixers that ran
-    cuts: list[str] = field(default_factory=list)  # sites that restarted a planned chain
-    notes: list[str] = field(default_factory=list)  # why a re-capture rewrote fewer sites
-    handoffs: handoff.Handoffs = field(default_factory=handoff.Handoffs)
-
-
-_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("hcpass_run", default=None)
-
-
-def current_owner() -> ConvertedModule | None:
-    """The ConvertedModule whose forward is running (None outside one)."""
-    run = _RUN.get()
-    return run.owner if run is not None else None
-
-
-@dataclass(frozen=True)
-class MixedGraph:
-    """A rewritten graph as Dynamo calls it: appends the running module's mixer parameters."""
-
-    fn: Callable[..., Any]
-    mixer_inputs: tuple[tuple[int, MixerInputs], ...]  # (index of the anchor input, mixer)
-    site_count: int
-    # The graph as captured: Dynamo caches a graph per code object, so a frame resumed
-    # after a graph break also runs it for plain instances of the converted model's class,
-    # and for instances converted with other options (`rewrite_key`).
-    captured: fx.GraphModule
-    rewrite_key: Hashable  # of the converted module the graph was rewritten for
-    notes: tuple[str, ...] = ()  # candidate adds this capture did not rewrite, and why
-    # Anchor inputs of the first sites of chains that start inside the graph (expand).
-    starts: tuple[int, ...] = ()
-    # Chains crossing the graph's boundary with their n streams (hcpass.runtime.handoff).
-    stream_inputs: tuple[handoff.StreamInput, ...] = ()
-    stream_outputs: tuple[handoff.StreamOutput, ...] = ()
-    dense: bool = False  # fn was compiled for contiguous n-stream inputs
-    # rewrite_key -> this graph rewritten again, for modules converted with other options
-    others: dict[Hashable, MixedGraph] = field(default_factory=dict, compare=False)
-
-    @property
-    def mixer_names(self) -> list[str]:
-        return [inputs.slot.key for _, inputs in self.mixer_inputs]
-
-    def __call__(self, *args: Any) -> Any:
-        run = _RUN.get()
-        if run is None:
-            return self.captured(*args)
-        if run.owner.rewrite_key != self.rewrite_key:
-            return self._rewritten_for(run.owner, args)(*args)
-        params: list[torch.Tensor] = []
-        for index, inputs in self.mixer_inputs:
-            key, mixer_params = run.owner._lookup.mixer_parameters(args[index], inputs)
-            run.keys.add(key)
-            params += mixer_params
-        for index in self.starts:
-            cut = run.owner._lookup.restarted(args[index])
-            if cut is not None and cut not in run.cuts:
-                run.cuts.append(cut)
-        states = handoff.enter(
-            run.handoffs, run.owner._lookup, self.stream_inputs, args, self.dense
-        )
-        run.graphs += 1
-        run.mixers_ran += self.site_count
-        run.notes += [note for note in self.notes if note not in run.notes]
-        if run.observer is not None:
-            with run.observer:
-                result = self.fn(*args, *params, *states)
-        else:
-            result = self.fn(*args, *params, *states)
-        return handoff.leave(run.handoffs, run.owner._lookup, self.stream_outputs, args, result)
-
-    def _rewritten_for(self, owner: ConvertedModule, args: Sequence[Any]) -> MixedGraph:
-        """The captured graph rewritten for `owner`, converted with other options than the
-        module this graph was rewritten for (Dynamo shares the frames resumed after a graph
-        break between all instances of a class); runs eagerly, like a `PlainGraph`."""
-        mixed = self.others.get(owner.rewrite_key)
-        if mixed is None:
-            captured = fx.GraphModule(self.captured, copy.deepcopy(self.captured.graph))
-            annotate_call(captured, args, parameter_names(owner.original))
-            mixed = self.others[owner.rewrite_key] = owner.rewrite_eagerly(captured)
-        return mixed
-
 
 # What the converted module registers of the original root, and keeps in sync with it.
 _ROOT_KINDS = ("_parameters", "_buffers", "_modules")
@@ -210,13 +116,9 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         self.mixers = nn.ModuleDict(mixers)
         # The rewrite family: hyper-connections (None) or Attention Residuals.
         self.attnres = attnres
-        # Equal for modules whose rewritten graphs are interchangeable: the same sites with
-        # the same mixers (the family and options are in each mixer's spec).
-        self.rewrite_key: Hashable = tuple(
-            (key, m.spec, m.channels, m.graph_parameters) for key, m in sorted(mixers.items())
-        )
         self.report: Report = plan.report
         object.__setattr__(self, "_lookup", SiteLookup(plan, model, self.mixers))
+        object.__setattr__(self, "_rewriter", GraphRewriter(model, self._lookup, mixers, attnres))
         self._fresh_runtime()
         # What one forward runs, as captured with the example inputs.
         self.graph_modules: list[fx.GraphModule] = [self.rewrite(g.gm)[0] for g in graphs]
@@ -237,8 +139,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         # recompile limit twice as fast.
         object.__setattr__(self, "_entry", fresh_trampoline("entry"))
         object.__setattr__(self, "_eager_entry", fresh_trampoline("eager_entry"))
-        object.__setattr__(self, "_probe", fresh_function(_tracing, "probe"))
-        eager = torch.compile(self._eager_entry, backend=_eager_backend)
+        object.__setattr__(self, "_probe", fresh_function(tracing, "probe"))
+        eager = torch.compile(self._eager_entry, backend=eager_backend)
         object.__setattr__(self, "_eager", eager)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
@@ -327,14 +229,14 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         original = {kind: dict(self._model.__dict__[kind]) for kind in _ROOT_KINDS}
         synced = dict(self._root_synced)
         self._sync_root()
-        run = _Run(self)
-        token = _RUN.set(run)
+        run = Run(self._lookup, self._rewriter)
+        token = RUN.set(run)
         try:
             if shapes_only:
                 return self._model(*args, **kwargs)
             out = export.trace_for_export(self, args, kwargs)
         finally:
-            _RUN.reset(token)
+            RUN.reset(token)
             for kind, entries in original.items():
                 self._model.__dict__[kind].update(entries)
             self._root_synced.clear()
@@ -369,8 +271,8 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                 "torch.autograd.grad) and batched inputs"
             )
         self._sync_root()
-        run = _Run(self, observer=observer)
-        token = _RUN.set(run)
+        run = Run(self._lookup, self._rewriter, observer=observer)
+        token = RUN.set(run)
         regions: list[str] = []
         try:
             # Under DDP, Dynamo splits a graph at gradient-bucket boundaries and hands the
@@ -380,7 +282,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             # registered after the first call would never run.
             with (
                 visible_residuals(),
-                _dynamo_settings(
+                dynamo_settings(
                     optimize_ddp=False, skip_nnmodule_hook_guards=False, **CAPTURE_SETTINGS
                 ),
             ):
@@ -389,11 +291,9 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # An outer torch.compile is tracing: let it trace the original forward;
                     # the hcpass backend finds this module through the context variable.
                     # A model with DTensor parameters recompiles each new input shape with
-                    # static sizes (`_has_dtensor_parameters`).
-                    static = _has_dtensor_parameters(self._model)
-                    with _dynamo_settings(
-                        **({"automatic_dynamic_shapes": False} if static else {})
-                    ):
+                    # static sizes (`has_dtensor_parameters`).
+                    static = has_dtensor_parameters(self._model)
+                    with dynamo_settings(**({"automatic_dynamic_shapes": False} if static else {})):
                         out = self._entry(self._model, args, kwargs)
                 elif regions := handoff.compiled_regions(self._model):
                     # Regional compile: under our own Dynamo run the regions would be inlined
@@ -402,18 +302,18 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # through hcpass.runtime.handoff.
                     out = self._model(*args, **kwargs)
                 else:
-                    with _dynamo_settings(recompile_limit=64):
+                    with dynamo_settings(recompile_limit=64):
                         out = self._eager(self._model, args, kwargs)
         except BaseException:
             self._fresh_runtime()
             raise
         finally:
-            _RUN.reset(token)
+            RUN.reset(token)
         self._check_regions_ran(run, regions)
         self._check_ran(run)
         return out
 
-    def _check_regions_ran(self, run: _Run, regions: list[str]) -> None:
+    def _check_regions_ran(self, run: Run, regions: list[str]) -> None:
         """With compiled regions, a site outside them runs without its mixer: an error."""
         if regions and run.mixers_ran < self._lookup.runs:
             raise RuntimeError(
@@ -429,7 +329,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def mixers_anchor(self) -> torch.Tensor:
         return next(self.mixers.parameters())
 
-    def _check_ran(self, run: _Run) -> None:
+    def _check_ran(self, run: Run) -> None:
         """Raise unless this forward ran every mixer and kept every chain whole."""
         missing = sorted(self._lookup.keys - run.keys)
         problems = []
@@ -448,7 +348,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             f"as converted: {'; '.join(problems)}. {self._cause(run)}"
         )
 
-    def _cause(self, run: _Run) -> str:
+    def _cause(self, run: Run) -> str:
         if replaced := self._lookup.replaced_parameters():
             return (
                 f"The model no longer holds {', '.join(replaced[:3])}"
@@ -487,69 +387,10 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             )
         return "Dynamo re-captured the forward for these inputs and took another path."
 
-    # -------------------------------------------------------------- used by the graphs
     def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, MixedGraph]:
-        """Rewrite a graph Dynamo captured from this module's forward.
-
-        Returns the rewritten GraphModule and a callable running `fn(*inputs, *mixer
-        params)`; the caller sets `MixedGraph.fn` (eager: the GraphModule itself)."""
-        annotate_parameters(gm, parameter_names(self._model))
-        family = HYPER_CONNECTIONS if self.attnres is None else ATTNRES
-        graph, analysis = analyse(gm, keep=self._keep, family=family)
-        slots = {site: self._lookup.slot(site.anchor_name) for site in analysis.sites}
-        if self.attnres is None:
-            result = rewrite_chains(graph, analysis, slots)
-        else:
-            result = rewrite_attnres(graph, analysis, slots, self.attnres)
-        rewritten = graph_module(gm, graph, result)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        index_of = {node.name: i for i, node in enumerate(placeholders)}
-        anchors = tuple((index_of[m.anchor.name], m) for m in result.mixer_inputs)
-        notes = tuple(
-            f"{skipped.node.name}: {skipped.reason}"
-            for skipped in analysis.skipped
-            if skipped.reason != _NOT_PLANNED
-        )
-        starts = tuple(
-            index_of[chain.sites[0].anchor.name]
-            for chain in analysis.chains
-            if chain.input.op != "placeholder"
-        )
-        stream_inputs = tuple(
-            handoff.StreamInput(index_of[x.name], index_of[site.anchor.name], slots[site].streams)
-            for x, _, site in result.stream_inputs
-        )
-        stream_outputs = tuple(
-            handoff.StreamOutput(position, index_of[site.anchor.name])
-            for position, site in result.stream_outputs
-        )
-        mixed = MixedGraph(
-            rewritten,
-            anchors,
-            result.site_count,
-            gm,
-            self.rewrite_key,
-            notes=notes,
-            starts=starts,
-            stream_inputs=stream_inputs,
-            stream_outputs=stream_outputs,
-        )
-        return rewritten, mixed
-
-    def rewrite_eagerly(
-        self, gm: fx.GraphModule, where: str = "hcpass eager runtime"
-    ) -> MixedGraph:
-        """`rewrite`, for the graph to run eagerly (checkpoint regions too; the mixer ops
-        through `hcpass.runtime.decode`, natively at a few positions without gradients)."""
-        rewritten, mixed = self.rewrite(gm)
-        checkpoint_eagerly(rewritten.graph)
-        call_decode_steps(rewritten)
-        rewritten.recompile()
-        logs.rewritten_graph(rewritten, mixed.mixer_names, mixed.site_count, where)
-        return mixed
-
-    def _keep(self, site) -> str | None:
-        return None if self._lookup.planned(site.anchor_name) else _NOT_PLANNED
+        """A graph Dynamo captured from this module's forward, rewritten with its mixers
+        (`hcpass.runtime.graphs.GraphRewriter.rewrite`)."""
+        return self._rewriter.rewrite(gm)
 
 
 @functools.cache
@@ -567,33 +408,6 @@ def _unpickle(original: type[nn.Module]) -> ConvertedModule:
     return object.__new__(_converted_class(original))
 
 
-_NOT_PLANNED = "no mixer: the site was not rewritten when the model was converted"
-
-
-def _has_dtensor_parameters(model: nn.Module) -> bool:
-    """Whether `model` holds DTensor parameters (tensor parallel, FSDP2).
-
-    torch 2.13 cannot compile the backward of such a model at symbolic sizes, converted or
-    not: a DTensor view's saved size is a SymInt the tracer never saw, and tracing
-    ``sym_max(s, 1)``, which returns that SymInt itself, gives it itself as its definition
-    (RecursionError in proxy_tensor's ``_compute_proxy``). With static sizes there is none."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _eager_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """The converted module's own runtime: rewrite, then run the rewritten graph eagerly.
-
-    One module-level function, so Dynamo's per-backend cache entries don't multiply."""
-    owner = current_owner()
-    if owner is None:
-        raise RuntimeError("hcpass: the runtime backend ran outside a converted forward")
-    return owner.rewrite_eagerly(gm)
-
-
 def _encoder_decoder_generate(model_name: str, *args: Any, **kwargs: Any) -> Any:
     raise NotImplementedError(
         f"hcpass: generate() on a converted encoder-decoder model ({model_name}) is not "
@@ -602,30 +416,3 @@ def _encoder_decoder_generate(model_name: str, *args: Any, **kwargs: Any) -> Any
         "converted model itself for each step (`converted(input_ids=..., "
         "decoder_input_ids=...)`), or generate without mixers: `converted.original.generate`"
     )
-
-
-@contextlib.contextmanager
-def _dynamo_settings(**settings: Any) -> Iterator[None]:
-    """``torch._dynamo.config.patch(**settings)``, for every forward: it sets (and restores)
-    only the settings that differ. A patch costs ~30 µs on entry and exit; a decoding step of
-    a small model is ~1.5 ms."""
-    config = torch._dynamo.config
-    changed = {}
-    for name, value in settings.items():
-        previous = getattr(config, name)
-        if previous != value:
-            changed[name] = previous
-            setattr(config, name, value)
-    try:
-        yield
-    finally:
-        for name, previous in changed.items():
-            setattr(config, name, previous)
-
-
-def _tracing(anchor: torch.Tensor) -> bool:
-    """True under an outer torch.compile (Dynamo traces this and folds the call to True),
-    False when run eagerly, whatever another thread compiles meanwhile: unlike
-    `torch.compiler.is_compiling()`, a process-wide flag. The tensor argument keeps Dynamo
-    from skipping the frame."""
-    return torch.compiler.is_dynamo_compiling()
