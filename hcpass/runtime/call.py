@@ -22,8 +22,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import fx, nn
+from torch._C._dynamo.eval_frame import reset_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hcpass.frontend.capture import fresh_function, fresh_trampoline
 from hcpass.rewrite.base import MixerInputs
 from hcpass.runtime import handoff
 from hcpass.runtime.lookup import SiteLookup
@@ -145,6 +147,29 @@ class MixedGraph:
                 captured, "hcpass eager runtime", args
             )
         return mixed
+
+
+class Entries:
+    """A converted module's ways into Dynamo, each a code object of its own (a Dynamo cache
+    of its own): `entry` for an outer torch.compile to trace, `eager` for the runtime's own
+    compile with `backend`, `probe` (`tracing`) to tell the two apart.
+
+    One trampoline for an outer torch.compile, one for the eager runtime: Dynamo keeps a code
+    object's graphs for every backend in one cache, so shared, calls that alternate between
+    the two (and between train/eval, grad modes) would reach its recompile limit twice as
+    fast."""
+
+    def __init__(self, backend: Callable[..., Any]) -> None:
+        self.entry = fresh_trampoline("entry")
+        self._eager_entry = fresh_trampoline("eager_entry")
+        self.probe = fresh_function(tracing, "probe")
+        self.eager = torch.compile(self._eager_entry, backend=backend)
+
+    def release(self) -> None:
+        """Drop Dynamo's state for these code objects (cache entries, the skip mark a failed
+        trace leaves): it cannot be cleared per instance, so a module gets new `Entries`."""
+        for fn in (self.entry, self._eager_entry, self.probe):
+            reset_code(fn.__code__)
 
 
 def has_dtensor_parameters(model: nn.Module) -> bool:

@@ -1,14 +1,10 @@
-"""The module `hcpass.convert` returns, and how its rewritten graphs find their mixers.
+"""The module `hcpass.convert` returns: the ``nn.Module`` face of a converted model.
 
 A `ConvertedModule` owns the original model's parameters under their original names plus
-``mixers.<site>``. Its forward runs the original model under Dynamo; every graph Dynamo
-captures is rewritten (`hcpass.frontend.plan`, then `hcpass.rewrite.chains`) and run eagerly
--- or, when the module itself is under ``torch.compile(backend="hcpass")``, lowered by the backend.
-
-Dynamo reuses a compiled graph for every module instance of the same class (parameters
-are graph inputs), so a rewritten graph looks its mixers up at call time, from the
-parameter tensors it is called with (each mixer is keyed on a parameter of its branch) and
-the `ConvertedModule` whose forward is running (a context variable).
+``mixers.<site>``, and passes what it lacks through to the original. Its forward runs the
+original model under Dynamo; each call is a `hcpass.runtime.call.Run`, every graph Dynamo
+captures is rewritten by `hcpass.runtime.graphs` and finds its mixers through
+`hcpass.runtime.lookup`, and `hcpass.runtime.checks` checks the call against the plan.
 """
 
 from __future__ import annotations
@@ -21,26 +17,23 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._C._dynamo.eval_frame import reset_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hcpass.frontend.capture import (
     CAPTURE_SETTINGS,
     CapturedGraph,
-    fresh_function,
-    fresh_trampoline,
     visible_residuals,
 )
 from hcpass.frontend.plan import Plan, Report
 from hcpass.rewrite.attnres import AttnResOptions
-from hcpass.runtime import export, handoff
+from hcpass.runtime import checks, export, handoff
 from hcpass.runtime.call import (
     RUN,
+    Entries,
     MixedGraph,
     Run,
     dynamo_settings,
     has_dtensor_parameters,
-    tracing,
 )
 from hcpass.runtime.graphs import GraphRewriter, eager_backend
 from hcpass.runtime.lookup import SiteLookup
@@ -50,7 +43,7 @@ from hcpass.runtime.mixer import SiteModule
 _ROOT_KINDS = ("_parameters", "_buffers", "_modules")
 
 # Rebuilt, never pickled or copied: each holds Dynamo state tied to its code object.
-_RUNTIME_STATE = ("_entry", "_eager_entry", "_probe", "_eager")
+_RUNTIME_STATE = ("_entries",)
 
 
 class _FromOriginal(type):
@@ -128,20 +121,11 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
     def _fresh_runtime(self) -> None:
         """New trampolines: Dynamo's state for a code object (cache entries, the skip mark
         a failed trace leaves) cannot be cleared per instance, but a new code object has none."""
-        for stale in ("_entry", "_eager_entry", "_probe"):
-            if stale in self.__dict__:
-                reset_code(self.__dict__[stale].__code__)
+        if "_entries" in self.__dict__:
+            self._entries.release()
         self._lookup.forget_parameters()
         export.register(self)
-        # One trampoline for an outer torch.compile, one for the eager runtime: Dynamo keeps
-        # a code object's graphs for every backend in one cache, so shared, calls that
-        # alternate between the two (and between train/eval, grad modes) would reach its
-        # recompile limit twice as fast.
-        object.__setattr__(self, "_entry", fresh_trampoline("entry"))
-        object.__setattr__(self, "_eager_entry", fresh_trampoline("eager_entry"))
-        object.__setattr__(self, "_probe", fresh_function(tracing, "probe"))
-        eager = torch.compile(self._eager_entry, backend=eager_backend)
-        object.__setattr__(self, "_eager", eager)
+        object.__setattr__(self, "_entries", Entries(eager_backend))
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         return _unpickle, (type(self._model),), self.__getstate__()
@@ -241,7 +225,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                 self._model.__dict__[kind].update(entries)
             self._root_synced.clear()
             self._root_synced.update(synced)
-        self._check_ran(run)
+        checks.check_ran(run, type(self._model).__name__)
         return out
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
@@ -286,7 +270,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     optimize_ddp=False, skip_nnmodule_hook_guards=False, **CAPTURE_SETTINGS
                 ),
             ):
-                run.compiled = self._probe(self.mixers_anchor)
+                run.compiled = self._entries.probe(self.mixers_anchor)
                 if run.compiled:
                     # An outer torch.compile is tracing: let it trace the original forward;
                     # the hcpass backend finds this module through the context variable.
@@ -294,7 +278,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     # static sizes (`has_dtensor_parameters`).
                     static = has_dtensor_parameters(self._model)
                     with dynamo_settings(**({"automatic_dynamic_shapes": False} if static else {})):
-                        out = self._entry(self._model, args, kwargs)
+                        out = self._entries.entry(self._model, args, kwargs)
                 elif regions := handoff.compiled_regions(self._model):
                     # Regional compile: under our own Dynamo run the regions would be inlined
                     # (not compiled). Run the code around them as plain Python instead; each
@@ -303,89 +287,19 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
                     out = self._model(*args, **kwargs)
                 else:
                     with dynamo_settings(recompile_limit=64):
-                        out = self._eager(self._model, args, kwargs)
+                        out = self._entries.eager(self._model, args, kwargs)
         except BaseException:
             self._fresh_runtime()
             raise
         finally:
             RUN.reset(token)
-        self._check_regions_ran(run, regions)
-        self._check_ran(run)
+        checks.check_regions_ran(run, regions)
+        checks.check_ran(run, type(self._model).__name__)
         return out
-
-    def _check_regions_ran(self, run: Run, regions: list[str]) -> None:
-        """With compiled regions, a site outside them runs without its mixer: an error."""
-        if regions and run.mixers_ran < self._lookup.runs:
-            raise RuntimeError(
-                f"hcpass: {run.mixers_ran} of {self._lookup.runs} mixer runs happened "
-                f"with compiled regions {regions}: each residual site must lie inside a "
-                "region compiled with backend='hcpass' (a site outside them, or in a region "
-                "compiled by another backend, runs without its mixer). Compile every block "
-                "with backend='hcpass', or the whole model: "
-                "torch.compile(converted, backend='hcpass')."
-            )
 
     @property
     def mixers_anchor(self) -> torch.Tensor:
         return next(self.mixers.parameters())
-
-    def _check_ran(self, run: Run) -> None:
-        """Raise unless this forward ran every mixer and kept every chain whole."""
-        missing = sorted(self._lookup.keys - run.keys)
-        problems = []
-        if missing:
-            problems.append(f"site(s) {', '.join(missing)} ran without their mixers")
-        elif run.mixers_ran < self._lookup.runs:
-            problems.append(f"{run.mixers_ran} of {self._lookup.runs} site runs had their mixers")
-        if run.cuts:
-            problems.append(
-                f"residual chain(s) cut at {', '.join(run.cuts)}: each piece collapsed its streams"
-            )
-        if not problems:
-            return
-        raise RuntimeError(
-            f"hcpass: this forward of the converted {type(self._model).__name__} did not run "
-            f"as converted: {'; '.join(problems)}. {self._cause(run)}"
-        )
-
-    def _cause(self, run: Run) -> str:
-        if replaced := self._lookup.replaced_parameters():
-            return (
-                f"The model no longer holds {', '.join(replaced[:3])}"
-                f"{', ...' if len(replaced) > 3 else ''} as parameters, and each mixer is "
-                "keyed on the parameter it was converted with: a tensor passed in its place "
-                "(torch.func.functional_call, stack_module_state) is not supported; a "
-                "parametrization, pruning, quantization or a replaced layer must come before "
-                "hcpass.convert. To change values, write into the parameters "
-                "(`param.copy_(...)`, load_state_dict)."
-            )
-        if run.graphs == 0 and run.compiled:
-            return (
-                "It was compiled by torch.compile with a backend other than 'hcpass' (only "
-                "backend='hcpass' adds the mixers), Dynamo reused a graph it had compiled "
-                "for a plain instance of the same class, or it ran the forward uncompiled "
-                "past its recompile limit (torch._dynamo.config.recompile_limit; "
-                "TORCH_LOGS=recompiles shows why it recompiled)."
-            )
-        if run.graphs == 0:
-            return (
-                "Dynamo ran the forward without capturing it (it falls back to eager past "
-                "its recompile limit and for frames it skips)."
-            )
-        if run.notes:
-            return (
-                "Dynamo re-captured the forward for these inputs (new shapes, dtypes or "
-                "control flow) and these adds were no longer residual sites:\n  "
-                + "\n  ".join(run.notes)
-            )
-        if run.cuts:
-            return (
-                "Dynamo re-captured the forward for these inputs and a chain's stream no "
-                "longer passes through every site: an op between two sites that cannot run "
-                "per stream at these inputs, or one added since the conversion (a forward "
-                "hook that changes a block's output: convert after adding it)."
-            )
-        return "Dynamo re-captured the forward for these inputs and took another path."
 
     def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, MixedGraph]:
         """A graph Dynamo captured from this module's forward, rewritten with its mixers
