@@ -21,7 +21,8 @@ Columns, side by side:
 "bound" is the memory-traffic lower bound: the bytes the op must move (each input read
 once, each output written once) over the measured device copy bandwidth; GB/s is those
 bytes over hcpass's time, and "x bound" hcpass's time over the bound. Results go to
-benchmarks/results/<device>-<date>.json (section "mixer").
+benchmarks/results/<device>-<date>.json (section "mixer"), rewritten after each (n, C), so a
+run stopped early (gpu_session.sh's time limits) keeps what it measured.
 
 --dry-run (benchmarks/gpu_session.sh --dry-run, in CI): the same steps on CPU, n = 4,
 C = 24, 1 x 7 tokens, the hcpass column's kernels run by Triton's interpreter (the launchers
@@ -356,23 +357,23 @@ def main() -> None:
             p = Problem.make(n, C, args.batch, args.seq, device)
             columns = {name: run_column(name, p) for name in args.impl}
             records += report(p, lower_bounds(p), columns, bandwidth)
+            path = common.write_results(
+                "mixer",
+                {
+                    "copy_bandwidth_gbs": bandwidth,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "dtype": "bfloat16",
+                    "manifold": "sinkhorn",
+                    "dry_run": args.dry_run,
+                    "rows": records,
+                },
+            )
             if args.dry_run:
                 require_measured(columns)
             del p
             gc.collect()
             torch.cuda.empty_cache()
-    path = common.write_results(
-        "mixer",
-        {
-            "copy_bandwidth_gbs": bandwidth,
-            "batch": args.batch,
-            "seq": args.seq,
-            "dtype": "bfloat16",
-            "manifold": "sinkhorn",
-            "dry_run": args.dry_run,
-            "rows": records,
-        },
-    )
     print(f"\nwrote {path}")
 
 

@@ -1,8 +1,17 @@
-"""Training-step benchmark: a Llama-style decoder, plain vs converted by hcpass.
+"""Training-step benchmark: a GPT or a Llama-style decoder, plain vs converted by hcpass.
 
-    python benchmarks/train_step.py                       # C = 2048, 8 layers, 4 x 2048 tokens
-    python benchmarks/train_step.py --dim 4096 --layers 4
+    python benchmarks/train_step.py                       # gpt-100m (98.4M), 16 x 1024 tokens
+    python benchmarks/train_step.py --preset llama-2048   # C = 2048, 8 layers (542M), 4 x 2048
+    python benchmarks/train_step.py --preset llama-2048 --dim 4096 --layers 4
     TRITON_INTERPRET=1 python benchmarks/train_step.py --dry-run   # CPU, a tiny model
+
+Presets (`PRESETS`; any flag given overrides the preset's value):
+- gpt-100m (the default, what benchmarks/gpu_session.sh runs): GPT-2 small's shape (12
+  layers of C = 768, 12 heads, 1024 positions) with an 8K vocabulary, as the demo's GPT
+  (hcpass.tools.demo.gpt: learned positions, LayerNorm, a GELU MLP, biases, an untied head):
+  98.4M parameters plain;
+- llama-2048: the Llama-style decoder below (RMSNorm, rotary positions, SwiGLU, no biases)
+  at C = 2048, 8 layers, a 32K vocabulary: 542M parameters.
 
 Variants, each a fresh model from the same seed, bf16 weights, fused AdamW:
 - eager: the plain model;
@@ -11,14 +20,15 @@ Variants, each a fresh model from the same seed, bf16 weights, fused AdamW:
   ``torch.compile(converted, backend="hcpass")`` (mHC mixers, generated Triton kernels).
 
 A step is forward, cross-entropy, backward and the optimizer step. Reported: median step
-time over --steps steps after --warmup steps (CUDA events), tokens/s, and peak memory
-allocated during the timed steps. Results go to benchmarks/results/<device>-<date>.json
-(section "train_step").
+time over --steps steps after --warmup steps (CUDA events), tokens/s, peak memory
+allocated during the timed steps and the parameters (the converted model's include its
+mixers). Results go to benchmarks/results/<device>-<date>.json (section "train_step"),
+rewritten after each variant.
 
 --dry-run (benchmarks/gpu_session.sh --dry-run, in CI): the same steps on CPU with a tiny
-model (C = 32, 2 layers, 1 x 16 tokens), one warmup and one timed step: checks that the
-script runs, its numbers mean nothing. On CPU tensors the hcpass backend lowers for the CPU
-(tests/lowering/test_cuda_path.py runs the CUDA lowering on CPU).
+model of the preset's kind (C = 32, 2 layers, 1 x 16 tokens), one warmup and one timed step:
+checks that the script runs, its numbers mean nothing. On CPU tensors the hcpass backend
+lowers for the CPU (tests/lowering/test_cuda_path.py runs the CUDA lowering on CPU).
 """
 
 from __future__ import annotations
@@ -35,8 +45,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hcpass
+from hcpass.tools.demo.gpt import GPT, GPTConfig
 
 VARIANTS = ("eager", "inductor", "hcpass")
+PRESETS: dict[str, dict[str, int | str]] = {
+    "gpt-100m": dict(model="gpt", dim=768, layers=12, heads=12, vocab=8192, batch=16, seq=1024),
+    "llama-2048": dict(model="llama", dim=2048, layers=8, heads=16, vocab=32000, batch=4, seq=2048),
+}
+DRY_RUN = dict(dim=32, layers=2, heads=2, vocab=64, batch=1, seq=16, warmup=1, steps=1)
 
 
 # --------------------------------------------------------------------------- model
@@ -123,10 +139,16 @@ class Llama(nn.Module):
 
 
 # ----------------------------------------------------------------------- benchmark
+def plain_model(args: argparse.Namespace) -> nn.Module:
+    if args.model == "gpt":
+        config = GPTConfig(args.vocab, args.seq, args.dim, args.layers, args.heads)
+        return GPT(config)
+    return Llama(args.vocab, args.dim, args.layers, args.heads, args.seq)
+
+
 def build(variant: str, args: argparse.Namespace, ids: Tensor) -> nn.Module:
     torch.manual_seed(0)
-    model = Llama(args.vocab, args.dim, args.layers, args.heads, args.seq)
-    model = model.to(device=ids.device, dtype=torch.bfloat16)
+    model = plain_model(args).to(device=ids.device, dtype=torch.bfloat16)
     if variant == "inductor":
         return torch.compile(model)
     if variant == "hcpass":
@@ -184,22 +206,30 @@ def wall_clock(fn: Callable[[], None]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--preset", choices=list(PRESETS), default="gpt-100m")
+    parser.add_argument("--model", choices=["gpt", "llama"], help="default: the preset's")
+    for size in ("dim", "layers", "heads", "vocab", "batch", "seq"):
+        parser.add_argument(f"--{size}", type=int, help="default: the preset's")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, one step")
     args = parser.parse_args()
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.dry_run:
-        tiny = dict(dim=32, layers=2, heads=2, vocab=64, batch=1, seq=16, warmup=1, steps=1)
-        vars(args).update(tiny)
+        vars(args).update(DRY_RUN)
     else:
         common.require_cuda("benchmarks/train_step.py")
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in plain_model(args).parameters())
+    kind = "GPT" if args.model == "gpt" else "Llama-style"
+    print(
+        f"{common.device_name()}: {kind} C={args.dim}, {args.layers} layers, {args.heads} "
+        f"heads, vocab {args.vocab}, {args.batch} x {args.seq} tokens, bf16: "
+        f"{parameters / 1e6:.1f}M parameters"
+    )
 
     results: dict[str, dict[str, float] | str] = {}
     for variant in args.variant:
@@ -211,11 +241,10 @@ def main() -> None:
             torch._dynamo.reset()
             gc.collect()
             torch.cuda.empty_cache()
+        path = common.write_results(
+            "train_step", {"config": vars(args), "parameters": parameters, "variants": results}
+        )
 
-    print(
-        f"{common.device_name()}: Llama-style C={args.dim}, {args.layers} layers, "
-        f"{args.batch} x {args.seq} tokens, bf16"
-    )
     rows = []
     for variant, r in results.items():
         if isinstance(r, str):
@@ -231,7 +260,6 @@ def main() -> None:
             ]
         )
     common.print_table(["variant", "step ms", "tokens/s", "peak GiB", "params M"], rows)
-    path = common.write_results("train_step", {"config": vars(args), "variants": results})
     print(f"\nwrote {path}")
 
 

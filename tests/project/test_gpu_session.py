@@ -15,12 +15,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MIXER_PHASES = 9
+STEPS = ("tests", "mixer", "attnres", "train")
+# attnres.py --dry-run: one block (C = 24, 2 completed blocks, S = 3), two phases
+ATTNRES_ROWS = [(24, 2, 3, "block fwd"), (24, 2, 3, "block fwd+bwd")]
 
 
 @pytest.mark.slow
 def test_gpu_session_dry_run(tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("TRITON_INTERPRET", None)  # the script sets it
+    env = _environment()
     before = _results_in_the_repository()
     # called from elsewhere, OUT relative to there: the script finds the repository itself
     run = subprocess.run(
@@ -44,10 +46,73 @@ def test_gpu_session_dry_run(tmp_path):
     for row in mixer["rows"]:
         for name in ("hcpass", "eager", "inductor"):
             assert isinstance(row[f"{name}_ms"], float), (row["phase"], name, row[f"{name}_ms"])
-    variants = results["train_step"]["variants"]
+    # the Attention Residuals step: every column measured (the phases forward only), each
+    # after its outputs matched the reference
+    attnres = results["attnres"]
+    assert attnres["dry_run"] is True
+    rows = attnres["rows"]
+    assert [(r["C"], r["blocks"], r["sites"], r["phase"]) for r in rows] == ATTNRES_ROWS
+    for row in rows:
+        for name in ("hcpass", "eager", "inductor"):
+            assert isinstance(row[f"{name}_ms"], float), (row["phase"], name, row[f"{name}_ms"])
+    assert isinstance(rows[0]["hcpass_phases_ms"], float), rows[0]["hcpass_phases_ms"]
+    assert rows[1]["hcpass_phases_ms"].startswith("n/a"), rows[1]["hcpass_phases_ms"]
+    assert "block fwd+bwd" in (out / "attnres.log").read_text()
+
+    train = results["train_step"]
+    assert train["config"]["preset"] == "gpt-100m" and train["config"]["model"] == "gpt"
+    variants = train["variants"]
     assert set(variants) == {"eager", "inductor", "hcpass"}
     for name, measured in variants.items():
         assert isinstance(measured, dict) and math.isfinite(measured["step_ms"]), name
+
+    # each step ran to its end, in order, and said so
+    log = (out / "session.log").read_text()
+    assert [line.split(":")[0] for line in log.splitlines()] == ["setup", *STEPS, "session"]
+    assert all(line.endswith("exit 0") for line in log.splitlines()[1:]), log
+
+
+@pytest.mark.slow
+def test_the_session_stops_a_step_at_its_budget_and_skips_what_does_not_fit(tmp_path):
+    """The session's time is a hard budget (a lent machine's call has a limit): a step is
+    stopped when the budget runs out, the session goes on and ends non-zero, and a step with
+    less than 20 s left is not started; session.log says which."""
+    script = str(REPO / "benchmarks" / "gpu_session.sh")
+    # the train step's dry run compiles two models: over 20 s on any machine
+    env = {**_environment(), "SESSION_BUDGET_S": "20"}
+    run = subprocess.run(
+        ["bash", script, "--dry-run", "cut", "train"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "train: stopped at its limit of 20 s" in (tmp_path / "cut" / "train.log").read_text()
+    assert "train: 2" in (tmp_path / "cut" / "session.log").read_text()  # 20-29 s, exit 124
+    assert "exit 124" in (tmp_path / "cut" / "session.log").read_text()
+
+    env["SESSION_BUDGET_S"] = "19"
+    run = subprocess.run(
+        ["bash", script, "--dry-run", "none", "all"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    log = (tmp_path / "none" / "session.log").read_text()
+    for name in STEPS:
+        assert f"{name}: not run, " in log, log
+    assert not (tmp_path / "none" / "results").exists()
+
+
+def _environment() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it
+    return env
 
 
 def _results_in_the_repository() -> dict[str, int]:
