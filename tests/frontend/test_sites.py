@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import operator
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hcpass.patterns.result import Match, Skip
@@ -410,9 +409,8 @@ def test_plan_lists_skipped_adds_among_the_sites_in_graph_order():
     assert str(report).splitlines()[-1] == "1 rewritten, 1 skipped, 1 graph(s), 0 graph break(s)"
 
 
-@pytest.mark.parametrize("family", ["hyper-connections", "attnres"])
-def test_plan_of_a_graph_without_adds_has_no_sites(family):
+def test_plan_of_a_graph_without_adds_has_no_sites():
     g = GraphBuilder()
     x = g.input("x", 2, 3, WIDTH)
-    planned = plan(Blocks(), [captured(g.output(g.linear(x, "blocks.0.fc", WIDTH)), 0)], family)
+    planned = plan(Blocks(), [captured(g.output(g.linear(x, "blocks.0.fc", WIDTH)), 0)])
     assert (planned.sites, planned.report.sites, planned.runs) == ([], [], 0)

@@ -7,6 +7,7 @@ Graphs are written as Dynamo hands them to a backend (`tests.graphs.GraphBuilder
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -19,6 +20,7 @@ from hcpass.frontend.sites import SiteAnalysis, find_sites
 from hcpass.manifolds import create
 from hcpass.rewrite.base import MixerSlot, RewriteResult
 from hcpass.rewrite.chains import rewrite_chains
+from hcpass.runtime.mixer import Mixer
 from tests.graphs import GraphBuilder, code, op_counts
 
 WIDTH = 4
@@ -271,3 +273,33 @@ def test_sites_share_a_slot_share_its_placeholders():
     result = rewrite_chains(graph, analysis, dict.fromkeys(analysis.sites, slot))
     assert placeholders(graph).count("shared_bias") == 1
     assert (len(result.mixer_inputs), result.site_count) == (1, 2)
+
+
+# -- the rewritten graph, run --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifold", ["sinkhorn", "hc", "kronecker", "permutation", "stiefel"])
+def test_the_rewritten_graph_computes_the_original_with_mixers_at_their_init(manifold):
+    # the function-preserving init (`Manifold.init_bias`) makes the streams' mean the
+    # original stream at every site; fp32, rounding of the mixes only (measured <= 1e-6)
+    g = GraphBuilder()
+    x = g.input("x", 2, 3, WIDTH)
+    stream = g.linear(x, "embed", WIDTH)
+    for i in range(3):
+        stream = block(g, stream, f"blocks.{i}")
+    graph = g.output(g.layer_norm(stream, "final", WIDTH))
+    inputs = [n.meta["example_value"] for n in graph.nodes if n.op == "placeholder"]
+    want = graph_module(graph)(*inputs)
+
+    rewritten = copy.deepcopy(graph)
+    mixed = create(manifold, streams=4)
+    analysis = find_sites(rewritten, parameter_name)
+    mixers = {site: Mixer(mixed, WIDTH, site_index=i) for i, site in enumerate(analysis.sites)}
+    slots = {
+        site: MixerSlot(f"site{i}", mixed.spec(), mixer.graph_parameters, mixed.streams)
+        for i, (site, mixer) in enumerate(mixers.items())
+    }
+    rewrite_chains(rewritten, analysis, slots)
+    parameters = [getattr(m, name) for m in mixers.values() for name in m.graph_parameters]
+    got = graph_module(rewritten)(*inputs, *parameters)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
