@@ -93,3 +93,34 @@ def test_a_stage_imports_only_from_earlier_stages(path: Path):
         elif RANK[theirs] > RANK[own]:
             later.append(target)
     assert not later, f"{module_name(path)} ({own}) reaches forward to {later}"
+
+
+# -- the tests' own layout -----------------------------------------------------------------------
+
+TESTS = REPO / "tests"
+TEST_FILES = sorted(TESTS.rglob("test_*.py"))
+
+
+def test_test_files_sit_in_a_package_per_stage():
+    # tests/<stage>/test_*.py (tests/__init__.py lists the folders); each folder a package,
+    # so that modules are named tests.<stage>.test_* and two stages may share a file name
+    assert [p.name for p in TEST_FILES if p.parent == TESTS] == []
+    folders = {p.parent for p in TEST_FILES}
+    assert [f.name for f in sorted(folders) if not (f / "__init__.py").exists()] == []
+
+
+def test_no_test_file_imports_another():
+    # models and helpers that several files use live in tests/models.py, factories.py,
+    # graphs.py and op_inputs.py
+    found = []
+    for path in TEST_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(piece.startswith("test_") for name in names for piece in name.split(".")):
+                found.append(f"{path.relative_to(TESTS)}:{node.lineno}")
+    assert found == []
