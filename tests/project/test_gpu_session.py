@@ -4,6 +4,8 @@ sessions (there may be minutes of GPU time, none of it for fixing the script).""
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 MIXER_PHASES = 9
@@ -78,10 +81,12 @@ def test_the_session_stops_a_step_at_its_budget_and_skips_what_does_not_fit(tmp_
     stopped when the budget runs out, the session goes on and ends non-zero, and a step with
     less than 20 s left is not started; session.log says which."""
     script = str(REPO / "benchmarks" / "gpu_session.sh")
-    # the train step's dry run compiles two models: over 20 s on any machine
+    # the tests step given a test file that takes a minute to collect
+    slow = tmp_path / "test_slow_to_collect.py"
+    slow.write_text("import time\n\ntime.sleep(60)\n")
     env = {**_environment(), "SESSION_BUDGET_S": "20"}
     run = subprocess.run(
-        ["bash", script, "--dry-run", "cut", "train"],
+        ["bash", script, "--dry-run", "cut", "tests", str(slow)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -89,8 +94,7 @@ def test_the_session_stops_a_step_at_its_budget_and_skips_what_does_not_fit(tmp_
         timeout=120,
     )
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "train: stopped at its limit of 20 s" in (tmp_path / "cut" / "train.log").read_text()
-    assert "train: 2" in (tmp_path / "cut" / "session.log").read_text()  # 20-29 s, exit 124
+    assert "tests: stopped at its limit of 20 s" in (tmp_path / "cut" / "gpu-tests.log").read_text()
     assert "exit 124" in (tmp_path / "cut" / "session.log").read_text()
 
     env["SESSION_BUDGET_S"] = "19"
@@ -107,6 +111,37 @@ def test_the_session_stops_a_step_at_its_budget_and_skips_what_does_not_fit(tmp_
     for name in STEPS:
         assert f"{name}: not run, " in log, log
     assert not (tmp_path / "none" / "results").exists()
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """The benchmark scripts importable (they import their sibling `common`)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+
+
+def test_the_sessions_gpt_has_about_100m_parameters(benchmarks):
+    """train_step.py's default preset, what the session runs: GPT-2 small's shape with an 8K
+    vocabulary. 12 layers of 7,087,872 (qkv, projection, MLP, two LayerNorms), token
+    embedding and untied head 8192 x 768 each, 1024 positions, the final LayerNorm."""
+    import train_step
+
+    args = argparse.Namespace(**train_step.PRESETS["gpt-100m"])
+    with torch.device("meta"):
+        model = train_step.plain_model(args)
+    expected = 12 * 7_087_872 + 2 * 8192 * 768 + 1024 * 768 + 2 * 768
+    assert sum(p.numel() for p in model.parameters()) == expected == 98_425_344
+
+
+def test_the_plain_two_phase_baseline_computes_the_reference(benchmarks, monkeypatch):
+    """attnres.py times a plain-PyTorch two-phase version against hcpass: it must be the same
+    math (held to the reference at 1e-5 in fp32, what the script checks before timing), and
+    that check tells a baseline with other math (here another key epsilon) apart."""
+    import attnres
+
+    attnres.check_two_phase("cpu")
+    monkeypatch.setattr(attnres, "two_phase", functools.partial(attnres.two_phase, eps=0.1))
+    with pytest.raises(AssertionError, match="not close"):
+        attnres.check_two_phase("cpu")
 
 
 def _environment() -> dict[str, str]:
