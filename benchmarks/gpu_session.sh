@@ -11,9 +11,9 @@
 #
 # Before the call, here (the device has no network): `bash benchmarks/gpu_wheels.sh` puts the
 # wheels the device lacks (liger-kernel, expecttest) in .whl/ (ignored by git, so the call
-# carries it: the device tool's run with carry [".whl"], the command
-# `HCPASS_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh $OUT` with the sha
-# written out, timeout_s 600). Then copy OUT's <gpu>-<date>.json into benchmarks/results/.
+# carries it: the device tool's run with carry [".whl"], timeout_s 600 and the command
+# `HCPASS_COMMIT=<HEAD's sha, written out: the tree travels without .git> bash
+# benchmarks/gpu_session.sh $OUT`). Then copy OUT's <gpu>-<date>.json into benchmarks/results/.
 #
 # The steps, in the order `all` runs them, at the session's sizes (ARGS, given with one step,
 # replace them and take that step past its limit, up to the budget), with the estimated time
