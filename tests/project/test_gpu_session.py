@@ -138,10 +138,10 @@ def test_the_plain_two_phase_baseline_computes_the_reference(benchmarks, monkeyp
     that check tells a baseline with other math (here another key epsilon) apart."""
     import attnres
 
-    attnres.check_two_phase("cpu")
+    attnres.check_two_phase()
     monkeypatch.setattr(attnres, "two_phase", functools.partial(attnres.two_phase, eps=0.1))
     with pytest.raises(AssertionError, match="not close"):
-        attnres.check_two_phase("cpu")
+        attnres.check_two_phase()
 
 
 def _environment() -> dict[str, str]:
