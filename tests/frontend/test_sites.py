@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hcpass.patterns.result import Match, Skip
@@ -17,7 +18,7 @@ from torch import fx, nn
 
 from hcpass.frontend.attnres import chain_norms, keep_convertible
 from hcpass.frontend.capture import CapturedGraph, parameter_name
-from hcpass.frontend.plan import plan
+from hcpass.frontend.plan import plan, site_name, site_names
 from hcpass.frontend.sites import find_sites, normalize_inplace
 from tests.graphs import GraphBuilder
 
@@ -414,3 +415,47 @@ def test_plan_of_a_graph_without_adds_has_no_sites():
     x = g.input("x", 2, 3, WIDTH)
     planned = plan(Blocks(), [captured(g.output(g.linear(x, "blocks.0.fc", WIDTH)), 0)])
     assert (planned.sites, planned.report.sites, planned.runs) == ([], [], 0)
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+
+
+class Named(nn.Module):
+    """Parameters at the places `site_name` tells apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Inner()
+        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
+        self.gates = nn.ParameterList(nn.Parameter(torch.ones(WIDTH)) for _ in range(2))
+        self.scale = nn.Parameter(torch.ones(WIDTH))
+
+
+@pytest.mark.parametrize(
+    ("anchor", "name"),
+    [
+        ("inner.a.weight", "inner"),  # a leaf's parent: the block that holds the branch
+        ("layers.0.weight", "layers.0"),  # unless the parent is a list of layers
+        ("gates.0", "gates.0"),  # a list of per-layer parameters: the parameter itself
+        ("scale", "scale"),  # a parameter of the root
+    ],
+)
+def test_a_site_is_named_after_the_module_its_anchor_belongs_to(anchor, name):
+    assert site_name(Named(), anchor) == name
+
+
+def test_sites_that_would_share_a_name_are_told_apart():
+    model = Named()
+    # two residuals in one module: by the layer that holds each anchor
+    assert site_names(model, ["inner.a.weight", "inner.b.weight"]) == {
+        "inner.a.weight": "inner.a",
+        "inner.b.weight": "inner.b",
+    }
+    # a weight-shared layer's second call (keyed on its bias): by a call count
+    assert site_names(model, ["layers.0.weight", "layers.0.bias"]) == {
+        "layers.0.weight": "layers.0",
+        "layers.0.bias": "layers.0#2",
+    }
