@@ -10,7 +10,6 @@ captures is rewritten by `hcpass.runtime.graphs` and finds its mixers through
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from hcpass.runtime.call import (
 from hcpass.runtime.graphs import GraphRewriter, eager_backend
 from hcpass.runtime.lookup import SiteLookup
 from hcpass.runtime.mixer import SiteModule
+from hcpass.runtime.proxy import FromOriginal, converted_class, encoder_decoder_generate
 
 # What the converted module registers of the original root, and keeps in sync with it.
 _ROOT_KINDS = ("_parameters", "_buffers", "_modules")
@@ -46,22 +46,7 @@ _ROOT_KINDS = ("_parameters", "_buffers", "_modules")
 _RUNTIME_STATE = ("_entries",)
 
 
-class _FromOriginal(type):
-    """Class-level lookups a converted class lacks fall through to the original model's
-    class (HF ``generate`` looks its decoding loop up as ``getattr(type(self), "_sample")``)."""
-
-    def __getattr__(cls, name: str) -> Any:
-        # Through the MRO: wrappers such as FSDP2's fully_shard subclass the converted class.
-        original = next(
-            (k.__dict__["_original_class"] for k in cls.__mro__ if "_original_class" in k.__dict__),
-            None,
-        )
-        if original is None or name.startswith("__"):
-            raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
-        return getattr(original, name)
-
-
-class ConvertedModule(nn.Module, metaclass=_FromOriginal):
+class ConvertedModule(nn.Module, metaclass=FromOriginal):
     """`model` with its residual chains widened to n streams (see `hcpass.convert`).
 
     An instance's class is a subclass made per original class (``ConvertedGPT2LMHeadModel``)
@@ -72,7 +57,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
 
     def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> ConvertedModule:
         if cls is ConvertedModule:
-            cls = _converted_class(type(model))
+            cls = converted_class(ConvertedModule, type(model))
         return super().__new__(cls)
 
     def __init__(
@@ -148,7 +133,7 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
             if model is None or name.startswith("__"):
                 raise
         if name == "generate" and getattr(getattr(model, "config", None), "is_encoder_decoder", 0):
-            return functools.partial(_encoder_decoder_generate, type(model).__name__)
+            return functools.partial(encoder_decoder_generate, type(model).__name__)
         value = getattr(model, name)
         if isinstance(value, types.MethodType) and value.__self__ is model:
             return types.MethodType(value.__func__, self)
@@ -307,26 +292,5 @@ class ConvertedModule(nn.Module, metaclass=_FromOriginal):
         return self._rewriter.rewrite(gm)
 
 
-@functools.cache
-def _converted_class(original: type[nn.Module]) -> type[ConvertedModule]:
-    def forward(self: ConvertedModule, *args: Any, **kwargs: Any) -> Any:
-        return ConvertedModule.forward(self, *args, **kwargs)
-
-    # HF generation inspects forward's parameters to choose the inputs it passes.
-    forward.__signature__ = inspect.signature(original.forward)
-    namespace = {"_original_class": original, "forward": forward, "__module__": __name__}
-    return _FromOriginal(f"Converted{original.__name__}", (ConvertedModule,), namespace)
-
-
 def _unpickle(original: type[nn.Module]) -> ConvertedModule:
-    return object.__new__(_converted_class(original))
-
-
-def _encoder_decoder_generate(model_name: str, *args: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError(
-        f"hcpass: generate() on a converted encoder-decoder model ({model_name}) is not "
-        "supported: HF's generate runs the encoder on its own (`get_encoder()`), outside the "
-        "converted forward, so the encoder's sites would run without their mixers. Call the "
-        "converted model itself for each step (`converted(input_ids=..., "
-        "decoder_input_ids=...)`), or generate without mixers: `converted.original.generate`"
-    )
+    return object.__new__(converted_class(ConvertedModule, original))
