@@ -167,6 +167,10 @@ class ConvertedModule(nn.Module, metaclass=FromOriginal):
         self._sync_root()
         return self._model
 
+    def follows(self, key: str) -> str | None:
+        """The site before `key`'s in its planned chain (None where the chain starts)."""
+        return self._lookup.follows(key)
+
     @property
     def graph_module(self) -> fx.GraphModule:
         """The rewritten graph captured with the example inputs (the first, if Dynamo split
