@@ -10,9 +10,10 @@ from hcpass import logs as _logs
 from hcpass import manifolds, training
 from hcpass import ops as _ops  # noqa: F401  (registers torch.ops.hcpass)
 from hcpass.api import compile, convert, explain
-from hcpass.frontend.plan import FAMILIES, Report, SiteReport
+from hcpass.frontend.plan import Report, SiteReport
 from hcpass.manifolds import Manifold, register_manifold
 from hcpass.manifolds import available as available_manifolds
+from hcpass.runtime.families import NAMES as FAMILIES
 from hcpass.runtime.mixer import Mixer
 from hcpass.runtime.module import ConvertedModule
 from hcpass.runtime.pseudo_query import PseudoQuery

@@ -8,21 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcpass import manifolds
 from hcpass.frontend.capture import capture
-from hcpass.frontend.plan import (
-    ATTNRES,
-    FAMILIES,
-    HYPER_CONNECTIONS,
-    NO_GRAPH,
-    WHAT_IS_A_SITE,
-    Report,
-    plan,
-)
-from hcpass.rewrite.attnres import AttnResOptions
-from hcpass.runtime.mixer import Mixer, SiteModule
+from hcpass.frontend.plan import NO_GRAPH, WHAT_IS_A_SITE, Report, plan
+from hcpass.runtime import families
 from hcpass.runtime.module import ConvertedModule
-from hcpass.runtime.pseudo_query import PseudoQuery
 
 
 def _validate_model(model: nn.Module, example_inputs: Sequence[Any], example_kwargs) -> tuple:
@@ -105,27 +94,21 @@ def _refuse_compiled_root(model: nn.Module) -> None:
         )
 
 
-def _validate_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return family
-
-
 def explain(
     model: nn.Module,
     example_inputs: Sequence[Any] = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
-    family: str = HYPER_CONNECTIONS,
+    family: str = families.DEFAULT,
 ) -> Report:
     """Which adds of `model` are residual sites `family` rewrites, and why the others are
     skipped (with ``family="attnres"``, per chain: why it cannot become Attention Residuals).
 
     The model is run once on the example inputs under Dynamo (no grad; its buffers and
     the RNG state are restored)."""
-    family = _validate_family(family)
+    narrow = families.family(family).narrow
     args, kwargs = _validate_model(model, example_inputs, example_kwargs)
-    return plan(model, capture(model, args, kwargs), family).report
+    return plan(model, capture(model, args, kwargs), narrow).report
 
 
 def convert(
@@ -133,7 +116,7 @@ def convert(
     example_inputs: Sequence[Any] = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
-    family: str = HYPER_CONNECTIONS,
+    family: str = families.DEFAULT,
     streams: int | None = None,
     manifold: str | None = None,
     block_size: int | None = None,
@@ -153,26 +136,14 @@ def convert(
     Returns a trainable module that owns `model`'s parameters under their original names
     plus ``mixers.*`` (mixers, or pseudo-queries); at init it computes what `model` did.
     """
-    family = _validate_family(family)
-    if family == ATTNRES:
-        given = {"streams": streams, "manifold": manifold, **manifold_options}
-        wrong = sorted(name for name, value in given.items() if value is not None)
-        if wrong:
-            raise ValueError(
-                f"{', '.join(wrong)}: options of family='hyper-connections'; "
-                "family='attnres' takes block_size"
-            )
-        options = AttnResOptions(block_size)
-    else:
-        if block_size is not None:
-            raise ValueError("block_size is an option of family='attnres'")
-        mixer_manifold = manifolds.create(
-            manifold or "sinkhorn", 4 if streams is None else streams, **manifold_options
-        )
+    chosen = families.family(family)
+    options = chosen.options(
+        streams=streams, manifold=manifold, block_size=block_size, **manifold_options
+    )
     args, kwargs = _validate_model(model, example_inputs, example_kwargs)
     _refuse_compiled_root(model)
     graphs = capture(model, args, kwargs)
-    found = plan(model, graphs, family)
+    found = plan(model, graphs, chosen.narrow)
     if found.report.graphs == 0:
         raise ValueError(f"hcpass cannot convert {type(model).__name__}: {NO_GRAPH}.")
     if not found.sites:
@@ -182,26 +153,8 @@ def convert(
             f"{WHAT_IS_A_SITE}."
             + (f"\nCandidate adds that were skipped:\n{detail}" if detail else "")
         )
-    mixers: dict[str, SiteModule]
-    if family == ATTNRES:
-        mixers = {
-            site.key: PseudoQuery(
-                site.channels,
-                options.spec(),
-                starts_chain=site.position == 0,
-                ends_chain=site.ends_chain,
-            )
-            for site in found.sites
-        }
-    else:
-        mixers = {
-            site.key: Mixer(
-                mixer_manifold, site.channels, site.position, keep_copies=site.keep_copies
-            )
-            for site in found.sites
-        }
-    attnres = options if family == ATTNRES else None
-    converted = ConvertedModule(model, found, mixers, graphs, attnres)
+    mixers = {site.key: chosen.site_module(site, options) for site in found.sites}
+    converted = ConvertedModule(model, found, mixers, chosen, options, graphs)
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     if reference is None:
         return converted

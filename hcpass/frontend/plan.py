@@ -2,18 +2,20 @@
 
 Shared by `convert`/`explain` (on the graphs captured with the example inputs) and by the
 runtime and backend (on every re-capture), so a site is recognised the same way each time.
+
+The rewrite family (`hcpass.runtime.families`) is a later stage: what the front end needs of
+it, the family's own narrowing of the sites (`Narrow`), is handed in by the caller.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
-from hcpass.frontend.attnres import keep_convertible
 from hcpass.frontend.capture import CapturedGraph, parameter_name
 from hcpass.frontend.regions import inline_checkpoints
 from hcpass.frontend.sites import (
@@ -26,10 +28,9 @@ from hcpass.frontend.sites import (
 from hcpass.patterns.node_sets import is_affine_stream_op
 from hcpass.text import table, unique_name
 
-# The rewrite families: n-stream mixers (HC, mHC and its variants), Attention Residuals.
-HYPER_CONNECTIONS = "hyper-connections"
-ATTNRES = "attnres"
-FAMILIES = (HYPER_CONNECTIONS, ATTNRES)
+# A rewrite family's narrowing of the sites: moves the chains the family cannot rewrite to
+# `SiteAnalysis.skipped`, each site with the reason (Attention Residuals: `keep_convertible`).
+Narrow = Callable[[SiteAnalysis], None]
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
@@ -91,18 +92,18 @@ class Report:
 
 
 def analyse(
-    gm: fx.GraphModule, keep: SiteFilter | None = None, family: str = HYPER_CONNECTIONS
+    gm: fx.GraphModule, keep: SiteFilter | None = None, narrow: Narrow | None = None
 ) -> tuple[fx.Graph, SiteAnalysis]:
-    """A normalised copy of `gm`'s graph and the sites `family` can rewrite (the copy is
-    what a rewrite edits), with activation-checkpoint bodies inlined (`regions`) so their
-    adds are searched. Parameter placeholders must carry their names
-    (`capture.annotate_parameters`)."""
+    """A normalised copy of `gm`'s graph and the sites a family can rewrite (the copy is
+    what a rewrite edits): those `keep` keeps, then those the family's `narrow` leaves (None:
+    every chain), with activation-checkpoint bodies inlined (`regions`) so their adds are
+    searched. Parameter placeholders must carry their names (`capture.annotate_parameters`)."""
     graph = copy.deepcopy(gm.graph)
     closed = inline_checkpoints(graph, gm)
     normalize_inplace(graph)
     analysis = find_sites(graph, parameter_name, keep)
-    if family == ATTNRES:
-        keep_convertible(analysis)
+    if narrow is not None:
+        narrow(analysis)
     analysis.skipped.extend(closed)
     return graph, analysis
 
@@ -183,9 +184,9 @@ class _ChainEnd:
     length: int  # sites in the chain so far, across graphs
 
 
-def plan(
-    model: nn.Module, graphs: Sequence[CapturedGraph], family: str = HYPER_CONNECTIONS
-) -> Plan:
+def plan(model: nn.Module, graphs: Sequence[CapturedGraph], narrow: Narrow | None = None) -> Plan:
+    """The sites of `graphs` that get a mixer (those `narrow` leaves, as `analyse`), named
+    and chained across graph breaks, and a report row for every candidate add."""
     rows: list[SiteReport] = []
     planned: dict[str, PlannedSite] = {}
     keys: set[str] = set()
@@ -193,7 +194,7 @@ def plan(
     ends: dict[tuple[int, int], _ChainEnd] = {}  # (graph, output position) -> chain end
     copies: set[str] = set()  # keys of sites whose chain part lifts a nonlinear op
     chain_ends: set[str] = set()
-    analysed = [(captured, *analyse(captured.gm, family=family)) for captured in graphs]
+    analysed = [(captured, *analyse(captured.gm, narrow=narrow)) for captured in graphs]
     names = site_names(
         model,
         [

@@ -3,7 +3,8 @@
 Every graph Dynamo captures of a converted forward -- with the example inputs at
 conversion, and again at each re-capture (new shapes, a graph break, an outer compile) -- is
 analysed by the front end (`hcpass.frontend.plan.analyse`), keeping the sites the plan gave
-a mixer, and rewritten (`hcpass.rewrite`) with the mixers the lookup finds. The result
+a mixer, and rewritten by the module's family (`hcpass.runtime.families`) with the mixers
+the lookup finds. The result
 is a `MixedGraph`, which the runtime runs eagerly (`eager_backend`) or the lowering backend
 compiles (through `hcpass.runtime.call.Rewriter`, which `GraphRewriter` implements).
 """
@@ -18,15 +19,14 @@ from torch import fx, nn
 
 from hcpass import logs
 from hcpass.frontend.capture import annotate_call, annotate_parameters, parameter_names
-from hcpass.frontend.plan import ATTNRES, HYPER_CONNECTIONS, analyse
+from hcpass.frontend.plan import analyse
 from hcpass.frontend.sites import Site
-from hcpass.rewrite.attnres import AttnResOptions, rewrite_attnres
 from hcpass.rewrite.base import graph_module
-from hcpass.rewrite.chains import rewrite_chains
 from hcpass.rewrite.regions import checkpoint_eagerly
 from hcpass.runtime import handoff
 from hcpass.runtime.call import MixedGraph, current_rewriter
 from hcpass.runtime.decode import call_decode_steps
+from hcpass.runtime.families import Family
 from hcpass.runtime.lookup import SiteLookup
 from hcpass.runtime.mixer import SiteModule
 
@@ -41,11 +41,13 @@ class GraphRewriter:
         model: nn.Module,
         lookup: SiteLookup,
         mixers: dict[str, SiteModule],
-        attnres: AttnResOptions | None,
+        family: Family[Any],
+        options: Any,
     ) -> None:
         self._model = model
         self._lookup = lookup
-        self._attnres = attnres  # the rewrite family: hyper-connections (None) or AttnRes
+        self._family = family
+        self._options = options  # the family's
         # Equal for modules whose rewritten graphs are interchangeable: the same sites with
         # the same mixers (the family and options are in each mixer's spec).
         self.rewrite_key: Hashable = tuple(
@@ -58,13 +60,9 @@ class GraphRewriter:
         Returns the rewritten GraphModule and a callable running `fn(*inputs, *mixer
         params)`; the caller sets `MixedGraph.fn` (eager: the GraphModule itself)."""
         annotate_parameters(gm, parameter_names(self._model))
-        family = HYPER_CONNECTIONS if self._attnres is None else ATTNRES
-        graph, analysis = analyse(gm, keep=self._keep, family=family)
+        graph, analysis = analyse(gm, keep=self._keep, narrow=self._family.narrow)
         slots = {site: self._lookup.slot(site.anchor_name) for site in analysis.sites}
-        if self._attnres is None:
-            result = rewrite_chains(graph, analysis, slots)
-        else:
-            result = rewrite_attnres(graph, analysis, slots, self._attnres)
+        result = self._family.rewrite(graph, analysis, slots, self._options)
         rewritten = graph_module(gm, graph, result)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         index_of = {node.name: i for i, node in enumerate(placeholders)}

@@ -24,7 +24,6 @@ from hcpass.frontend.capture import (
     visible_residuals,
 )
 from hcpass.frontend.plan import Plan, Report
-from hcpass.rewrite.attnres import AttnResOptions
 from hcpass.runtime import checks, export, handoff
 from hcpass.runtime.call import (
     RUN,
@@ -34,6 +33,7 @@ from hcpass.runtime.call import (
     dynamo_settings,
     has_dtensor_parameters,
 )
+from hcpass.runtime.families import Family
 from hcpass.runtime.graphs import GraphRewriter, eager_backend
 from hcpass.runtime.lookup import SiteLookup
 from hcpass.runtime.mixer import SiteModule
@@ -65,8 +65,9 @@ class ConvertedModule(nn.Module, metaclass=FromOriginal):
         model: nn.Module,
         plan: Plan,
         mixers: dict[str, SiteModule],
+        family: Family[Any],
+        options: Any,
         graphs: Sequence[CapturedGraph] = (),
-        attnres: AttnResOptions | None = None,
     ) -> None:
         super().__init__()
         clashes = sorted(
@@ -92,11 +93,13 @@ class ConvertedModule(nn.Module, metaclass=FromOriginal):
         object.__setattr__(self, "_root_synced", {})
         self._sync_root()  # both sides hold the same objects: the first snapshot
         self.mixers = nn.ModuleDict(mixers)
-        # The rewrite family: hyper-connections (None) or Attention Residuals.
-        self.attnres = attnres
+        object.__setattr__(self, "_family", family)
+        object.__setattr__(self, "_family_options", options)
         self.report: Report = plan.report
         object.__setattr__(self, "_lookup", SiteLookup(plan, model, self.mixers))
-        object.__setattr__(self, "_rewriter", GraphRewriter(model, self._lookup, mixers, attnres))
+        object.__setattr__(
+            self, "_rewriter", GraphRewriter(model, self._lookup, mixers, family, options)
+        )
         self._fresh_runtime()
         # What one forward runs, as captured with the example inputs.
         self.graph_modules: list[fx.GraphModule] = [self.rewrite(g.gm)[0] for g in graphs]
@@ -166,6 +169,16 @@ class ConvertedModule(nn.Module, metaclass=FromOriginal):
         of it such as ``generate``, runs the model without the mixers."""
         self._sync_root()
         return self._model
+
+    @property
+    def family(self) -> Family[Any]:
+        """The rewrite family the model was converted with (`hcpass.runtime.families`)."""
+        return self._family
+
+    @property
+    def family_options(self) -> Any:
+        """That family's options (`Family.options`), as `convert` was given them."""
+        return self._family_options
 
     def follows(self, key: str) -> str | None:
         """The site before `key`'s in its planned chain (None where the chain starts)."""

@@ -22,9 +22,10 @@ from hcpass.frontend.capture import (
     side_effect_free,
     unwrapped_parameters,
 )
-from hcpass.frontend.plan import ATTNRES, HYPER_CONNECTIONS, WHAT_IS_A_SITE, analyse, plan
+from hcpass.frontend.plan import WHAT_IS_A_SITE, analyse, plan
 from hcpass.frontend.sites import Site
 from hcpass.ops.attnres import reference as attnres_reference
+from hcpass.rewrite.attnres import AttnResOptions
 from hcpass.runtime.module import ConvertedModule
 from hcpass.text import unique_name
 
@@ -148,7 +149,9 @@ def depth_weights(
     A chain's first site reads the chain's input alone: its weights are ones ``[*pos, 1]``.
     At init (zero queries) every site reads the mean of its k values: weights ``1 / k``. A
     site that runs twice (a weight-shared block) appears as ``name``, ``name#2``."""
-    if not isinstance(model, ConvertedModule) or model.attnres is None:
+    if not isinstance(model, ConvertedModule) or not isinstance(
+        model.family_options, AttnResOptions
+    ):
         raise TypeError(
             "hcpass.depth_weights needs a model returned by hcpass.convert(..., family='attnres')"
         )
@@ -163,7 +166,7 @@ def depth_weights(
     recorder = _WeightRecorder()
     with side_effect_free(model):
         model.observed_forward(recorder, *tuple(example_inputs), **(example_kwargs or {}))
-    block_size = model.attnres.block_size
+    block_size = model.family_options.block_size
     result: dict[str, DepthWeights] = {}
 
     def add(name: str, weights: Tensor, chain: list[str]) -> None:
@@ -280,7 +283,7 @@ def depth_profile(
             graphs = capture(original, args, kwargs)
         runs, output = _run_converted(model, args, kwargs)
         chain_of = {key: chain[0] for key, chain in _chains(model).items()}
-        family = ATTNRES if model.attnres is not None else HYPER_CONNECTIONS
+        family = model.family.name
     else:
         original = model
         graphs, runs, output = _run_plain(model, args, kwargs)
@@ -293,7 +296,7 @@ def depth_profile(
             "and why each is not a site"
         )
     key_of = {site.anchor: site.key for site in found.sites}
-    if family == PLAIN:
+    if not isinstance(model, ConvertedModule):
         first = {site.key: site.follows for site in found.sites}
         chain_of = {key: _first_of(key, first) for key in first}
         for run in runs:
@@ -480,7 +483,7 @@ class _ConvertedSites(TorchDispatchMode):
             for key, module in model.mixers.items()
             if getattr(module, "bias", None) is not None
         }
-        self.block_size = (model.attnres.block_size or 1) if model.attnres is not None else 1
+        self.options = model.family_options
         self.chains = _chains(model)
         self.read_by: dict[int, tuple[str, bool]] = {}  # query pointer -> (site, output?)
         for key, module in model.mixers.items():
@@ -516,7 +519,8 @@ class _ConvertedSites(TorchDispatchMode):
         closed = len(chain) - 1 if output else chain.index(key) - 1
         run = self.open.pop(start, None) or _SiteRun(chain[0], _rms(values[0]))
         partial = values[-1].detach()
-        y = partial if closed % self.block_size == 0 else partial - self.partial[start]
+        block_size = self.options.block_size or 1  # attnres ops: an AttnResOptions
+        y = partial if closed % block_size == 0 else partial - self.partial[start]
         self.partial[start] = partial
         run.output_rms, run.stream_rms = _rms(y), _rms(torch.stack(list(values)).sum(0))
         self.runs.append(run)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hcpass
-from hcpass.frontend.plan import ATTNRES  # also the name of the attnres variant
+from hcpass.runtime.families.attnres import ATTNRES  # also the name of the attnres variant
 from hcpass.tools.demo.gpt import GPT, GPTConfig
 from hcpass.tools.demo.train import TrainConfig, evaluate, step_ms, train, validation_batches
 from hcpass.tools.inspection import DepthProfile
