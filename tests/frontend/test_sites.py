@@ -410,6 +410,27 @@ def test_plan_lists_skipped_adds_among_the_sites_in_graph_order():
     assert str(report).splitlines()[-1] == "1 rewritten, 1 skipped, 1 graph(s), 0 graph break(s)"
 
 
+def test_plan_with_a_familys_narrowing_plans_only_the_chains_it_keeps():
+    # Attention Residuals' narrowing: a chain that ends in a final norm is kept, and its
+    # last site holds the output query; a chain whose output is returned is reported
+    _, kept = pre_norm_chain(final_norm=True)
+    planned = plan(Blocks(), [captured(kept, 0)], narrow=keep_convertible)
+    assert [(p.name, p.ends_chain) for p in planned.sites] == [
+        ("blocks.0", False),
+        ("blocks.1", True),
+    ]
+    _, left_out = pre_norm_chain(final_norm=False)
+    planned = plan(Blocks(), [captured(left_out, 0)], narrow=keep_convertible)
+    assert planned.sites == []
+    assert [(r.name, r.status) for r in planned.report.sites] == [
+        ("add", "skipped"),
+        ("add_1", "skipped"),
+    ]
+    assert all(
+        r.reason.startswith("not converted to Attention Residuals: ") for r in planned.report.sites
+    )
+
+
 def test_plan_of_a_graph_without_adds_has_no_sites():
     g = GraphBuilder()
     x = g.input("x", 2, 3, WIDTH)
