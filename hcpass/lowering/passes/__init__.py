@@ -16,6 +16,10 @@ Inductor's cache keys on the graph they produced; the joint and post-grad passes
 Inductor's custom-pass hooks (``CustomGraphPass``), in its cache key through their ``uuid``.
 A never-converted model gets no pass (`NO_PASSES`). Each pass counts what it did in
 ``torch._dynamo.utils.counters["hcpass"]``: tests and users read counts, not log lines.
+
+Graphs that reach no backend -- a converted model run eagerly -- get one rewrite, which is
+the runtime's, not a lowering pass: `hcpass.runtime.decode.call_decode_steps` puts each
+site's ops behind the native decoding path. Compiled and exported graphs never get it.
 """
 
 from __future__ import annotations
