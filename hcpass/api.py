@@ -146,14 +146,14 @@ def convert(
     found = plan(model, graphs, chosen.narrow)
     if found.report.graphs == 0:
         raise ValueError(f"hcpass cannot convert {type(model).__name__}: {NO_GRAPH}.")
-    if not found.sites:
+    if not found.planned:
         detail = "\n".join(f"  {s.name}: {s.reason}" for s in found.report.skipped)
         raise ValueError(
             f"hcpass found no residual sites to rewrite in {type(model).__name__}; "
             f"{WHAT_IS_A_SITE}."
             + (f"\nCandidate adds that were skipped:\n{detail}" if detail else "")
         )
-    mixers = {site.key: chosen.site_module(site, options) for site in found.sites}
+    mixers = {site.key: chosen.site_module(site, options) for site in found.planned}
     converted = ConvertedModule(model, found, mixers, chosen, options, graphs)
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     if reference is None:

@@ -171,7 +171,7 @@ class PlannedSite:
 @dataclass(frozen=True)
 class Plan:
     report: Report
-    sites: list[PlannedSite]  # one per distinct mixer
+    planned: list[PlannedSite]  # one per distinct mixer
     runs: int  # site executions per forward (a weight-shared block counts each call)
 
 
@@ -247,11 +247,11 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph], narrow: Narrow | Non
     for key in list(copies):
         while (key := follows[key]) is not None and key not in copies:
             copies.add(key)
-    sites = [
+    planned_sites = [
         replace(p, keep_copies=p.key in copies, ends_chain=p.key in chain_ends)
         for p in planned.values()
     ]
-    return Plan(Report(rows, len(graphs), breaks), sites, runs)
+    return Plan(Report(rows, len(graphs), breaks), planned_sites, runs)
 
 
 def _node_label(node: fx.Node) -> str:

@@ -27,9 +27,9 @@ class SiteLookup:
     def __init__(self, plan: Plan, model: nn.Module, mixers: nn.ModuleDict) -> None:
         self._model = model
         self._mixers = mixers
-        self._key_of = {site.anchor: site.key for site in plan.sites}
-        self._follows = {site.key: site.follows for site in plan.sites}
-        self._label_of = {site.key: site.name for site in plan.sites}
+        self._key_of = {site.anchor: site.key for site in plan.planned}
+        self._follows = {site.key: site.follows for site in plan.planned}
+        self._label_of = {site.key: site.name for site in plan.planned}
         self.runs = plan.runs  # site executions per forward (a shared block counts each call)
         self._names_by_id: dict[int, tuple[str, torch.Tensor]] = {}
 

@@ -289,15 +289,15 @@ def depth_profile(
         graphs, runs, output = _run_plain(model, args, kwargs)
         family = PLAIN
     found = plan(original, graphs)
-    if not found.sites:
+    if not found.planned:
         raise ValueError(
             f"hcpass.depth_profile found no residual sites in {type(original).__name__}: "
             f"{WHAT_IS_A_SITE}. `hcpass.explain(model, example_inputs)` lists the adds it saw "
             "and why each is not a site"
         )
-    key_of = {site.anchor: site.key for site in found.sites}
+    key_of = {site.anchor: site.key for site in found.planned}
     if not isinstance(model, ConvertedModule):
-        first = {site.key: site.follows for site in found.sites}
+        first = {site.key: site.follows for site in found.planned}
         chain_of = {key: _first_of(key, first) for key in first}
         for run in runs:
             run.key = key_of[run.key]

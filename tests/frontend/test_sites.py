@@ -366,14 +366,14 @@ def graphs_split_after_block_0(post_norm_in_block_1: bool = False) -> list[Captu
 
 
 def test_plan_names_sites_after_their_blocks_and_continues_a_chain_across_a_graph_break():
-    planned = plan(Blocks(), graphs_split_after_block_0())
-    assert [(p.key, p.name, p.anchor, p.position, p.follows) for p in planned.sites] == [
+    found = plan(Blocks(), graphs_split_after_block_0())
+    assert [(p.key, p.name, p.anchor, p.position, p.follows) for p in found.planned] == [
         ("blocks_0", "blocks.0", "blocks.0.fc.weight", 0, None),
         ("blocks_1", "blocks.1", "blocks.1.fc.weight", 1, "blocks_0"),
         ("blocks_2", "blocks.2", "blocks.2.fc.weight", 2, "blocks_1"),
     ]
-    assert planned.runs == 3
-    report = planned.report
+    assert found.runs == 3
+    report = found.report
     assert (report.graphs, report.graph_breaks) == (2, ["a print"])
     assert [(r.name, r.status, r.reason, r.graph, r.node) for r in report.sites] == [
         ("blocks.0", "rewritten", "", 0, "add"),
@@ -392,9 +392,9 @@ def test_plan_keeps_the_streams_copies_before_a_post_norm_in_a_later_graph():
     # mean_i LN(X_i) != LN(mean_i X_i): every site of a chain that lifts a LayerNorm, in the
     # graphs before too, must start with its streams copies
     plain = plan(Blocks(), graphs_split_after_block_0())
-    assert [p.keep_copies for p in plain.sites] == [False, False, False]
+    assert [p.keep_copies for p in plain.planned] == [False, False, False]
     post_norm = plan(Blocks(), graphs_split_after_block_0(post_norm_in_block_1=True))
-    assert [p.keep_copies for p in post_norm.sites] == [True, True, True]
+    assert [p.keep_copies for p in post_norm.planned] == [True, True, True]
 
 
 def test_plan_lists_skipped_adds_among_the_sites_in_graph_order():
@@ -414,28 +414,28 @@ def test_plan_with_a_familys_narrowing_plans_only_the_chains_it_keeps():
     # Attention Residuals' narrowing: a chain that ends in a final norm is kept, and its
     # last site holds the output query; a chain whose output is returned is reported
     _, kept = pre_norm_chain(final_norm=True)
-    planned = plan(Blocks(), [captured(kept, 0)], narrow=keep_convertible)
-    assert [(p.name, p.ends_chain) for p in planned.sites] == [
+    found = plan(Blocks(), [captured(kept, 0)], narrow=keep_convertible)
+    assert [(p.name, p.ends_chain) for p in found.planned] == [
         ("blocks.0", False),
         ("blocks.1", True),
     ]
     _, left_out = pre_norm_chain(final_norm=False)
-    planned = plan(Blocks(), [captured(left_out, 0)], narrow=keep_convertible)
-    assert planned.sites == []
-    assert [(r.name, r.status) for r in planned.report.sites] == [
+    found = plan(Blocks(), [captured(left_out, 0)], narrow=keep_convertible)
+    assert found.planned == []
+    assert [(r.name, r.status) for r in found.report.sites] == [
         ("add", "skipped"),
         ("add_1", "skipped"),
     ]
     assert all(
-        r.reason.startswith("not converted to Attention Residuals: ") for r in planned.report.sites
+        r.reason.startswith("not converted to Attention Residuals: ") for r in found.report.sites
     )
 
 
 def test_plan_of_a_graph_without_adds_has_no_sites():
     g = GraphBuilder()
     x = g.input("x", 2, 3, WIDTH)
-    planned = plan(Blocks(), [captured(g.output(g.linear(x, "blocks.0.fc", WIDTH)), 0)])
-    assert (planned.sites, planned.report.sites, planned.runs) == ([], [], 0)
+    found = plan(Blocks(), [captured(g.output(g.linear(x, "blocks.0.fc", WIDTH)), 0)])
+    assert (found.planned, found.report.sites, found.runs) == ([], [], 0)
 
 
 class Inner(nn.Module):
