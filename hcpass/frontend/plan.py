@@ -62,27 +62,43 @@ class SiteReport:
 class Report:
     """What `explain`/`convert` found: one row per same-shape tensor add."""
 
-    sites: list[SiteReport]
+    rows: list[SiteReport]  # every candidate add, the skipped ones too
     graphs: int
     graph_breaks: list[str]
 
     @property
+    def sites(self) -> list[SiteReport]:
+        # The rows include skipped adds, which are not sites: fail at once with the new name.
+        raise AttributeError(
+            "Report.sites was renamed to Report.rows (one row per same-shape add, skipped "
+            "ones too); use report.rows, or report.rewritten for the sites"
+        )
+
+    @property
     def rewritten(self) -> list[SiteReport]:
-        return [s for s in self.sites if s.status == REWRITTEN]
+        return [s for s in self.rows if s.status == REWRITTEN]
 
     @property
     def skipped(self) -> list[SiteReport]:
-        return [s for s in self.sites if s.status == SKIPPED]
+        return [s for s in self.rows if s.status == SKIPPED]
 
     def to_dict(self) -> dict:
+        # The JSON keeps its "sites" key: files and `hcpass explain --json` readers use it.
         return {
             "graphs": self.graphs,
             "graph_breaks": self.graph_breaks,
-            "sites": [vars(s) for s in self.sites],
+            "sites": [vars(s) for s in self.rows],
         }
 
+    def __setstate__(self, state: dict) -> None:
+        # A module saved before the rename (`torch.save(converted)`) holds the rows as "sites".
+        if "sites" in state:
+            state = {**state, "rows": state["sites"]}
+            del state["sites"]
+        self.__dict__.update(state)
+
     def __str__(self) -> str:
-        rows = [(s.name, s.status, s.reason or "-") for s in self.sites]
+        rows = [(s.name, s.status, s.reason or "-") for s in self.rows]
         totals = (
             f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
             f"{self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)"

@@ -394,8 +394,8 @@ def test_a_chain_split_by_a_graph_break_converts_after_the_break_only():
     model = BrokenChain()
     x = torch.randn(2, 3, 16)
     report = hcpass.explain(model, (x,), family="attnres")
-    assert [s.status for s in report.sites] == ["skipped", "skipped", "rewritten", "rewritten"]
-    assert "the chain's output is read by the graph's return" in report.sites[0].reason
+    assert [s.status for s in report.rows] == ["skipped", "skipped", "rewritten", "rewritten"]
+    assert "the chain's output is read by the graph's return" in report.rows[0].reason
     converted = hcpass.convert(model, (x,), family="attnres")
     with torch.no_grad():
         assert _rel_err(converted(x), model(x)) <= PRESERVE_RTOL

@@ -93,7 +93,7 @@ def test_checkpointed_blocks_are_rewritten_with_equal_gradients_and_less_saved(r
     model.reentrant = reentrant
 
     report = hcpass.explain(model, (ids,))
-    assert [(s.name, s.status) for s in report.sites] == [
+    assert [(s.name, s.status) for s in report.rows] == [
         ("blocks.0.attn", "rewritten"),
         ("blocks.0.mlp", "rewritten"),
         ("blocks.1.attn", "rewritten"),
@@ -124,7 +124,7 @@ def test_regions_that_change_python_state_are_rewritten(family, options):
     _trained_mixers(plain)
 
     report = hcpass.explain(base, (ids,), family=family)
-    assert [(s.name, s.status) for s in report.sites] == [
+    assert [(s.name, s.status) for s in report.rows] == [
         ("blocks.0.attn", "rewritten"),
         ("blocks.0.mlp", "rewritten"),
         ("blocks.1.attn", "rewritten"),
@@ -241,6 +241,6 @@ def test_a_nested_region_is_listed_as_skipped():
             return checkpoint(self.inner, x, use_reentrant=False)
 
     report = hcpass.explain(Outer(), (torch.randn(2, 3, 8),))
-    assert [(s.status, s.reason.split(":")[0]) for s in report.sites] == [
+    assert [(s.status, s.reason.split(":")[0]) for s in report.rows] == [
         ("skipped", "activation-checkpoint region not searched")
     ]

@@ -45,7 +45,7 @@ class AddsIntoItsInput(nn.Module):
 def test_every_add_into_a_graph_input_is_skipped_and_the_caller_sees_its_writes():
     model, original, x = _seeded(AddsIntoItsInput)
     report = hcpass.explain(model, (x.clone(),))
-    assert [(s.status, s.reason) for s in report.sites] == [
+    assert [(s.status, s.reason) for s in report.rows] == [
         ("skipped", "in-place add mutates a graph input or a view"),
         ("skipped", "in-place add mutates a graph input or a view"),
         ("rewritten", ""),
@@ -98,8 +98,8 @@ class WriteBetweenSites(nn.Module):
 def test_a_site_on_a_stream_written_through_a_view_is_skipped(write):
     model, original, x = _seeded(WriteBetweenSites, WRITES_THROUGH_VIEWS[write])
     report = hcpass.explain(model, (x,))
-    assert report.sites[0].name == "g" and report.sites[0].status == "rewritten"
-    last = report.sites[-1]
+    assert report.rows[0].name == "g" and report.rows[0].status == "rewritten"
+    last = report.rows[-1]
     assert last.status == "skipped"
     assert last.reason.startswith("the stream is also written in place through a view")
     models.assert_computes_like(hcpass.convert(model, (x,), streams=4), original, x)
@@ -122,7 +122,7 @@ class InPlaceOpBetweenSites(nn.Module):
 
 def test_an_in_place_op_the_graph_orders_keeps_both_sites():
     model, original, x = _seeded(InPlaceOpBetweenSites)
-    assert [s.status for s in hcpass.explain(model, (x,)).sites] == ["rewritten", "rewritten"]
+    assert [s.status for s in hcpass.explain(model, (x,)).rows] == ["rewritten", "rewritten"]
     converted = hcpass.convert(model, (x,), streams=4)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), original(x), rtol=1e-5, atol=1e-5)

@@ -126,7 +126,7 @@ def test_residual_kept_in_fp32_is_a_site_in_a_bf16_model():
     model = Fp32Residuals().to(torch.bfloat16)
     (ids,), _ = models.token_inputs()
     report = hcpass.explain(model, (ids,))
-    assert [(s.name, s.status) for s in report.sites] == [
+    assert [(s.name, s.status) for s in report.rows] == [
         ("layers.0", "rewritten"),
         ("layers.1", "rewritten"),
     ]

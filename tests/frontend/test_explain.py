@@ -60,7 +60,7 @@ class BreakBetweenChains(nn.Module):
 
 
 def _table(report: hcpass.Report) -> list[tuple[str, str]]:
-    return [(s.name, s.status) for s in report.sites]
+    return [(s.name, s.status) for s in report.rows]
 
 
 def test_every_spelling_of_the_residual_add_is_found():
@@ -136,21 +136,21 @@ def test_a_bias_shared_by_the_layers_is_not_a_stream():
         ("root", "skipped"),
         ("out.1", "rewritten"),
     ], report
-    assert "only through the stream of another chain" in report.sites[2].reason
+    assert "only through the stream of another chain" in report.rows[2].reason
     models.assert_computes_like(hcpass.convert(model, (x,), streams=4), model, x)
 
 
 def test_elementwise_expression_is_not_a_block():
     report = hcpass.explain(Elementwise(), (torch.randn(2, 8),))
-    assert report.sites[0].status == "skipped"
-    assert "reads no parameters" in report.sites[0].reason
+    assert report.rows[0].status == "skipped"
+    assert "reads no parameters" in report.rows[0].reason
 
 
 def test_a_chain_continues_across_a_graph_break():
     report = hcpass.explain(GraphBreak(), (torch.randn(2, 8),))
     assert report.graphs == 2 and len(report.graph_breaks) == 1
-    assert [(s.name, s.status) for s in report.sites] == [("a", "rewritten"), ("b", "rewritten")]
-    assert report.sites[1].reason == (
+    assert [(s.name, s.status) for s in report.rows] == [("a", "rewritten"), ("b", "rewritten")]
+    assert report.rows[1].reason == (
         "continues the chain of a across a graph break (its n streams are handed over)"
     )
 
@@ -159,8 +159,8 @@ def test_graph_break_between_chains_keeps_both():
     model = BreakBetweenChains()
     x = torch.randn(2, 8)
     report = hcpass.explain(model, (x,))
-    assert [s.status for s in report.sites] == ["rewritten", "skipped"] or [
-        s.status for s in report.sites
+    assert [s.status for s in report.rows] == ["rewritten", "skipped"] or [
+        s.status for s in report.rows
     ] == ["rewritten", "rewritten"]
     converted = hcpass.convert(model, (x,))
     torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-6)
@@ -182,6 +182,26 @@ def test_report_to_dict_is_json_ready():
     report = hcpass.explain(models.tiny_gpt(), models.token_inputs()[0])
     data = json.loads(json.dumps(report.to_dict()))
     assert {"name", "status", "reason", "graph", "node"} <= set(data["sites"][0])
+
+
+def test_report_sites_was_renamed_to_rows_and_the_old_name_says_so():
+    rows = [hcpass.SiteReport("a", "rewritten", "", 0, "add")]
+    report = hcpass.Report(rows, graphs=1, graph_breaks=[])
+    assert report.rows == rows
+    with pytest.raises(AttributeError, match=r"renamed to Report\.rows.*use report\.rows"):
+        _ = report.sites
+
+
+def test_a_report_pickled_before_the_rename_loads_with_its_rows():
+    # `torch.save(converted)` from before the rename stored the report's rows as "sites"
+    import pickle
+
+    rows = [hcpass.SiteReport("a", "rewritten", "", 0, "add")]
+    current = pickle.dumps(hcpass.Report(rows, graphs=1, graph_breaks=[]), protocol=0)
+    saved = current.replace(b"Vrows\n", b"Vsites\n")
+    assert saved != current
+    loaded = pickle.loads(saved)
+    assert (loaded.rows, loaded.graphs, loaded.rewritten) == (rows, 1, rows)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -326,7 +346,7 @@ def test_sites_keyed_on_a_list_of_parameters_or_a_root_parameter_are_named_after
     """Their owner (the ParameterList, the root) is shared by every layer: the site is named
     after the parameter, so each row of `explain` names its own mixer."""
     x = torch.randn(2, 8)
-    names = [s.name for s in hcpass.explain(PerLayerGates(), (x,)).sites]
+    names = [s.name for s in hcpass.explain(PerLayerGates(), (x,)).rows]
     assert names == ["gates.0", "gates.1", "gate"]
     assert list(hcpass.convert(PerLayerGates(), (x,)).mixers) == ["gates_0", "gates_1", "gate"]
 
@@ -357,7 +377,7 @@ def test_sites_that_would_share_a_name_are_told_apart():
     """By their leaf layers where those differ, else by a call count; each row of `explain`
     names its own mixer."""
     x = torch.randn(2, 8)
-    names = [s.name for s in hcpass.explain(SharedNames(), (x,)).sites]
+    names = [s.name for s in hcpass.explain(SharedNames(), (x,)).rows]
     assert names == ["inner.a", "inner.b", "blk", "blk#2"]
     keys = list(hcpass.convert(SharedNames(), (x,)).mixers)
     assert keys == ["inner_a", "inner_b", "blk", "blk_2"]
@@ -375,7 +395,7 @@ class ResidualAcrossAView(nn.Module):
 
 def test_a_residual_across_a_view_or_detach_is_skipped_with_that_reason():
     report = hcpass.explain(ResidualAcrossAView(), (torch.randn(2, 2, 8),))
-    reasons = [s.reason for s in report.sites]
+    reasons = [s.reason for s in report.rows]
     assert reasons == [
         "the stream operand is view() of the value the branch reads, not that value: a "
         "residual across a view, reshape or detach is not rewritten",

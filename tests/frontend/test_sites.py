@@ -375,7 +375,7 @@ def test_plan_names_sites_after_their_blocks_and_continues_a_chain_across_a_grap
     assert found.runs == 3
     report = found.report
     assert (report.graphs, report.graph_breaks) == (2, ["a print"])
-    assert [(r.name, r.status, r.reason, r.graph, r.node) for r in report.sites] == [
+    assert [(r.name, r.status, r.reason, r.graph, r.node) for r in report.rows] == [
         ("blocks.0", "rewritten", "", 0, "add"),
         (
             "blocks.1",
@@ -403,7 +403,7 @@ def test_plan_lists_skipped_adds_among_the_sites_in_graph_order():
     noise = g.call(operator.add, x, g.method("relu", x))
     graph = g.output(block(g, noise, "blocks.0"))
     report = plan(Blocks(), [captured(graph, 0)]).report
-    assert [(r.name, r.status) for r in report.sites] == [
+    assert [(r.name, r.status) for r in report.rows] == [
         ("add", "skipped"),
         ("blocks.0", "rewritten"),
     ]
@@ -422,12 +422,12 @@ def test_plan_with_a_familys_narrowing_plans_only_the_chains_it_keeps():
     _, left_out = pre_norm_chain(final_norm=False)
     found = plan(Blocks(), [captured(left_out, 0)], narrow=keep_convertible)
     assert found.planned == []
-    assert [(r.name, r.status) for r in found.report.sites] == [
+    assert [(r.name, r.status) for r in found.report.rows] == [
         ("add", "skipped"),
         ("add_1", "skipped"),
     ]
     assert all(
-        r.reason.startswith("not converted to Attention Residuals: ") for r in found.report.sites
+        r.reason.startswith("not converted to Attention Residuals: ") for r in found.report.rows
     )
 
 
@@ -435,7 +435,7 @@ def test_plan_of_a_graph_without_adds_has_no_sites():
     g = GraphBuilder()
     x = g.input("x", 2, 3, WIDTH)
     found = plan(Blocks(), [captured(g.output(g.linear(x, "blocks.0.fc", WIDTH)), 0)])
-    assert (found.planned, found.report.sites, found.runs) == ([], [], 0)
+    assert (found.planned, found.report.rows, found.runs) == ([], [], 0)
 
 
 class Inner(nn.Module):

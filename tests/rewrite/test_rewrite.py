@@ -232,7 +232,7 @@ def test_dropout_on_the_stream_drops_every_stream_with_one_mask():
     original = copy.deepcopy(model)
     x = torch.randn(4, 5, 8)
     converted = hcpass.convert(model, (x,), streams=4).train()
-    assert [s.status for s in converted.report.sites] == ["rewritten"] * 3
+    assert [s.status for s in converted.report.rows] == ["rewritten"] * 3
     mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(1)
     out = converted(mine)
