@@ -53,8 +53,10 @@ class StreamOutput:
     anchor: int  # the graph input keying the mixer of the chain's last site here
 
 
-class Sites(Protocol):
-    """What the hand-off needs of the converted module's sites (`hcpass.runtime.lookup`)."""
+class ChainLookup(Protocol):
+    """What the hand-off needs of the converted module's site lookup (`SiteLookup` in
+    `hcpass.runtime.lookup`): which site a graph's anchor parameter keys, and which site comes
+    before it in its planned chain."""
 
     def site_key(self, anchor: torch.Tensor) -> str: ...
 
@@ -93,7 +95,7 @@ class Handoffs:
 
 def enter(
     handoffs: Handoffs,
-    sites: Sites,
+    lookup: ChainLookup,
     inputs: Sequence[StreamInput],
     args: Sequence[Any],
     dense: bool,
@@ -105,16 +107,16 @@ def enter(
     states = []
     for entry in inputs:
         x = args[entry.index]
-        key = sites.site_key(args[entry.anchor])
-        previous = sites.follows(key)
-        state = _state(handoffs, sites, entry, x, key, previous)
+        key = lookup.site_key(args[entry.anchor])
+        previous = lookup.follows(key)
+        state = _state(handoffs, lookup, entry, x, key, previous)
         states.append(state.contiguous() if dense else state)
     return states
 
 
 def _state(
     handoffs: Handoffs,
-    sites: Sites,
+    lookup: ChainLookup,
     entry: StreamInput,
     x: torch.Tensor,
     key: str,
@@ -126,17 +128,17 @@ def _state(
     kept = handoffs.find(x)
     if kept is None:
         raise RuntimeError(
-            f"hcpass: site {sites.site_label(key)!r} continues the residual chain of "
-            f"{sites.site_label(previous)!r} across a graph break, but its stream arrived "
+            f"hcpass: site {lookup.site_label(key)!r} continues the residual chain of "
+            f"{lookup.site_label(previous)!r} across a graph break, but its stream arrived "
             f"without the chain's {entry.streams} streams: code between the graphs "
             "replaced the tensor (a copy, a cast, an in-place op). Pass the stream "
             "between the modules unchanged, or keep them in one graph."
         )
     if kept.producer != previous:
         raise RuntimeError(
-            f"hcpass: site {sites.site_label(key)!r} follows "
-            f"{sites.site_label(previous)!r} in the converted model's plan, but its "
-            f"streams come from {sites.site_label(kept.producer)!r}: the modules ran "
+            f"hcpass: site {lookup.site_label(key)!r} follows "
+            f"{lookup.site_label(previous)!r} in the converted model's plan, but its "
+            f"streams come from {lookup.site_label(kept.producer)!r}: the modules ran "
             "in another order than when the model was converted"
         )
     state = kept.state
@@ -145,7 +147,7 @@ def _state(
 
 def leave(
     handoffs: Handoffs,
-    sites: Sites,
+    lookup: ChainLookup,
     outputs: Sequence[StreamOutput],
     args: Sequence[Any],
     result: Sequence[Any],
@@ -155,7 +157,7 @@ def leave(
         return result
     visible, states = result[: -len(outputs)], result[-len(outputs) :]
     for entry, state in zip(outputs, states, strict=True):
-        handoffs.keep(visible[entry.index], state, sites.site_key(args[entry.anchor]))
+        handoffs.keep(visible[entry.index], state, lookup.site_key(args[entry.anchor]))
     return visible
 
 

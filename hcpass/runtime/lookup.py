@@ -4,7 +4,7 @@ Dynamo reuses a compiled graph for every module instance of the same class (para
 graph inputs), so a rewritten graph finds its mixers at call time: each mixer is keyed on a
 parameter of its branch (the site's anchor), and the graph is called with the running
 module's parameter tensors. `SiteLookup` also knows the plan's chains (which site follows
-which), for the hand-off across graph breaks (`hcpass.runtime.handoff.Sites`) and the
+which), for the hand-off across graph breaks (`hcpass.runtime.handoff.ChainLookup`) and the
 checks after each call (`hcpass.runtime.checks`).
 """
 
