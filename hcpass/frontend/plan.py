@@ -175,7 +175,7 @@ class PlannedSite:
     name: str
     anchor: str  # full name of the parameter the mixer is keyed on
     channels: int
-    position: int  # index of the site in its chain (the paper init favours stream position % n)
+    chain_position: int  # index of the site in its chain (the init favours stream k mod n)
     follows: str | None  # key of the site before it in its chain, across graph breaks
     # Its chain applies a nonlinear op (post-norm, activation) to every stream, here or after
     # a graph break: the init must keep the streams copies (`Manifold.init_bias`).
@@ -230,9 +230,9 @@ def plan(model: nn.Module, graphs: Sequence[CapturedGraph], narrow: Narrow | Non
                 if site.anchor_name not in planned:
                     key = unique_name(mixer_key(name), keys)
                     keys.add(key)
-                    position = i + (before.length if before else 0)
+                    chain_position = i + (before.length if before else 0)
                     planned[site.anchor_name] = PlannedSite(
-                        key, name, site.anchor_name, site.channels, position, follows
+                        key, name, site.anchor_name, site.channels, chain_position, follows
                     )
                 follows = planned[site.anchor_name].key
                 runs += 1

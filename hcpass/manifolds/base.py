@@ -354,15 +354,16 @@ class Manifold:
     def init_alpha(self) -> Tensor:
         return torch.full((3,), self.alpha)
 
-    def init_bias(self, site_index: int, *, keep_copies: bool = False) -> Tensor:
-        """Bias logits ``[num_logits]`` at init (site `site_index` of its chain).
+    def init_bias(self, chain_position: int, *, keep_copies: bool = False) -> Tensor:
+        """Bias logits ``[num_logits]`` at init, for the site at `chain_position` in its chain
+        (0 for its first site; the HC paper's layer index k in A_m = e_{k mod n}).
 
         Every function-preserving init relies on the n streams' *mean* being the original
         residual stream: the chain starts with n copies, reads out (and hands side readers)
         the mean, and every init H_res has columns summing to 1, so it keeps the mean.
 
         identity: H_pre uniform (1/n each), so the branch reads the mean; H_post has mean 1
-        (stream ``site_index mod n`` at 1 + POST_SPREAD, the others lower), so the mean gains
+        (stream ``chain_position mod n`` at 1 + POST_SPREAD, the others lower), so the mean gains
         exactly the branch output; H_res mixing (`res_init_bias`). The streams differ from
         the first site on. (A doubly stochastic H_res still gets no gradient at the first
         step, where every read is the mean, which it keeps; it does from the second, once
@@ -371,14 +372,14 @@ class Manifold:
         applies a post-norm or activation to every stream, where the mean of g(X_i) is not
         g of the mean) it falls back to identity-copies.
         identity-copies: the streams stay copies until training separates them: H_post = 1,
-        H_pre sums to 1 favouring stream ``site_index mod n`` (FAVOURED_PRE_WEIGHT; uniform
+        H_pre sums to 1 favouring stream ``chain_position mod n`` (FAVOURED_PRE_WEIGHT; uniform
         weights with copies would make the streams a symmetric fixed point of training).
         identity-sharp: identity-copies with H_res ~ I (`res_identity_bias`).
-        paper: the mHC-lite / KromHC / sHC init (+1 on stream ``site_index mod n``, -1
+        paper: the mHC-lite / KromHC / sHC init (+1 on stream ``chain_position mod n``, -1
         elsewhere, H_res ~ I), meant for training from scratch.
         """
         n = self.streams
-        favoured = site_index % n
+        favoured = chain_position % n
         if self.init == "paper":
             b_pre = torch.full((n,), -1.0)
             b_pre[favoured] = 1.0

@@ -74,12 +74,12 @@ class HyperConnections(Manifold):
             self.res_map(l_res).expand(*positions, n, n),
         )
 
-    def init_bias(self, site_index: int, *, keep_copies: bool = False) -> Tensor:
+    def init_bias(self, chain_position: int, *, keep_copies: bool = False) -> Tensor:
         """The paper's init for every `init` value, because it already preserves the
-        function: A_m one-hot on stream ``site_index mod n`` (sum 1), B = 1, A_r = I. The
+        function: A_m one-hot on stream ``chain_position mod n`` (sum 1), B = 1, A_r = I. The
         one-hot also breaks the symmetry between the n identical copies, and its H_res,
         unconstrained, gets gradients from the first step (`keep_copies` changes nothing)."""
         n = self.streams
         a_m = torch.zeros(n)
-        a_m[site_index % n] = 1.0
+        a_m[chain_position % n] = 1.0
         return torch.cat([a_m, torch.ones(n), self.res_identity_bias()])

@@ -52,7 +52,7 @@ class Mixer(SiteModule):
     manifold is static), the three scales ``alpha`` (likewise) and the bias logits."""
 
     def __init__(
-        self, manifold: Manifold, channels: int, site_index: int, *, keep_copies: bool = False
+        self, manifold: Manifold, channels: int, chain_position: int, *, keep_copies: bool = False
     ) -> None:
         super().__init__()
         self.manifold = manifold
@@ -66,7 +66,7 @@ class Mixer(SiteModule):
         self.bias = nn.Parameter(torch.empty(manifold.num_logits))
         # keep_copies: the site's chain applies a nonlinear op to every stream (see
         # `Manifold.init_bias`; `hcpass.frontend.plan` decides).
-        self.site_index, self.keep_copies = site_index, keep_copies
+        self.chain_position, self.keep_copies = chain_position, keep_copies
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -76,7 +76,9 @@ class Mixer(SiteModule):
             if self.phi is not None:
                 self.phi.zero_()
                 self.alpha.copy_(self.manifold.init_alpha())
-            self.bias.copy_(self.manifold.init_bias(self.site_index, keep_copies=self.keep_copies))
+            self.bias.copy_(
+                self.manifold.init_bias(self.chain_position, keep_copies=self.keep_copies)
+            )
 
     @property
     def spec(self) -> str:

@@ -1,7 +1,7 @@
 """The front end on hand-built FX graphs, without Dynamo: which adds `find_sites` takes as
 residual sites, how it groups them into chains, the reason it gives for every same-shape add
 it skips; which chains Attention Residuals accept (`frontend.attnres`); and what `plan` makes
-of the sites of several graphs (names, positions, the chain handed across a graph break).
+of the sites of several graphs (names, chain positions, the chain handed across a graph break).
 
 Every graph is written the way Dynamo hands one to a backend (`tests.graphs.GraphBuilder`):
 parameters are placeholders named after the model's parameters, widths are 4."""
@@ -367,7 +367,7 @@ def graphs_split_after_block_0(post_norm_in_block_1: bool = False) -> list[Captu
 
 def test_plan_names_sites_after_their_blocks_and_continues_a_chain_across_a_graph_break():
     found = plan(Blocks(), graphs_split_after_block_0())
-    assert [(p.key, p.name, p.anchor, p.position, p.follows) for p in found.planned] == [
+    assert [(p.key, p.name, p.anchor, p.chain_position, p.follows) for p in found.planned] == [
         ("blocks_0", "blocks.0", "blocks.0.fc.weight", 0, None),
         ("blocks_1", "blocks.1", "blocks.1.fc.weight", 1, "blocks_0"),
         ("blocks_2", "blocks.2", "blocks.2.fc.weight", 2, "blocks_1"),

@@ -348,13 +348,13 @@ def test_res_map_traces_with_fake_tensors(name: str, n: int, opts: dict[str, Any
 @pytest.mark.parametrize(("name", "n", "opts"), cases(CASES, SMALL_CASES))
 def test_init_bias_and_phi_shapes(name: str, n: int, opts: dict[str, Any], init: str) -> None:
     m = create(name, n, init=init, **opts)
-    bias = m.init_bias(site_index=7)
+    bias = m.init_bias(chain_position=7)
     assert bias.shape == (m.num_logits,) and bias.isfinite().all()
     x = torch.randn(n, 3, 8)
     outs = m.coefficients(x, torch.zeros(m.phi_shape(8)), m.init_alpha(), bias)
     assert [t.shape for t in outs] == [(3, n), (3, n), (3, n, n)]
     if name == "hc":  # the paper's init already preserves the function: both are the same
-        assert torch.equal(bias, create(name, n, **opts).init_bias(site_index=7))
+        assert torch.equal(bias, create(name, n, **opts).init_bias(chain_position=7))
 
 
 @pytest.mark.parametrize("init", ["identity", "identity-copies", "identity-sharp"])
@@ -367,7 +367,7 @@ def test_identity_init_preserves_function(
     from copies, and (default init, where H_pre reads the mean and H_res keeps it) from
     streams that already differ. The copies inits keep copies copies."""
     channels = 16
-    mixer = Mixer(create(name, n, dynamic=dynamic, init=init, **opts), channels, site_index=5)
+    mixer = Mixer(create(name, n, dynamic=dynamic, init=init, **opts), channels, chain_position=5)
     gen = torch.Generator().manual_seed(3)
     copy = torch.randn(2, 3, channels, generator=gen)
     y = torch.randn(2, 3, channels, generator=gen)
@@ -431,7 +431,7 @@ def test_default_init_mixes_where_rows_sum_to_one(name: str, n: int, opts: dict[
 
 def test_bf16_streams_give_finite_fp32_coefficients() -> None:
     for name, n, opts in CASES:
-        mixer = Mixer(create(name, n, **opts), 8, site_index=0)
+        mixer = Mixer(create(name, n, **opts), 8, chain_position=0)
         x = (torch.randn(n, 4, 8) * 1e3).bfloat16()
         with torch.no_grad():
             outs = torch.ops.hcpass.coeffs(x, mixer.phi + 1.0, mixer.alpha, mixer.bias, mixer.spec)
@@ -610,7 +610,7 @@ def test_extending_example(scratch_registry: None) -> None:
     m = create("lazy", 4, max_mix=0.5)
     assert isinstance(m, namespace["LazyMean"])
     assert max_err(m.res_map(m.res_identity_bias()).sum(-1), 1.0) < FP32_TOL
-    mixer = Mixer(m, 8, site_index=0)
+    mixer = Mixer(m, 8, chain_position=0)
     with torch.no_grad():
         mixer.phi.normal_()
     x = torch.randn(4, 2, 8)

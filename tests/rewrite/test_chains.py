@@ -294,7 +294,7 @@ def test_the_rewritten_graph_computes_the_original_with_mixers_at_their_init(man
     rewritten = copy.deepcopy(graph)
     mixed = create(manifold, streams=4)
     analysis = find_sites(rewritten, parameter_name)
-    mixers = {site: Mixer(mixed, WIDTH, site_index=i) for i, site in enumerate(analysis.sites)}
+    mixers = {site: Mixer(mixed, WIDTH, chain_position=i) for i, site in enumerate(analysis.sites)}
     slots = {
         site: MixerSlot(f"site{i}", mixed.spec(), mixer.graph_parameters, mixed.streams)
         for i, (site, mixer) in enumerate(mixers.items())

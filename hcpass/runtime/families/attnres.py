@@ -29,7 +29,10 @@ def options(*, block_size: int | None = None, **others: Any) -> AttnResOptions:
 
 def site_module(site: PlannedSite, options: AttnResOptions) -> PseudoQuery:
     return PseudoQuery(
-        site.channels, options.spec(), starts_chain=site.position == 0, ends_chain=site.ends_chain
+        site.channels,
+        options.spec(),
+        starts_chain=site.chain_position == 0,
+        ends_chain=site.ends_chain,
     )
 
 

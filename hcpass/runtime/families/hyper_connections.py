@@ -44,7 +44,7 @@ def options(
 
 
 def site_module(site: PlannedSite, options: HyperConnectionOptions) -> Mixer:
-    return Mixer(options.manifold, site.channels, site.position, keep_copies=site.keep_copies)
+    return Mixer(options.manifold, site.channels, site.chain_position, keep_copies=site.keep_copies)
 
 
 def rewrite(
