@@ -26,6 +26,7 @@ from hcpass.frontend.plan import WHAT_IS_A_SITE, analyse, plan
 from hcpass.frontend.sites import Site
 from hcpass.ops.attnres import reference as attnres_reference
 from hcpass.rewrite.attnres import AttnResOptions
+from hcpass.runtime.mixer import Mixer
 from hcpass.runtime.module import ConvertedModule
 from hcpass.text import unique_name
 
@@ -71,6 +72,12 @@ def mixers(
     ``name#2``."""
     if not isinstance(model, ConvertedModule):
         raise TypeError("hcpass.mixers needs a model returned by hcpass.convert")
+    if not all(isinstance(module, Mixer) for module in model.mixers.values()):
+        raise TypeError(
+            f"hcpass.mixers and hcpass.gain report hyper-connection mixers; this model was "
+            f"converted with family={model.family.name!r}, whose sites have no H matrices: "
+            f"use hcpass.depth_weights for the attention over depth"
+        )
     key_of = {mixer.bias.data_ptr(): key for key, mixer in model.mixers.items()}
     recorder = _CoefficientRecorder()
     with side_effect_free(model):

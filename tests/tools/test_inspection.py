@@ -100,6 +100,14 @@ def test_mixers_rejects_a_plain_model():
         hcpass.mixers(DeepStack(depth=2), (torch.randn(2, 16),))
 
 
+def test_mixers_and_gain_point_an_attnres_model_to_depth_weights():
+    x = torch.randn(2, 16)
+    converted = hcpass.convert(PreNormStack(), (x,), family="attnres")
+    for report in (hcpass.mixers, hcpass.gain):
+        with pytest.raises(TypeError, match="family='attnres'.*hcpass.depth_weights"):
+            report(converted, (x,))
+
+
 # ------------------------------------------------------------------ Attention Residuals
 def _naive_weights(values: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
     """softmax_i(rsqrt(mean_c v_i^2 + eps) <w, v_i>), [*pos, k], written out again."""
