@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -226,72 +225,17 @@ def measure(name: str, block: Block, p: Problem, want: list[Tensor]) -> dict[str
     return times
 
 
-def run_column(name: str, p: Problem, want: list[Tensor]) -> dict[str, float | str]:
-    """Times of both phases for one implementation; a failure fills the column with the
-    reason (oom: out of memory, err: see the JSON; an output off the reference is one)."""
-    try:
-        return measure(name, builders()[name](), p, want)
-    except torch.OutOfMemoryError:
-        return dict.fromkeys(PHASES, "oom")
-    except Exception as e:  # a benchmark reports a broken column and goes on
-        return dict.fromkeys(PHASES, f"err: {type(e).__name__}: {e}")
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def require_measured(columns: dict[str, dict]) -> None:
-    """A dry run fails on a broken column (only the phases' missing backward is n/a)."""
-    broken = {
-        f"{name} {phase}": value
-        for name, column in columns.items()
-        for phase, value in column.items()
-        if isinstance(value, str) and not value.startswith("n/a")
-    }
-    if broken:
-        sys.exit(f"dry run: broken columns: {broken}")
+def run_column(name: str, p: Problem, want: list[Tensor]) -> common.Times:
+    """Times of both phases for one implementation (`common.run_column`: a failure fills
+    the column with the reason; an output off the reference is one)."""
+    return common.run_column(lambda: measure(name, builders()[name](), p, want), PHASES)
 
 
 # ---------------------------------------------------------------------------- report
-def cell(value: float | str) -> str:
-    if isinstance(value, str):
-        return value.split(":")[0]
-    return f"{value * 1e3:.0f}"
-
-
-def report(
-    p: Problem, bounds: dict[str, int], columns: dict[str, dict], bandwidth: float
-) -> list[dict]:
-    print(f"\nC={p.C} blocks={p.n} S={p.S} tokens={p.tokens} bf16 (times in us)")
-    names = list(columns)
-    header = ["phase", "bound", *(n.replace("_", " ") for n in names), "hcpass GB/s", "x bound"]
-    rows, records = [], []
-    for phase in PHASES:
-        bound_ms = bounds[phase] / bandwidth / 1e6
-        ours = columns.get("hcpass", {}).get(phase)
-        measured = isinstance(ours, float)
-        rows.append(
-            [
-                phase,
-                cell(bound_ms),
-                *(cell(columns[name][phase]) for name in names),
-                f"{bounds[phase] / ours / 1e6:.0f}" if measured else "-",
-                f"{ours / bound_ms:.2f}" if measured else "-",
-            ]
-        )
-        records.append(
-            {
-                "C": p.C,
-                "blocks": p.n,
-                "sites": p.S,
-                "phase": phase,
-                "bytes": bounds[phase],
-                "bound_ms": bound_ms,
-                **{f"{name}_ms": columns[name][phase] for name in names},
-            }
-        )
-    common.print_table(header, rows)
-    return records
+def report(p: Problem, columns: dict[str, common.Times], bandwidth: float) -> list[dict]:
+    title = f"C={p.C} blocks={p.n} S={p.S} tokens={p.tokens} bf16"
+    keys = {"C": p.C, "blocks": p.n, "sites": p.S}
+    return common.print_against_bound(title, PHASES, lower_bounds(p), columns, bandwidth, keys)
 
 
 def main() -> None:
@@ -321,7 +265,7 @@ def main() -> None:
             with torch.no_grad():
                 want = reference_block(p.blocks, p.partials, p.queries)
             columns = {name: run_column(name, p, want) for name in args.impl}
-            records += report(p, lower_bounds(p), columns, bandwidth)
+            records += report(p, columns, bandwidth)
             path = common.write_results(
                 "attnres",
                 {
@@ -335,7 +279,7 @@ def main() -> None:
                 },
             )
             if args.dry_run:
-                require_measured(columns)
+                common.require_measured(columns)
             del p, want
             gc.collect()
             torch.cuda.empty_cache()

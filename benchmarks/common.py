@@ -1,15 +1,17 @@
-"""What the benchmark scripts share: the CUDA check, timing, the results file."""
+"""What the benchmark scripts share: the CUDA check, timing, the columns of implementations
+against a memory-traffic bound, the results file."""
 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,90 @@ def write_results(section: str, payload: dict[str, Any]) -> Path:
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     """The benchmarks' tables: every column right-aligned (`hcpass.text.table`)."""
     print(table(rows, header=header, align=">" * len(header)))
+
+
+# ------------------------------------------------ columns: implementations against a bound
+Times = dict[str, float | str]  # phase -> milliseconds, or why there is no time
+
+
+def run_column(
+    measure: Callable[[], Times], phases: Sequence[str], optional: bool = False
+) -> Times:
+    """One implementation's times by phase. A failure fills the column with the reason and
+    the benchmark goes on: ``n/a`` (an `optional` library that is not installed), ``oom``,
+    ``err: ...`` (the whole message is in the JSON)."""
+    try:
+        return measure()
+    except ImportError as e:
+        if not optional:
+            raise
+        return dict.fromkeys(phases, f"n/a: {e}")
+    except torch.OutOfMemoryError:
+        return dict.fromkeys(phases, "oom")
+    except Exception as e:  # a benchmark reports a broken column and goes on
+        return dict.fromkeys(phases, f"err: {type(e).__name__}: {e}")
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def require_measured(columns: dict[str, Times]) -> None:
+    """A dry run fails on a column that broke (only a cell marked ``n/a`` may be missing):
+    a GPU session would have lost that column."""
+    broken = {
+        f"{name} {phase}": value
+        for name, column in columns.items()
+        for phase, value in column.items()
+        if isinstance(value, str) and not value.startswith("n/a")
+    }
+    if broken:
+        sys.exit(f"dry run: broken columns: {broken}")
+
+
+def cell(value: float | str) -> str:
+    """A time in microseconds, or the reason without its message."""
+    if isinstance(value, str):
+        return value.split(":")[0]
+    return f"{value * 1e3:.0f}"
+
+
+def print_against_bound(
+    title: str,
+    phases: Sequence[str],
+    bounds: dict[str, int],
+    columns: dict[str, Times],
+    bandwidth: float,
+    keys: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Print a table of `columns` by phase against the memory-traffic bound (`bounds`: the
+    bytes each of `phases` must move, over the device's copy `bandwidth` in GB/s), with hcpass's
+    GB/s and its time over the bound; return a record per phase with `keys` in front."""
+    print(f"\n{title} (times in us)")
+    names = list(columns)
+    header = ["phase", "bound", *(n.replace("_", " ") for n in names), "hcpass GB/s", "x bound"]
+    rows, records = [], []
+    for phase in phases:
+        nbytes = bounds[phase]
+        bound_ms = nbytes / bandwidth / 1e6
+        ours = columns.get("hcpass", {}).get(phase)
+        measured = isinstance(ours, float)
+        rows.append(
+            [
+                phase,
+                cell(bound_ms),
+                *(cell(columns[name][phase]) for name in names),
+                f"{nbytes / ours / 1e6:.0f}" if measured else "-",
+                f"{ours / bound_ms:.2f}" if measured else "-",
+            ]
+        )
+        records.append(
+            {
+                **keys,
+                "phase": phase,
+                "bytes": nbytes,
+                "bound_ms": bound_ms,
+                **{f"{name}_ms": columns[name][phase] for name in names},
+            }
+        )
+    print_table(header, rows)
+    return records

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -263,74 +262,18 @@ def mixer(
     return impl.pre(x, h_pre), impl.post_res(x, y, h_post, h_res)
 
 
-def run_column(name: str, p: Problem) -> dict[str, float | str]:
-    """Times of every phase for one implementation; a failure fills the column with the
-    reason (n/a: not installed, oom: out of memory, err: see the JSON)."""
-    try:
-        return measure(BUILDERS[name](p), p)
-    except ImportError as e:
-        return dict.fromkeys(PHASES, f"n/a: {e}")
-    except torch.OutOfMemoryError:
-        return dict.fromkeys(PHASES, "oom")
-    except Exception as e:  # a benchmark reports a broken column and goes on
-        return dict.fromkeys(PHASES, f"err: {type(e).__name__}: {e}")
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+def run_column(name: str, p: Problem) -> common.Times:
+    """Times of every phase for one implementation (`common.run_column`: a failure fills
+    the column with the reason; Liger-Kernel is optional)."""
+    return common.run_column(
+        lambda: measure(BUILDERS[name](p), p), PHASES, optional=name == "liger"
+    )
 
 
-def require_measured(columns: dict[str, dict]) -> None:
-    """A dry run fails on a column that broke (only a library that is not installed may be
-    missing): a GPU session would have lost that column."""
-    broken = {
-        f"{name} {phase}": value
-        for name, column in columns.items()
-        for phase, value in column.items()
-        if isinstance(value, str) and not value.startswith("n/a")
-    }
-    if broken:
-        sys.exit(f"dry run: broken columns: {broken}")
-
-
-# -------------------------------------------------------------------------- report
-def cell(value: float | str) -> str:
-    if isinstance(value, str):
-        return value.split(":")[0]
-    return f"{value * 1e3:.0f}"
-
-
-def report(
-    p: Problem, bounds: dict[str, int], columns: dict[str, dict], bandwidth: float
-) -> list[dict]:
-    print(f"\nn={p.n} C={p.C} tokens={p.x[0].numel() // p.C} bf16 (times in us)")
-    names = list(columns)
-    header = ["phase", "bound", *names, "hcpass GB/s", "x bound"]
-    rows, records = [], []
-    for phase in PHASES:
-        bound_ms = bounds[phase] / bandwidth / 1e6
-        fused = columns.get("hcpass", {}).get(phase)
-        measured = isinstance(fused, float)
-        rows.append(
-            [
-                phase,
-                cell(bound_ms),
-                *(cell(columns[name][phase]) for name in names),
-                f"{bounds[phase] / fused / 1e6:.0f}" if measured else "-",
-                f"{fused / bound_ms:.2f}" if measured else "-",
-            ]
-        )
-        records.append(
-            {
-                "n": p.n,
-                "C": p.C,
-                "phase": phase,
-                "bytes": bounds[phase],
-                "bound_ms": bound_ms,
-                **{f"{name}_ms": columns[name][phase] for name in names},
-            }
-        )
-    common.print_table(header, rows)
-    return records
+def report(p: Problem, columns: dict[str, common.Times], bandwidth: float) -> list[dict]:
+    title = f"n={p.n} C={p.C} tokens={p.x[0].numel() // p.C} bf16"
+    keys = {"n": p.n, "C": p.C}
+    return common.print_against_bound(title, PHASES, lower_bounds(p), columns, bandwidth, keys)
 
 
 def main() -> None:
@@ -356,7 +299,7 @@ def main() -> None:
         for n in args.n:
             p = Problem.make(n, C, args.batch, args.seq, device)
             columns = {name: run_column(name, p) for name in args.impl}
-            records += report(p, lower_bounds(p), columns, bandwidth)
+            records += report(p, columns, bandwidth)
             path = common.write_results(
                 "mixer",
                 {
@@ -370,7 +313,7 @@ def main() -> None:
                 },
             )
             if args.dry_run:
-                require_measured(columns)
+                common.require_measured(columns)
             del p
             gc.collect()
             torch.cuda.empty_cache()
