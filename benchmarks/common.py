@@ -126,13 +126,11 @@ def run_column(
     ``err: ...`` (the whole message is in the JSON)."""
     try:
         return measure()
-    except ImportError as e:
-        if not optional:
-            raise
-        return dict.fromkeys(phases, f"n/a: {e}")
-    except torch.OutOfMemoryError:
-        return dict.fromkeys(phases, "oom")
     except Exception as e:  # a benchmark reports a broken column and goes on
+        if optional and isinstance(e, ImportError):
+            return dict.fromkeys(phases, f"n/a: {e}")
+        if isinstance(e, torch.OutOfMemoryError):
+            return dict.fromkeys(phases, "oom")
         return dict.fromkeys(phases, f"err: {type(e).__name__}: {e}")
     finally:
         gc.collect()
