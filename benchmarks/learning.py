@@ -442,6 +442,9 @@ def long_verdicts(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
         if not seeds:
             lines.append(f"{name}: no seed where it and {BASELINE} both trained to the end")
             continue
+        if seeds < 2:  # one difference has no spread to judge it by
+            lines.append(f"{name}: {mean:+.4f} vs {BASELINE} on one seed, no spread to judge")
+            continue
         word = "beats" if -mean > 2 * spread else "does NOT beat"
         lines.append(
             f"{name} {word} {BASELINE} by more than 2 paired seed stds: {mean:+.4f} ± "

@@ -102,3 +102,13 @@ def test_long_mode_appends_each_run_and_resumes(learning, tmp_path, capsys):
     if importlib.util.find_spec("matplotlib") is not None:
         names = {p.name for p in tmp_path.iterdir()}
         assert {"learning-long-loss.png", "learning-long-depth2-loss.png"} <= names
+
+
+def test_one_seed_gets_no_verdict_against_twice_the_spread(learning):
+    """With one seed the paired spread is unknown, not zero: any gain used to pass the bar."""
+    runs = [run("plain", 0, 1.90), run("hc", 0, 1.85)]
+    (line,) = learning.long_verdicts(runs, ["hc"])
+    assert line == "hc: -0.0500 vs plain on one seed, no spread to judge"
+    runs += [run("plain", 1, 1.92), run("hc", 1, 1.86)]
+    (line,) = learning.long_verdicts(runs, ["hc"])
+    assert line.startswith("hc beats plain by more than 2 paired seed stds: -0.0550 ± 0.0071")
