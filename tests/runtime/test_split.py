@@ -10,9 +10,11 @@ buckets, which would have Dynamo split a graph into pieces, split nothing.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -132,13 +134,9 @@ def _train(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with _process_group(rank, port):
         torch.manual_seed(0)
         converted = _convert(models.tiny_gpt(), models.token_inputs()[0][0])
         for block in converted.blocks:
@@ -149,6 +147,22 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         params = {n: p.full_tensor() for n, p in converted.named_parameters()}
         if rank == 0:
             torch.save(params, out)
+
+
+@contextlib.contextmanager
+def _process_group(rank: int, port: int) -> Iterator[None]:
+    """The ranks' gloo group over TCP. Ranks that finish their work meet at a barrier before
+    the teardown: rank 0 hosts the store, and a rank still completing its last collective
+    when rank 0 exited was aborted (SIGABRT: "terminate called without an active
+    exception"; seen in CI under load)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -189,13 +203,9 @@ def test_fsdp2_per_block_and_root_trains_like_one_process(tmp_path: Path):
 
 
 def _ddp_worker(rank: int, port: int, out: str, compiled: bool) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with _process_group(rank, port):
         torch.manual_seed(0)
         converted = _convert(models.tiny_gpt(width=DDP_WIDTH), models.token_inputs()[0][0])
         # 1 MB buckets (DDP's first is 1 MB): ~6 for the 6 MB of parameters, so Dynamo's
@@ -207,8 +217,6 @@ def _ddp_worker(rank: int, port: int, out: str, compiled: bool) -> None:
         _train(model, [b[rank * share : (rank + 1) * share] for b in _batches()])
         if rank == 0:
             torch.save(dict(converted.named_parameters()), out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -261,13 +269,9 @@ def _trained_mixers_and_grads(model: torch.nn.Module, batches: list[torch.Tensor
 
 
 def _tensor_parallel_worker(rank: int, port: int, out: str, order: str, compiled: bool) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with _process_group(rank, port):
         mesh = init_device_mesh("cpu", (WORLD,))
         torch.manual_seed(0)
         model = models.llama(kv_heads=WORLD)
@@ -282,8 +286,6 @@ def _tensor_parallel_worker(rank: int, port: int, out: str, order: str, compiled
         result = _trained_mixers_and_grads(run, _batches())  # every rank sees every batch
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.hf
@@ -328,14 +330,10 @@ def _fsdp_tensor_parallel_worker(
     """TP over the mesh's "tp" dimension, convert, then FSDP2 over its "dp" dimension (each
     block, then the converted root, which holds the mixers); each dp rank trains on its
     share of every batch."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with _process_group(rank, port):
         mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "tp"))
         torch.manual_seed(0)
         model = models.llama(kv_heads=WORLD)
@@ -350,8 +348,6 @@ def _fsdp_tensor_parallel_worker(
         result = _trained_mixers_and_grads(run, [b[start : start + share] for b in _batches()])
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.hf
@@ -376,14 +372,10 @@ def test_tensor_parallel_then_convert_then_fsdp2_trains_like_one_process(
 
 
 def _fully_sharded_worker(rank: int, port: int) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with _process_group(rank, port):
         mesh = init_device_mesh("cpu", (WORLD,))
         ids = models.token_inputs()[0][0]
         blocks_only = models.tiny_gpt()
@@ -400,8 +392,6 @@ def _fully_sharded_worker(rank: int, port: int) -> None:
                 ValueError, match="root module sharded by FSDP2's fully_shard: convert before"
             ):
                 check(whole, (ids,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_model_sharded_with_fully_shard_is_refused_at_convert():
@@ -411,21 +401,15 @@ def test_a_model_sharded_with_fully_shard_is_refused_at_convert():
 
 
 def _distributed_stream_worker(rank: int, port: int) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, distribute_module
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with _process_group(rank, port):
         mesh = init_device_mesh("cpu", (WORLD,))
         model = distribute_module(models.PreNormStack(), mesh)  # every parameter replicated
         x = DTensor.from_local(torch.randn(2, 5, 16), mesh, [Replicate()])
         with pytest.raises(ValueError, match="the residual is a DTensor"):
             hcpass.convert(model, (x,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_residual_stream_kept_as_dtensor_is_refused_at_convert():
