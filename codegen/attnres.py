@@ -13,18 +13,18 @@ split as in the paper: the k values are n = k - 1 completed blocks and a partial
   the queries of the tile (up to 16: with S <= 16 the blocks are read for all S queries
   together, never per query). Two sweeps:
   sweep 1 goes block by block over the channels, computing each block's logits for the tile
-  ``[BLOCK_S, BLOCK_P]`` (RMS and dot products) and the online-softmax statistics
-  ``m = max_j s_j``, ``l = sum_j exp(s_j - m)``; it parks the logits in a small scratch
+  ``[BLOCK_S, BLOCK_P]`` (RMS and dot products) and, online, ``m = max_j s_j`` and
+  ``l = sum_j exp(s_j - m)``, so ``lse = m + log l``; it parks the logits in a small scratch
   ``[n, S, P]`` (n S numbers per position, against n C values). Sweep 2 goes channel
   chunk by channel chunk, over the blocks within each, accumulating
-  ``o = sum_j exp(s_j - m) / l * b_j`` in registers ``[BLOCK_S, BLOCK_P, BLOCK_C]`` and
-  writing it once. Outputs o ``[S, *pos, C]``, m and l ``[S, *pos]``, in compute dtype.
+  ``o = sum_j exp(s_j - lse) b_j`` in registers ``[BLOCK_S, BLOCK_P, BLOCK_C]`` and
+  writing it once. Outputs o ``[S, *pos, C]`` and lse ``[S, *pos]``, in compute dtype.
   So each block is read twice per position tile (the second time mostly from L2), not
   once: the logits need all channels before any of the output can be weighted, and a
   ``[BLOCK_S, BLOCK_P, C]`` accumulator does not fit in registers for a model's C.
-- Phase 2, `attnres_merge` (kernel `attnres_merge_kernel`): one query merges (o, m, l) with
-  the partial block p: ``s_p = <w, p> / rms(p)``, ``m' = max(m, s_p)``,
-  ``a = l exp(m - m')``, ``b = exp(s_p - m')``, ``h = (a o + b p) / (a + b)``, in p's dtype.
+- Phase 2, `attnres_merge` (kernel `attnres_merge_kernel`): one query merges (o, lse) with
+  the partial block p: ``s_p = <w, p> / rms(p)``, ``gamma = sigmoid(lse - s_p)``,
+  ``h = gamma o + (1 - gamma) p``, in p's dtype.
   Grid: position tiles; the first sweep over the channels reads p for its logit, the second
   reads o and p again and writes h.
 
@@ -88,8 +88,7 @@ def attnres_blocks_kernel(
     w_ptr,  # [S, C] queries, contiguous
     logits_ptr,  # [n, S, P] scratch, ACC
     o_ptr,  # [S, P, C] out, ACC
-    m_ptr,  # [S, P] out, ACC
-    l_ptr,  # [S, P] out, ACC
+    lse_ptr,  # [S, P] out, ACC
     n,
     S,
     P,
@@ -135,12 +134,11 @@ def attnres_blocks_kernel(
         top = tl.maximum(m, logit)
         l = l * tl.exp(m - top) + tl.exp(logit - top)  # noqa: E741
         m = top
-    tl.store(m_ptr + sp, m, mask=sp_ok)
-    tl.store(l_ptr + sp, l, mask=sp_ok)
+    lse = m + tl.log(l)
+    tl.store(lse_ptr + sp, lse, mask=sp_ok)
     tl.debug_barrier()  # the logits parked by other threads of this program are visible
 
-    # sweep 2: o = sum_j exp(s_j - m) / l * b_j, one channel chunk at a time
-    inv_l = 1.0 / l
+    # sweep 2: o = sum_j exp(s_j - lse) b_j, one channel chunk at a time
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -150,7 +148,7 @@ def attnres_blocks_kernel(
             stride_p = tl.load(table_ptr + 3 * j + 1)
             stride_c = tl.load(table_ptr + 3 * j + 2)
             logit = tl.load(logits_ptr + j * S * P + sp, mask=sp_ok, other=0.0)
-            weight = tl.exp(logit - m) * inv_l
+            weight = tl.exp(logit - lse)
             v = tl.load(
                 base + p64[:, None] * stride_p + c[None, :] * stride_c,
                 mask=p_ok[:, None] & c_ok[None, :],
@@ -167,8 +165,7 @@ def attnres_blocks_kernel(
 @_jit
 def attnres_merge_kernel(
     o_ptr,  # [P, C] ACC, contiguous
-    m_ptr,  # [P] ACC
-    l_ptr,  # [P] ACC
+    lse_ptr,  # [P] ACC
     x_ptr,  # [P, C] the partial block, strides (stride_p, stride_c)
     w_ptr,  # [C] query
     h_ptr,  # [P, C] out, the partial block's dtype, contiguous
@@ -198,13 +195,8 @@ def attnres_merge_kernel(
         sumsq += tl.sum(x * x, 1)
         dot += tl.sum(x * w[None, :], 1)
     logit = dot / tl.sqrt(sumsq / C + eps)
-    m = tl.load(m_ptr + p64, mask=p_ok, other=0.0).to(ACC)
-    l = tl.load(l_ptr + p64, mask=p_ok, other=0.0).to(ACC)  # noqa: E741
-    top = tl.maximum(m, logit)
-    a = l * tl.exp(m - top)
-    b = tl.exp(logit - top)
-    inv = 1.0 / (a + b)
-    a, b = (a * inv)[:, None], (b * inv)[:, None]
+    lse = tl.load(lse_ptr + p64, mask=p_ok, other=0.0).to(ACC)
+    gamma = (1.0 / (1.0 + tl.exp(logit - lse)))[:, None]  # sigmoid(lse - s_p)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         pc_ok = p_ok[:, None] & (c < C)[None, :]
@@ -212,7 +204,7 @@ def attnres_merge_kernel(
             x_ptr + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
         ).to(ACC)
         o = tl.load(o_ptr + p64[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
-        h = a * o + b * x
+        h = gamma * o + (1.0 - gamma) * x
         tl.store(h_ptr + p64[:, None] * C + c[None, :], h.to(h_ptr.dtype.element_ty), mask=pc_ok)
 
 
@@ -345,21 +337,17 @@ def _rows(v: Tensor, P: int, C: int) -> Tensor:
         return v.reshape(P, C)
 
 
-def attnres_blocks(
-    blocks: list[Tensor], queries: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    reference.check_values(blocks, "blocks")
-    reference.check_query(queries, blocks[0].shape[-1], blocks[0].device, rows=True)
+def attnres_blocks(blocks: list[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    reference.check_blocks(blocks, queries)
     _check_device(*blocks, queries)
     first = blocks[0]
     pos, C, S, n = tuple(first.shape[:-1]), first.shape[-1], queries.shape[0], len(blocks)
     P = math.prod(pos)
     acc = compute_dtype(first.dtype)
     o = first.new_empty((S, *pos, C), dtype=acc)
-    m = first.new_empty((S, *pos), dtype=acc)
-    l = first.new_empty((S, *pos), dtype=acc)  # noqa: E741
+    lse = first.new_empty((S, *pos), dtype=acc)
     if o.numel() == 0:
-        return o, m, l
+        return o, lse
     rows = [_rows(b, P, C) for b in blocks]
     table = _table(rows)
     logits = first.new_empty((n, S, P), dtype=acc)
@@ -374,8 +362,7 @@ def attnres_blocks(
         w,
         logits,
         o,
-        m,
-        l,
+        lse,
         n,
         S,
         P,
@@ -384,25 +371,12 @@ def attnres_blocks(
         ACC=_acc(first.dtype),
         **config,
     )
-    return o, m, l
+    return o, lse
 
 
-def attnres_merge(
-    o: Tensor,
-    m: Tensor,
-    l: Tensor,  # noqa: E741
-    partial: Tensor,
-    query: Tensor,
-    eps: float,
-) -> Tensor:
-    reference.check_values([partial], "partial")
-    reference.check_query(query, partial.shape[-1], partial.device)
-    if o.shape != partial.shape or m.shape != partial.shape[:-1] or l.shape != m.shape:
-        raise ValueError(
-            f"attnres_merge: o {tuple(o.shape)}, m {tuple(m.shape)}, l {tuple(l.shape)} do "
-            f"not fit the partial block {tuple(partial.shape)}"
-        )
-    _check_device(o, m, l, partial, query)
+def attnres_merge(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float) -> Tensor:
+    reference.check_merge(o, lse, partial, query)
+    _check_device(o, lse, partial, query)
     C = partial.shape[-1]
     P = math.prod(partial.shape[:-1])
     h = partial.new_empty(partial.shape)
@@ -415,8 +389,7 @@ def attnres_merge(
         attnres_merge_kernel,
         (triton.cdiv(P, config["BLOCK_P"]),),
         o.to(acc).contiguous(),
-        m.to(acc).contiguous(),
-        l.to(acc).contiguous(),
+        lse.to(acc).contiguous(),
         x,
         query.to(acc).contiguous(),
         h,
@@ -444,8 +417,8 @@ def attnres(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
     _check_device(*values, query)
     if len(values) == 1:
         return values[0].clone(memory_format=torch.contiguous_format)
-    o, m, l = attnres_blocks(values[:-1], query[None], eps)  # noqa: E741
-    return attnres_merge(o[0], m[0], l[0], values[-1], query, eps)
+    o, lse = attnres_blocks(values[:-1], query[None], eps)
+    return attnres_merge(o[0], lse[0], values[-1], query, eps)
 
 
 def attnres_backward(

@@ -1,6 +1,7 @@
-"""Attention Residuals ops (``hcpass::attnres``, ``hcpass::attnres_backward``): the reference
-against a naive autograd formula, the closed-form backward against autograd, gradcheck,
-opcheck, the two phases, bad input, the CPU lowering (the reference inlined, traced by
+"""Attention Residuals ops (``hcpass::attnres``, its two phases ``attnres_blocks`` and
+``attnres_merge``, and their backward ops): the reference against a naive autograd formula,
+the closed-form backward against autograd, gradcheck, opcheck, the two phases composed
+against the op (values and gradients), bad input, the CPU lowering (the reference inlined, traced by
 AOTAutograd with a list of tensors and fused by Inductor), and the Triton kernels
 (`hcpass.codegen.attnres`: the two phases, the op, its backward) in Triton's interpreter, in
 a worker process as in tests/test_codegen.py; they also compile for sm_90 without a GPU.
@@ -60,6 +61,13 @@ def make_inputs(k: int, pos: tuple[int, ...], C: int, dtype: torch.dtype, seed: 
         compute_dtype(dtype)
     )
     return values, query
+
+
+def _queries(S: int, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """S queries in compute dtype, the last zero (uniform weights)."""
+    queries = torch.stack([make_inputs(1, (), C, dtype, seed=10 + s)[1] for s in range(S)])
+    queries[-1] = 0
+    return queries
 
 
 def naive(values, query, eps=EPS):
@@ -204,6 +212,22 @@ def _opcheck_cases() -> dict[str, tuple]:
             cases[f"attnres-{key}"] = (OPS.attnres, (values, query, EPS))
             grad = torch.randn(values[0].shape).to(dtype)
             cases[f"attnres_backward-{key}"] = (OPS.attnres_backward, (grad, values, query, EPS))
+    for n, S, pos in [(1, 1, (2, 3)), (3, 2, ()), (2, 3, (5,))]:
+        for dtype in (torch.float64, torch.bfloat16):
+            values, _ = make_inputs(n + 1, pos, 8, dtype)
+            blocks, partial = values[:-1], values[-1]
+            queries = _queries(S, 8, dtype)
+            o, lse = reference.attnres_blocks(blocks, queries, EPS)
+            key = f"n{n}-S{S}-pos{len(pos)}-{dtype}".replace("torch.", "")
+            cases[f"attnres_blocks-{key}"] = (OPS.attnres_blocks, (blocks, queries, EPS))
+            cases[f"attnres_blocks_backward-{key}"] = (
+                OPS.attnres_blocks_backward,
+                (torch.randn_like(o), torch.randn_like(lse), blocks, queries, o, lse, EPS),
+            )
+            merge = (o[0], lse[0], partial, queries[0], EPS)
+            cases[f"attnres_merge-{key}"] = (OPS.attnres_merge, merge)
+            grad = torch.randn(partial.shape).to(dtype)
+            cases[f"attnres_merge_backward-{key}"] = (OPS.attnres_merge_backward, (grad, *merge))
     values, query = make_inputs(3, (4, 5), 12, torch.float64)
     cases["attnres-odd-layouts"] = (OPS.attnres, (_odd_layouts(values), query, EPS))
     grad = torch.randn(values[0].shape, dtype=torch.float64)
@@ -221,10 +245,16 @@ OPCHECK = _opcheck_cases()
 def test_opcheck(case):
     op, args = OPCHECK[case]
     torch.library.opcheck(op, args)
-    if op is OPS.attnres:
-        values, query, eps = args
-        leaves = [v.detach().requires_grad_() for v in values]
-        torch.library.opcheck(op, (leaves, query.detach().requires_grad_(), eps))
+    if op in (OPS.attnres, OPS.attnres_blocks, OPS.attnres_merge):  # and their autograd
+        leaves = [
+            [v.detach().requires_grad_() for v in a]
+            if isinstance(a, list)
+            else a.detach().requires_grad_()
+            if isinstance(a, torch.Tensor)
+            else a
+            for a in args
+        ]
+        torch.library.opcheck(op, leaves)
 
 
 # ------------------------------------------------------------------------------- phases
@@ -232,37 +262,112 @@ def test_opcheck(case):
 @pytest.mark.parametrize("k, pos, C", [(2, (), 12), (2, (7,), 12), (5, (2, 3), 20)])
 def test_the_two_phases_compose_to_the_op(k, pos, C, dtype):
     values, query = make_inputs(k, pos, C, dtype)
-    o, m, l = reference.attnres_blocks(values[:-1], query[None], EPS)  # noqa: E741
+    o, lse = reference.attnres_blocks(values[:-1], query[None], EPS)
     acc = compute_dtype(dtype)
-    assert (o.shape, m.shape, l.shape) == ((1, *pos, C), (1, *pos), (1, *pos))
-    assert o.dtype == m.dtype == l.dtype == acc
-    h = reference.attnres_merge(o[0], m[0], l[0], values[-1], query, EPS)
+    assert (o.shape, lse.shape) == ((1, *pos, C), (1, *pos))
+    assert o.dtype == lse.dtype == acc
+    h = reference.attnres_merge(o[0], lse[0], values[-1], query, EPS)
     assert h.dtype == dtype and h.is_contiguous()
     assert_matches(h, truth(values, query), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_phase_one_statistics(dtype):
-    """o, m, l of S = 3 queries at once, against their definitions per query in fp64."""
+    """o and lse of S = 3 queries at once, against their definitions per query in fp64."""
     blocks, _ = make_inputs(4, (2, 5), 20, dtype)
     acc = compute_dtype(dtype)
-    queries = torch.stack([make_inputs(1, (), 20, dtype, seed=s)[1] for s in (1, 2, 3)])
-    queries[2] = 0  # uniform weights
-    o, m, l = reference.attnres_blocks(blocks, queries, EPS)  # noqa: E741
+    queries = _queries(3, 20, dtype)
+    o, lse = reference.attnres_blocks(blocks, queries, EPS)
     for s in range(3):
         V = torch.stack([b.double() for b in blocks])
         logits = (V / V.square().mean(-1, keepdim=True).add(EPS).sqrt()) @ queries[s].double()
-        want_m = logits.amax(0)
-        want_l = torch.exp(logits - want_m).sum(0)
-        assert_matches((m[s], l[s]), (want_m, want_l), TOL[acc])
+        assert_matches(lse[s], torch.logsumexp(logits, 0), TOL[acc])
         assert_matches(o[s], truth(blocks, queries[s]), TOL[acc])
 
 
 def test_merge_with_an_empty_history_is_the_partial_block():
-    """l = 0 (no completed block contributes) leaves h = the partial block."""
+    """lse = -inf (no completed block contributes) leaves h = the partial block."""
     (p,), query = make_inputs(1, (7,), 12, torch.float32)
-    o, m, l = torch.zeros_like(p), torch.zeros(7), torch.zeros(7)  # noqa: E741
-    torch.testing.assert_close(reference.attnres_merge(o, m, l, p, query, EPS), p)
+    o, lse = torch.zeros_like(p), torch.full((7,), -math.inf)
+    torch.testing.assert_close(reference.attnres_merge(o, lse, p, query, EPS), p)
+
+
+def _phases(values, queries, partials, eps=EPS, ops=reference):
+    """Each query's h through phase 1 over the shared blocks and phase 2 with its partial."""
+    o, lse = ops.attnres_blocks(values, queries, eps)
+    return [ops.attnres_merge(o[s], lse[s], p, queries[s], eps) for s, p in enumerate(partials)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, S, pos, C", [(1, 1, (7,), 12), (3, 2, (), 12), (4, 3, (2, 3), 20)])
+def test_phase_backwards_match_autograd_of_their_references(n, S, pos, C, dtype):
+    """The closed forms of both phases against torch.autograd through the references (in
+    fp64 from the same rounded inputs), every gradient in its input's dtype."""
+    values, _ = make_inputs(n + 1, pos, C, dtype)
+    blocks, partial = values[:-1], values[-1]
+    queries = _queries(S, C, dtype)
+    o, lse = reference.attnres_blocks(blocks, queries, EPS)
+    gen = torch.Generator().manual_seed(5)
+    grad_o, grad_lse = (torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (o, lse))
+    grad_h = torch.randn(partial.shape, generator=gen, dtype=torch.float64).to(dtype)
+    acc = compute_dtype(dtype)
+
+    leaves = [b.double().requires_grad_() for b in blocks]
+    w = queries.double().requires_grad_()
+    want = torch.autograd.grad(
+        reference.attnres_blocks(leaves, w, EPS), [*leaves, w], (grad_o.double(), grad_lse.double())
+    )
+    got_blocks, got_w = reference.attnres_blocks_backward(
+        grad_o, grad_lse, blocks, queries, o, lse, EPS
+    )
+    assert [g.dtype for g in got_blocks] == [dtype] * n and got_w.dtype == queries.dtype
+    assert_matches(got_blocks, want[:-1], TOL[dtype])
+    assert_matches(got_w, want[-1], TOL[acc])
+
+    merge_inputs = [o[0], lse[0], partial, queries[0]]
+    leaves = [t.double().requires_grad_() for t in merge_inputs]
+    want = torch.autograd.grad(reference.attnres_merge(*leaves, EPS), leaves, grad_h.double())
+    got = reference.attnres_merge_backward(grad_h, *merge_inputs, EPS)
+    assert [g.dtype for g in got] == [t.dtype for t in merge_inputs]
+    assert all(g.is_contiguous() for g in got)
+    for g, want_g, t in zip(got, want, merge_inputs, strict=True):
+        assert_matches(g, want_g, TOL[t.dtype])
+
+
+@pytest.mark.parametrize("S, pos", [(1, (3,)), (2, ()), (3, (2, 3))], ids=str)
+def test_phases_gradcheck(S, pos):
+    values, _ = make_inputs(4, pos, 5, torch.float64)
+    blocks = [v.requires_grad_() for v in values[:-1]]
+    partials = [values[-1].requires_grad_()] + [
+        make_inputs(1, pos, 5, torch.float64, seed=s)[0][0].requires_grad_() for s in range(1, S)
+    ]
+    queries = _queries(S, 5, torch.float64)
+    queries.requires_grad_()
+
+    def fn(*args):
+        return tuple(_phases(list(args[:3]), args[3], args[4:], ops=OPS))
+
+    assert torch.autograd.gradcheck(fn, (*blocks, queries, *partials))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k, pos, C", [(2, (7,), 12), (5, (2, 3), 20)])
+def test_the_phase_ops_compose_to_the_op_with_its_gradients(k, pos, C, dtype):
+    """``attnres_merge(*attnres_blocks(values[:-1], w[None])[0], values[-1], w)`` is
+    ``attnres(values, w)``, and so are the gradients autograd gives through the four ops."""
+    values, query = make_inputs(k, pos, C, dtype)
+    grad = torch.randn(values[0].shape, dtype=torch.float64).to(dtype)
+    runs = []
+    for split in (False, True):
+        leaves = [v.clone().requires_grad_() for v in values]
+        w = query.clone().requires_grad_()
+        h = _phases(leaves[:-1], w[None], leaves[-1:], ops=OPS)[0] if split else None
+        h = OPS.attnres(leaves, w, EPS) if h is None else h
+        runs.append((h, *torch.autograd.grad(h, [*leaves, w], grad)))
+    split, whole = runs[1], runs[0]
+    assert all(s.dtype == w.dtype for s, w in zip(split, whole, strict=True))
+    assert_matches(split[:-1], whole[:-1], TOL[dtype])
+    assert_matches(split[-1], whole[-1], TOL[compute_dtype(dtype)])
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -306,15 +411,71 @@ def test_backward_rejects_a_grad_of_another_shape():
             OPS.attnres_backward(fake[0], fake[1:-1], fake[-1], EPS)
 
 
-def test_phases_reject_bad_input():
+def _bad_phase_calls():
+    """(name, the phase ops' call on real or fake tensors, the error message)."""
     values, query = make_inputs(3, (4,), 12, torch.float32)
-    with pytest.raises(ValueError, match="blocks is empty"):
-        reference.attnres_blocks([], query[None], EPS)
-    with pytest.raises(ValueError, match=r"\[S, C\]"):
-        reference.attnres_blocks(values, query, EPS)
-    o, m, l = reference.attnres_blocks(values[:2], query[None], EPS)  # noqa: E741
-    with pytest.raises(ValueError, match="do not fit"):
-        reference.attnres_merge(o, m[0], l[0], values[2], query, EPS)
+    o, lse = reference.attnres_blocks(values[:2], query[None], EPS)
+    grad_lse = torch.zeros_like(lse)
+    # views made here: the calls run under a fake mode too, which takes only fake tensors
+    rows, two_rows, short_lse = query[None], query.expand(2, 12), grad_lse[..., :2]
+    o_0, lse_0, short_grad = o[0], lse[0], values[2][:2]
+    return [
+        ("blocks-empty", lambda t: OPS.attnres_blocks([], t(rows), EPS), "blocks is empty"),
+        (
+            "queries-rank",
+            lambda t: OPS.attnres_blocks([t(v) for v in values], t(query), EPS),
+            r"\[S, C\]",
+        ),
+        (
+            "merge-o",
+            lambda t: OPS.attnres_merge(t(o), t(lse_0), t(values[2]), t(query), EPS),
+            r"lse \(4,\) do not fit",
+        ),
+        (
+            "merge-grad",
+            lambda t: OPS.attnres_merge_backward(
+                t(short_grad), t(o_0), t(lse_0), t(values[2]), t(query), EPS
+            ),
+            r"grad is \(2, 12\)",
+        ),
+        (
+            "blocks-backward-lse",
+            lambda t: OPS.attnres_blocks_backward(
+                t(o),
+                t(short_lse),
+                [t(v) for v in values[:2]],
+                t(rows),
+                t(o),
+                t(lse),
+                EPS,
+            ),
+            r"lse \(1, 2\)",
+        ),
+        (
+            "blocks-backward-queries",
+            lambda t: OPS.attnres_blocks_backward(
+                t(o),
+                t(grad_lse),
+                [t(v) for v in values[:2]],
+                t(two_rows),
+                t(o),
+                t(lse),
+                EPS,
+            ),
+            "do not fit 2 queries",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_phase_calls(), ids=lambda c: c[0])
+def test_phases_reject_bad_input(case):
+    """The ops and their fake kernels raise the same clear error."""
+    _, call, message = case
+    with pytest.raises(ValueError, match=message):
+        call(lambda t: t)
+    with pytest.raises(ValueError, match=message):
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            call(mode.from_tensor)
 
 
 # -------------------------------------------------------------------------- CPU lowering
@@ -322,7 +483,8 @@ def test_reference_is_in_the_cpu_lowering_table():
     from hcpass.ops import REFERENCE
 
     assert REFERENCE[OPS.attnres.default] is hcpass.ops.attnres.library._attnres_ref
-    assert OPS.attnres_backward.default in REFERENCE
+    for name in ("backward", "blocks", "blocks_backward", "merge", "merge_backward"):
+        assert getattr(OPS, f"attnres_{name}").default in REFERENCE, name
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -374,12 +536,6 @@ KERNEL_TOL = {torch.float32: 1e-5, torch.float64: 1e-11, torch.bfloat16: 1e-2}
 KERNEL_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
-def _queries(S: int, C: int, dtype: torch.dtype) -> torch.Tensor:
-    queries = torch.stack([make_inputs(1, (), C, dtype, seed=10 + s)[1] for s in range(S)])
-    queries[-1] = 0  # one query with uniform weights
-    return queries
-
-
 def _row_views(values):
     """Values of 1-d positions the kernels read in place, each with other strides: expanded
     over positions (stride 0), every other channel of a wider buffer, channel-major."""
@@ -407,10 +563,10 @@ def run_blocks_case(n, S, pos, C, dtype, layout=None) -> None:
 def run_merge_case(n, pos, C, dtype, layout=None) -> None:
     values, query = make_inputs(n + 1, pos, C, dtype)
     values = LAYOUTS[layout](values[::-1])[::-1]  # the partial block in the first layout
-    o, m, l = (t[0] for t in reference.attnres_blocks(values[:-1], query[None], EPS))  # noqa: E741
-    got = kernels.attnres_merge(o, m, l, values[-1], query, EPS)
+    o, lse = (t[0] for t in reference.attnres_blocks(values[:-1], query[None], EPS))
+    got = kernels.attnres_merge(o, lse, values[-1], query, EPS)
     assert got.dtype == dtype and got.is_contiguous()
-    assert_matches(got, reference.attnres_merge(o, m, l, values[-1], query, EPS), KERNEL_TOL[dtype])
+    assert_matches(got, reference.attnres_merge(o, lse, values[-1], query, EPS), KERNEL_TOL[dtype])
 
 
 def run_op_case(k, pos, C, dtype, layout=None) -> None:

@@ -27,19 +27,42 @@ Backward. Given g = dL/dh (in compute dtype):
 `attnres_backward` recomputes r, q, alpha from the inputs (values, query): nothing but the
 inputs is saved, so a model keeps the memory of its plain residual stream.
 
-The two phases (the paper's split of Block AttnRes, used by the CUDA kernels). The k values
-split into completed blocks ``b_1..b_n`` (n = k - 1) and the current partial block ``p``:
+The two phases (the paper's split of Block AttnRes, used on CUDA). The k values split into
+completed blocks ``b_1..b_n`` (n = k - 1) and the current partial block ``p``. Flash-attention
+style, each query keeps its log-sum-exp:
 
-- phase 1, `attnres_blocks`: S queries that see the same completed blocks attend over them
-  in one pass (one read of each block for all S queries), keeping online-softmax statistics
-  per (query, position): the running max ``m = max_j s_j``, the sum ``l = sum_j exp(s_j - m)``
-  and the normalised partial output ``o = sum_j exp(s_j - m) b_j / l``;
-- phase 2, `attnres_merge`: one query merges those with its partial block, whose logit is
-  ``s_p = r_p <w, p>``: with ``m' = max(m, s_p)``, ``a = l exp(m - m')``,
-  ``b = exp(s_p - m')``, ``h = (a o + b p) / (a + b)``.
+- phase 1, `attnres_blocks`: S queries ``w_s`` that see the same completed blocks attend
+  over them in one pass (one read of each block for all S queries)::
 
-``attnres(values, w) == attnres_merge(o[0], m[0], l[0], values[-1], w)`` with
-``o, m, l = attnres_blocks(values[:-1], w[None])`` for k >= 2.
+      s_sj = r_j <w_s, b_j>,   lse_s = log sum_j exp(s_sj),   beta_sj = exp(s_sj - lse_s)
+      o_s  = sum_j beta_sj b_j                      o [S, *pos, C], lse [S, *pos]
+
+- phase 2, `attnres_merge`: one query merges its (o, lse) with its partial block, whose
+  logit is ``s_p = r_p q_p``, ``q_p = <w, p>``::
+
+      gamma = sigmoid(lse - s_p)   (the weight of all the blocks together)
+      h     = gamma o + (1 - gamma) p
+
+``attnres(values, w) == attnres_merge(o[0], lse[0], values[-1], w)`` with
+``o, lse = attnres_blocks(values[:-1], w[None])`` for k >= 2.
+
+Backward of phase 2 (`attnres_merge_backward`), g = dL/dh, ``e = <g, o - p>``::
+
+    dL/dgamma = e,   dgamma/dlse = gamma (1 - gamma) = -dgamma/ds_p
+    grad o    = gamma g,   grad lse = gamma (1 - gamma) e,   ds_p = -gamma (1 - gamma) e
+    grad p    = (1 - gamma) g + ds_p r_p (w - r_p^2 q_p p / C)     (ds_p/dp as ds_i/dv_i)
+    grad w    = sum_pos ds_p r_p p
+
+Backward of phase 1 (`attnres_blocks_backward`), given grad o_s and grad lse_s: the softmax
+vjp, with dlse_s/ds_sj = beta_sj::
+
+    D_s      = <grad o_s, o_s> - grad lse_s
+    ds_sj    = beta_sj (<grad o_s, b_j> - D_s)
+    grad b_j = sum_s [beta_sj grad o_s + ds_sj r_j w_s - ds_sj r_j^3 q_sj b_j / C]
+    grad w_s = sum_pos sum_j ds_sj r_j b_j
+
+It reads the saved o and lse (beta from lse and the recomputed logits), so the forward's
+weighted sum is never recomputed.
 """
 
 from __future__ import annotations
@@ -177,56 +200,121 @@ def attnres_backward(
 
 
 # ------------------------------------------------------------------------------ phases
-def attnres_blocks(
-    blocks: list[Tensor], queries: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase 1: S queries ``[S, C]`` over n >= 1 completed blocks ``[*pos, C]``.
-
-    Returns, in compute dtype and contiguous, the normalised partial output
-    ``o [S, *pos, C] = sum_j exp(s_j - m) b_j / l``, the running max ``m [S, *pos]`` and
-    ``l [S, *pos] = sum_j exp(s_j - m)``, where ``s_j = r_j <w_s, b_j>``.
-    """
+def check_blocks(blocks: list[Tensor] | tuple[Tensor, ...], queries: Tensor) -> None:
+    """n >= 1 blocks ``[*pos, C]`` and queries ``[S, C]``."""
     check_values(blocks, "blocks")
     check_query(queries, blocks[0].shape[-1], blocks[0].device, rows=True)
-    acc = compute_dtype(blocks[0].dtype)
-    w = queries.to(acc)
-    keys = [b.to(acc) for b in blocks]
-    # [n, S, *pos]
-    logits = torch.stack(
-        [(_rms_inv(k, eps).unsqueeze(-1) * (k @ w.T)).movedim(-1, 0) for k in keys]
-    )
-    m = logits.amax(0)
-    p = torch.exp(logits - m)
-    l = p.sum(0)  # noqa: E741
-    weights = (p / l).unsqueeze(-1)  # [n, S, *pos, 1]
-    o = weights[0] * keys[0]
-    for j in range(1, len(keys)):
-        o = o + weights[j] * keys[j]
-    return o.contiguous(), m.contiguous(), l.contiguous()
 
 
-def attnres_merge(
-    o: Tensor,
-    m: Tensor,
-    l: Tensor,  # noqa: E741
-    partial: Tensor,
-    query: Tensor,
-    eps: float,
-) -> Tensor:
-    """Phase 2: merge one query's phase-1 statistics (``o [*pos, C]``, ``m``, ``l [*pos]``)
-    with the partial block ``[*pos, C]``; h in the partial block's dtype, contiguous."""
+def check_phase_one(o: Tensor, lse: Tensor, blocks: list[Tensor], queries: Tensor) -> None:
+    """``o [S, *pos, C]`` and ``lse [S, *pos]`` fit the blocks and queries (their gradients
+    too)."""
+    want = (queries.shape[0], *blocks[0].shape)
+    if o.shape != want or lse.shape != want[:-1]:
+        raise ValueError(
+            f"attnres_blocks_backward: o {tuple(o.shape)} and lse {tuple(lse.shape)} do not "
+            f"fit {len(queries)} queries over blocks {tuple(blocks[0].shape)}: o must be "
+            f"{want}, lse {want[:-1]}"
+        )
+
+
+def check_merge(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor) -> None:
+    """One query's ``o [*pos, C]`` and ``lse [*pos]`` fit the partial block ``[*pos, C]``."""
     check_values([partial], "partial")
     check_query(query, partial.shape[-1], partial.device)
-    if o.shape != partial.shape or m.shape != partial.shape[:-1] or l.shape != m.shape:
+    if o.shape != partial.shape or lse.shape != partial.shape[:-1]:
         raise ValueError(
-            f"attnres_merge: o {tuple(o.shape)}, m {tuple(m.shape)}, l {tuple(l.shape)} do "
-            f"not fit the partial block {tuple(partial.shape)}"
+            f"attnres_merge: o {tuple(o.shape)} and lse {tuple(lse.shape)} do not fit the "
+            f"partial block {tuple(partial.shape)}: o must have its shape, lse its shape "
+            "without the channels"
         )
+
+
+def _block_logits(keys: list[Tensor], w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``r [n, 1, *pos]``, ``q [n, S, *pos]`` and ``s = r q`` of keys in compute dtype."""
+    r = torch.stack([_rms_inv(k, eps) for k in keys]).unsqueeze(1)
+    q = torch.stack([(k @ w.T).movedim(-1, 0) for k in keys])
+    return r, q, r * q
+
+
+def attnres_blocks(blocks: list[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Phase 1: S queries ``[S, C]`` over n >= 1 completed blocks ``[*pos, C]``: ``o
+    [S, *pos, C]`` and ``lse [S, *pos]`` (module docstring), in compute dtype, contiguous."""
+    check_blocks(blocks, queries)
+    acc = compute_dtype(blocks[0].dtype)
+    keys = [b.to(acc) for b in blocks]
+    _, _, logits = _block_logits(keys, queries.to(acc), eps)  # [n, S, *pos]
+    lse = torch.logsumexp(logits, 0)
+    beta = torch.exp(logits - lse).unsqueeze(-1)
+    o = beta[0] * keys[0]
+    for j in range(1, len(keys)):
+        o = o + beta[j] * keys[j]
+    return o.contiguous(), lse.contiguous()
+
+
+def attnres_blocks_backward(
+    grad_o: Tensor,
+    grad_lse: Tensor,
+    blocks: list[Tensor],
+    queries: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    eps: float,
+) -> tuple[list[Tensor], Tensor]:
+    """(grad of each block in the blocks' dtype, grad of the queries in their dtype), the
+    closed form of the module docstring from the saved ``o`` and ``lse``."""
+    check_blocks(blocks, queries)
+    for t in (o, grad_o):
+        check_phase_one(t, lse, blocks, queries)
+    check_phase_one(o, grad_lse, blocks, queries)
+    dtype, C = blocks[0].dtype, blocks[0].shape[-1]
+    acc = compute_dtype(dtype)
+    keys = [b.to(acc) for b in blocks]
+    w, go = queries.to(acc), grad_o.to(acc)
+    r, q, logits = _block_logits(keys, w, eps)  # [n, 1 | S, *pos]
+    beta = torch.exp(logits - lse.to(acc))
+    big_d = _dot(go, o.to(acc)) - grad_lse.to(acc)  # [S, *pos]
+    ds = beta * (torch.stack([_dot(go, k) for k in keys]) - big_d)
+    coef_w = ds * r  # weight of w_s in grad b_j, of b_j in grad w_s
+    coef_b = (coef_w * q).sum(1) * (r[:, 0] ** 2 / C)  # [n, *pos]
+    grad_blocks, grad_w = [], torch.zeros_like(w)
+    for j, k in enumerate(keys):
+        gb = (beta[j].unsqueeze(-1) * go).sum(0) + (coef_w[j].movedim(0, -1) @ w)
+        gb = gb - coef_b[j].unsqueeze(-1) * k
+        grad_blocks.append(gb.to(dtype).contiguous())
+        grad_w = grad_w + coef_w[j].reshape(len(w), -1) @ k.reshape(-1, C)
+    return grad_blocks, grad_w.to(queries.dtype)
+
+
+def attnres_merge(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float) -> Tensor:
+    """Phase 2: merge one query's ``o [*pos, C]`` and ``lse [*pos]`` with the partial block
+    ``[*pos, C]``: h in the partial block's dtype, contiguous."""
+    check_merge(o, lse, partial, query)
     acc = compute_dtype(partial.dtype)
-    pf, w = partial.to(acc), query.to(acc)
-    s = _rms_inv(pf, eps) * _dot(pf, w)
-    m, l = m.to(acc), l.to(acc)  # noqa: E741
-    top = torch.maximum(m, s)
-    a = (l * torch.exp(m - top)).unsqueeze(-1)
-    b = torch.exp(s - top).unsqueeze(-1)
-    return ((a * o.to(acc) + b * pf) / (a + b)).to(partial.dtype).contiguous()
+    pf = partial.to(acc)
+    s = _rms_inv(pf, eps) * _dot(pf, query.to(acc))
+    gamma = torch.sigmoid(lse.to(acc) - s).unsqueeze(-1)
+    return (gamma * o.to(acc) + (1 - gamma) * pf).to(partial.dtype).contiguous()
+
+
+def attnres_merge_backward(
+    grad: Tensor, o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad o, grad lse, grad partial, grad query), each in its input's dtype: the closed
+    form of the module docstring, recomputing gamma from the inputs."""
+    check_merge(o, lse, partial, query)
+    check_grad(grad, [partial])
+    acc, C = compute_dtype(partial.dtype), partial.shape[-1]
+    pf, w, g, of = partial.to(acc), query.to(acc), grad.to(acc), o.to(acc)
+    r, q = _rms_inv(pf, eps), _dot(pf, w)
+    gamma = torch.sigmoid(lse.to(acc) - r * q)
+    slope = gamma * (1 - gamma) * _dot(g, of - pf)  # grad lse = -ds_p
+    coef_w = (-slope * r).unsqueeze(-1)  # ds_p r_p
+    grad_p = (1 - gamma).unsqueeze(-1) * g + coef_w * (w - (r * r * q / C).unsqueeze(-1) * pf)
+    grad_w = (coef_w * pf).reshape(-1, C).sum(0)
+    return (
+        (gamma.unsqueeze(-1) * g).to(o.dtype).contiguous(),
+        slope.to(lse.dtype).contiguous(),
+        grad_p.to(partial.dtype).contiguous(),
+        grad_w.to(query.dtype),
+    )
