@@ -1,5 +1,6 @@
-"""Triton kernels of the Attention Residuals ops (``hcpass::attnres``, as its two phases,
-and ``hcpass::attnres_backward``).
+"""Triton kernels of the Attention Residuals ops: ``hcpass::attnres`` (as its two phases)
+and its backward, and the phases as ops of their own (``attnres_blocks``, ``attnres_merge``
+and their backward ops), which the CUDA lowering calls for Block AttnRes.
 
 The math (`hcpass.ops.attnres.reference` derives it): values ``v_i [*pos, C]``, a query
 ``w [C]``; per position, in compute dtype (fp32; fp64 for fp64 values)::
@@ -41,6 +42,19 @@ copies the one value.
   ``grad v_i = alpha_i g + ds_i r_i w - ds_i r_i^3 q_i v_i / C``, and the program's partial
   sum of ``grad w = sum_pos sum_i ds_i r_i v_i`` (``[programs, C]``, summed by torch). Reads
   the values and g twice, writes each value's gradient once.
+- Backward of phase 2, `attnres_merge_backward` (kernel `attnres_merge_bwd_kernel`): grid:
+  position tiles. Sweep 1 over the channels: ``r_p``, ``q_p = <w, p>``, ``e = <g, o - p>``,
+  then gamma and ``grad lse = gamma (1 - gamma) e``; sweep 2 writes ``grad o = gamma g``
+  (compute dtype), grad p, and the program's partial sum of grad w.
+- Backward of phase 1, `attnres_blocks_backward` (kernel `attnres_blocks_bwd_kernel`): grid:
+  position tiles, all S queries of a tile in one program (a block's gradient sums over the
+  queries, so it is written once, never accumulated across programs). Sweep 1:
+  ``D_s = <grad o_s, o_s> - grad lse_s``, then block by block ``r_j``, ``q_sj = <w_s, b_j>``
+  and ``d_sj = <grad o_s, b_j>`` (parked in scratch ``[n, P]`` and ``[2, n, S, P]``). Sweep 2,
+  channel chunk by chunk over the blocks: ``beta_sj = exp(r_j q_sj - lse_s)``,
+  ``ds_sj = beta_sj (d_sj - D_s)``, grad b_j and the program's partial sums of grad w_s
+  (``[programs, S, C]``, summed by torch). Reads the saved o once and grad o n + 2 times per
+  tile (it is S times a block: the price of never recomputing phase 1's weighted sum).
 
 Layout: the values arrive as a list of separately allocated tensors, any strides. The
 blocks reach the kernel as a table ``[n, 3]`` (int64: address, position stride, channel
@@ -301,6 +315,187 @@ def attnres_bwd_kernel(
         tl.store(gw_ptr + pid * C + c, gw, mask=c_ok)
 
 
+@_jit
+def attnres_merge_bwd_kernel(
+    g_ptr,  # [P, C] grad of h, strides (stride_gp, stride_gc)
+    o_ptr,  # [P, C] ACC, contiguous
+    lse_ptr,  # [P] ACC
+    x_ptr,  # [P, C] the partial block, strides (stride_p, stride_c)
+    w_ptr,  # [C] query, ACC
+    go_ptr,  # [P, C] out, ACC: grad o
+    glse_ptr,  # [P] out, ACC: grad lse
+    gx_ptr,  # [P, C] out, the partial block's dtype, contiguous
+    gw_ptr,  # [programs, C] out, ACC: per-program partial sums of grad w
+    P,
+    stride_p,
+    stride_c,
+    stride_gp,
+    stride_gc,
+    eps,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    p64 = p.to(tl.int64)
+    x_rows = x_ptr + p64[:, None] * stride_p
+    g_rows = g_ptr + p64[:, None] * stride_gp
+
+    # sweep 1: r_p, q_p = <w, p>, e = <g, o - p>
+    sumsq = tl.zeros((BLOCK_P,), ACC)
+    q = tl.zeros((BLOCK_P,), ACC)
+    e = tl.zeros((BLOCK_P,), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        pc_ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_rows + c[None, :] * stride_c, mask=pc_ok, other=0.0).to(ACC)
+        g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
+        o = tl.load(o_ptr + p64[:, None] * C + c[None, :], mask=pc_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        sumsq += tl.sum(x * x, 1)
+        q += tl.sum(x * w[None, :], 1)
+        e += tl.sum(g * (o - x), 1)
+    r = 1.0 / tl.sqrt(sumsq / C + eps)
+    lse = tl.load(lse_ptr + p64, mask=p_ok, other=0.0).to(ACC)
+    gamma = 1.0 / (1.0 + tl.exp(r * q - lse))  # sigmoid(lse - s_p)
+    slope = gamma * (1.0 - gamma) * e  # grad lse = -ds_p
+    tl.store(glse_ptr + p64, slope, mask=p_ok)
+    coef_w = -slope * r  # ds_p r_p: padded lanes have e = 0
+    coef_x = coef_w * r * r * q / C
+
+    # sweep 2: grad o, grad p and the partial grad of w, one channel chunk at a time
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        pc_ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_rows + c[None, :] * stride_c, mask=pc_ok, other=0.0).to(ACC)
+        g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        out = p64[:, None] * C + c[None, :]
+        tl.store(go_ptr + out, gamma[:, None] * g, mask=pc_ok)
+        gx = (1.0 - gamma)[:, None] * g + coef_w[:, None] * w[None, :] - coef_x[:, None] * x
+        tl.store(gx_ptr + out, gx.to(gx_ptr.dtype.element_ty), mask=pc_ok)
+        tl.store(gw_ptr + pid * C + c, tl.sum(coef_w[:, None] * x, 0), mask=c_ok)
+
+
+@_jit
+def attnres_blocks_bwd_kernel(
+    table_ptr,  # int64 [n, 3]: address, position stride, channel stride of each block
+    first_ptr,  # block 0: its pointer type types both tables' addresses
+    out_table_ptr,  # int64 [n]: addresses of the blocks' gradients, contiguous [P, C]
+    w_ptr,  # [S, C] queries, ACC
+    go_ptr,  # [S, P, C] grad o, ACC, contiguous
+    o_ptr,  # [S, P, C] ACC, contiguous
+    lse_ptr,  # [S, P] ACC
+    glse_ptr,  # [S, P] grad lse, ACC
+    r_ptr,  # [n, P] scratch, ACC
+    qd_ptr,  # [2, n, S, P] scratch, ACC: q, d
+    gw_ptr,  # [programs, S, C] out, ACC: per-program partial sums of grad w
+    n,
+    S,
+    P,
+    eps,
+    C: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    s = tl.arange(0, BLOCK_S)
+    p_ok, s_ok = p < P, s < S
+    sp_ok = s_ok[:, None] & p_ok[None, :]
+    p64 = p.to(tl.int64)
+    sp = s[:, None].to(tl.int64) * P + p64[None, :]  # [BLOCK_S, BLOCK_P] into [S, P]
+
+    # sweep 1: D_s = <grad o_s, o_s> - grad lse_s, then per block r_j, q_sj, d_sj
+    dots = tl.zeros((BLOCK_S, BLOCK_P), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        spc = sp[:, :, None] * C + c[None, None, :]
+        spc_ok = sp_ok[:, :, None] & (c < C)[None, None, :]
+        go = tl.load(go_ptr + spc, mask=spc_ok, other=0.0)
+        o = tl.load(o_ptr + spc, mask=spc_ok, other=0.0)
+        dots += tl.sum(go * o, 2)
+    big_d = dots - tl.load(glse_ptr + sp, mask=sp_ok, other=0.0)
+    for j in range(n):
+        base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
+        stride_p = tl.load(table_ptr + 3 * j + 1)
+        stride_c = tl.load(table_ptr + 3 * j + 2)
+        sumsq = tl.zeros((BLOCK_P,), ACC)
+        q = tl.zeros((BLOCK_S, BLOCK_P), ACC)
+        d = tl.zeros((BLOCK_S, BLOCK_P), ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            b = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c,
+                mask=p_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(ACC)
+            w = tl.load(
+                w_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0
+            )
+            go = tl.load(
+                go_ptr + sp[:, :, None] * C + c[None, None, :],
+                mask=sp_ok[:, :, None] & c_ok[None, None, :],
+                other=0.0,
+            )
+            sumsq += tl.sum(b * b, 1)
+            q += tl.sum(w[:, None, :] * b[None, :, :], 2)
+            d += tl.sum(go * b[None, :, :], 2)
+        tl.store(r_ptr + j * P + p64, 1.0 / tl.sqrt(sumsq / C + eps), mask=p_ok)
+        tl.store(qd_ptr + j * S * P + sp, q, mask=sp_ok)
+        tl.store(qd_ptr + (n + j) * S * P + sp, d, mask=sp_ok)
+    lse = tl.load(lse_ptr + sp, mask=sp_ok, other=0.0)
+    tl.debug_barrier()  # the stats parked by other threads of this program are visible
+
+    # sweep 2: each block's gradient and the partial grads of w, one channel chunk at a time
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        pc_ok = p_ok[:, None] & c_ok[None, :]
+        w = tl.load(
+            w_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        go = tl.load(
+            go_ptr + sp[:, :, None] * C + c[None, None, :],
+            mask=sp_ok[:, :, None] & c_ok[None, None, :],
+            other=0.0,
+        )
+        gw = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+        for j in range(n):
+            base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
+            stride_p = tl.load(table_ptr + 3 * j + 1)
+            stride_c = tl.load(table_ptr + 3 * j + 2)
+            out = tl.load(out_table_ptr + j).to(first_ptr.dtype, bitcast=True)
+            r = tl.load(r_ptr + j * P + p64, mask=p_ok, other=0.0)
+            q = tl.load(qd_ptr + j * S * P + sp, mask=sp_ok, other=0.0)
+            d = tl.load(qd_ptr + (n + j) * S * P + sp, mask=sp_ok, other=0.0)
+            beta = tl.where(sp_ok, tl.exp(r[None, :] * q - lse), 0.0)
+            coef_w = beta * (d - big_d) * r[None, :]  # ds_sj r_j
+            coef_b = tl.sum(coef_w * q, 0) * r * r / C
+            b = tl.load(
+                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
+            ).to(ACC)
+            gb = tl.sum(beta[:, :, None] * go + coef_w[:, :, None] * w[:, None, :], 0)
+            gb -= coef_b[:, None] * b
+            tl.store(
+                out + p64[:, None] * C + c[None, :], gb.to(first_ptr.dtype.element_ty), mask=pc_ok
+            )
+            gw += tl.sum(coef_w[:, :, None] * b[None, :, :], 1)
+        tl.store(
+            gw_ptr + pid * S * C + s[:, None] * C + c[None, :],
+            gw,
+            mask=s_ok[:, None] & c_ok[None, :],
+        )
+
+
 # ---------------------------------------------------------------------------- launching
 # The interpreter runs program instances one after another (~1 ms each): few, large tiles.
 # On a GPU: a [BLOCK_S, BLOCK_P, BLOCK_C] tile of ~2K elements in sweep 2 (not tuned yet).
@@ -313,6 +508,17 @@ def _blocks_config(S: int, C: int) -> dict[str, int]:
     block_c = min(64 if block_s > 2 else 128, triton.next_power_of_2(C))
     if generate.interpreted():
         return dict(BLOCK_S=block_s, BLOCK_P=16, BLOCK_C=64)
+    block_p = max(1, min(16, GPU_TILE // (block_s * block_c)))
+    return dict(BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+
+
+def _blocks_backward_config(S: int, C: int) -> dict[str, int]:
+    """All S queries in one program (a block's gradient sums over them): the tile
+    ``[BLOCK_S, BLOCK_P, BLOCK_C]`` shrinks along positions and channels as S grows."""
+    block_s = triton.next_power_of_2(S)
+    if generate.interpreted():
+        return dict(BLOCK_S=block_s, BLOCK_P=16, BLOCK_C=64)
+    block_c = min(64 if block_s > 2 else 128, triton.next_power_of_2(C))
     block_p = max(1, min(16, GPU_TILE // (block_s * block_c)))
     return dict(BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
@@ -467,5 +673,114 @@ def attnres_backward(
     return grads, grad_w.sum(0).to(query.dtype)
 
 
+def attnres_merge_backward(
+    grad: Tensor, o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``hcpass::attnres_merge_backward``: one kernel and a sum over programs."""
+    reference.check_merge(o, lse, partial, query)
+    reference.check_grad(grad, [partial])
+    _check_device(grad, o, lse, partial, query)
+    C = partial.shape[-1]
+    P = math.prod(partial.shape[:-1])
+    acc = compute_dtype(partial.dtype)
+    grad_o = partial.new_empty(partial.shape, dtype=acc)
+    grad_lse = partial.new_empty(partial.shape[:-1], dtype=acc)
+    grad_p = partial.new_empty(partial.shape)
+    if P == 0 or C == 0:
+        return (
+            grad_o.zero_().to(o.dtype),
+            grad_lse.zero_().to(lse.dtype),
+            grad_p.zero_(),
+            torch.zeros_like(query, memory_format=torch.contiguous_format),
+        )
+    x, g = _rows(partial, P, C), _rows(grad, P, C)
+    config = _merge_config(C)
+    programs = triton.cdiv(P, config["BLOCK_P"])
+    grad_w = partial.new_empty((programs, C), dtype=acc)
+    _launch(
+        attnres_merge_bwd_kernel,
+        (programs,),
+        g,
+        o.to(acc).contiguous(),
+        lse.to(acc).contiguous(),
+        x,
+        query.to(acc).contiguous(),
+        grad_o,
+        grad_lse,
+        grad_p,
+        grad_w,
+        P,
+        x.stride(0),
+        x.stride(1),
+        g.stride(0),
+        g.stride(1),
+        eps,
+        C=C,
+        ACC=_acc(partial.dtype),
+        **config,
+    )
+    return grad_o.to(o.dtype), grad_lse.to(lse.dtype), grad_p, grad_w.sum(0).to(query.dtype)
+
+
+def attnres_blocks_backward(
+    grad_o: Tensor,
+    grad_lse: Tensor,
+    blocks: list[Tensor],
+    queries: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    eps: float,
+) -> tuple[list[Tensor], Tensor]:
+    """``hcpass::attnres_blocks_backward``: one kernel (all S queries of a position tile in
+    one program, so each block's gradient is written once) and a sum over programs."""
+    reference.check_blocks(blocks, queries)
+    for t in (o, grad_o):
+        reference.check_phase_one(t, lse, blocks, queries)
+    reference.check_phase_one(o, grad_lse, blocks, queries)
+    first = blocks[0]
+    _check_device(grad_o, grad_lse, *blocks, queries, o, lse)
+    n, S, C = len(blocks), queries.shape[0], first.shape[-1]
+    P = math.prod(first.shape[:-1])
+    acc = compute_dtype(first.dtype)
+    grads = [first.new_empty(first.shape) for _ in blocks]
+    if P == 0 or C == 0:
+        return grads, torch.zeros_like(queries, memory_format=torch.contiguous_format)
+    rows = [_rows(b, P, C) for b in blocks]
+    out_table = torch.tensor([t.data_ptr() for t in grads], dtype=torch.int64).to(first.device)
+    config = _blocks_backward_config(S, C)
+    programs = triton.cdiv(P, config["BLOCK_P"])
+    grad_w = first.new_empty((programs, S, C), dtype=acc)
+    _launch(
+        attnres_blocks_bwd_kernel,
+        (programs,),
+        _table(rows),
+        rows[0],
+        out_table,
+        queries.to(acc).contiguous(),
+        grad_o.to(acc).contiguous(),
+        o.to(acc).contiguous(),
+        lse.to(acc).contiguous(),
+        grad_lse.to(acc).contiguous(),
+        first.new_empty((n, P), dtype=acc),
+        first.new_empty((2, n, S, P), dtype=acc),
+        grad_w,
+        n,
+        S,
+        P,
+        eps,
+        C=C,
+        ACC=_acc(first.dtype),
+        **config,
+    )
+    return grads, grad_w.sum(0).to(queries.dtype)
+
+
 # op name -> launcher: what `register_cuda_kernels` installs as the ops' CUDA kernels.
-LAUNCHERS: dict[str, Callable] = {"attnres": attnres, "attnres_backward": attnres_backward}
+LAUNCHERS: dict[str, Callable] = {
+    "attnres": attnres,
+    "attnres_backward": attnres_backward,
+    "attnres_blocks": attnres_blocks,
+    "attnres_blocks_backward": attnres_blocks_backward,
+    "attnres_merge": attnres_merge,
+    "attnres_merge_backward": attnres_merge_backward,
+}

@@ -569,6 +569,36 @@ def run_merge_case(n, pos, C, dtype, layout=None) -> None:
     assert_matches(got, reference.attnres_merge(o, lse, values[-1], query, EPS), KERNEL_TOL[dtype])
 
 
+def run_merge_backward_case(n, pos, C, dtype, layout=None) -> None:
+    values, query = make_inputs(n + 1, pos, C, dtype)
+    values = LAYOUTS[layout](values[::-1])[::-1]
+    o, lse = (t[0] for t in reference.attnres_blocks(values[:-1], query[None], EPS))
+    grad = torch.randn(values[0].shape, dtype=torch.float64).to(dtype)
+    inputs = (o, lse, values[-1], query)
+    got = kernels.attnres_merge_backward(grad, *inputs, EPS)
+    want = reference.attnres_merge_backward(grad, *inputs, EPS)
+    assert [g.dtype for g in got] == [t.dtype for t in inputs]
+    assert all(g.is_contiguous() for g in got)
+    for g, w, t in zip(got, want, inputs, strict=True):
+        assert_matches(g, w, KERNEL_TOL[t.dtype])
+
+
+def run_blocks_backward_case(n, S, pos, C, dtype, layout=None) -> None:
+    blocks, _ = make_inputs(n, pos, C, dtype)
+    blocks = LAYOUTS[layout](blocks)
+    queries = _queries(S, C, dtype)
+    o, lse = reference.attnres_blocks(blocks, queries, EPS)
+    gen = torch.Generator().manual_seed(4)
+    grad_o, grad_lse = (torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (o, lse))
+    args = (grad_o, grad_lse, blocks, queries, o, lse, EPS)
+    got_blocks, got_w = kernels.attnres_blocks_backward(*args)
+    want_blocks, want_w = reference.attnres_blocks_backward(*args)
+    assert all(g.dtype == dtype and g.is_contiguous() for g in got_blocks)
+    assert got_w.dtype == queries.dtype
+    assert_matches(got_blocks, want_blocks, KERNEL_TOL[dtype])
+    assert_matches(got_w, want_w, KERNEL_TOL[compute_dtype(dtype)])
+
+
 def run_op_case(k, pos, C, dtype, layout=None) -> None:
     values, query = make_inputs(k, pos, C, dtype)
     values = LAYOUTS[layout](values)
@@ -614,6 +644,28 @@ def test_phase_two_kernel(interpreter, case, dtype):
     interpreter.submit(run_merge_case, *case, dtype).result()
 
 
+# (n blocks, S queries, pos, C): n = 1..4, S = 1..5, 0/1/2 position dims, odd position
+# counts (21: two tiles of 16), C not a power of two (in one chunk of 64, or three).
+PHASE_BACKWARD_CASES = [
+    (1, 1, (7,), 40),
+    (2, 5, (), 40),
+    (4, 3, (21,), 150),
+    (3, 2, (3, 5), 40),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PHASE_BACKWARD_CASES, ids=str)
+def test_phase_one_backward_kernel(interpreter, case, dtype):
+    interpreter.submit(run_blocks_backward_case, *case, dtype).result()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(n, pos, C) for n, _, pos, C in PHASE_BACKWARD_CASES], ids=str)
+def test_phase_two_backward_kernel(interpreter, case, dtype):
+    interpreter.submit(run_merge_backward_case, *case, dtype).result()
+
+
 # (k, pos, C): one value (a copy), two, five over two position tiles and three C chunks.
 OP_KERNEL_CASES = [(1, (7,), 40), (2, (), 40), (5, (21,), 150), (3, (2, 5), 40)]
 
@@ -641,6 +693,8 @@ def test_kernels_read_expanded_and_strided_values(interpreter, layout, dtype):
     interpreter.submit(run_merge_case, 3, pos, 40, dtype, layout).result()
     interpreter.submit(run_op_case, 3, pos, 40, dtype, layout).result()
     interpreter.submit(run_backward_case, 3, pos, 40, dtype, layout).result()
+    interpreter.submit(run_blocks_backward_case, 3, 2, pos, 40, dtype, layout).result()
+    interpreter.submit(run_merge_backward_case, 3, pos, 40, dtype, layout).result()
 
 
 # ------------------------------------------------------------------ without a GPU, compiled
@@ -673,8 +727,8 @@ TRITON_TYPES = {
 @pytest.mark.skipif(generate.interpreted(), reason="triton imported interpreted")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 def test_attnres_kernels_compile_for_sm90(monkeypatch, dtype):
-    """Every kernel, with the arguments its launcher passes (phase 1 with 1 and 8 queries),
-    compiles to an sm_90 (H100/H200) binary -- no GPU needed."""
+    """Every kernel, with the arguments its launcher passes (phase 1 with 1 and 8 queries,
+    its backward with 2 and 5), compiles to an sm_90 (H100/H200) binary -- no GPU needed."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -685,11 +739,20 @@ def test_attnres_kernels_compile_for_sm90(monkeypatch, dtype):
     kernels.attnres(values, query, EPS)
     kernels.attnres_blocks(values, _queries(8, 1000, dtype), EPS)
     kernels.attnres_backward(torch.ones_like(values[0]), values, query, EPS)
+    queries = _queries(5, 1000, dtype)
+    o, lse = reference.attnres_blocks(values[:2], queries[:2], EPS)
+    kernels.attnres_merge_backward(torch.ones_like(values[0]), o[0], lse[0], values[2], query, EPS)
+    kernels.attnres_blocks_backward(o, lse, values[:2], queries[:2], o, lse, EPS)
+    o, lse = reference.attnres_blocks(values[:2], queries, EPS)
+    kernels.attnres_blocks_backward(o, lse, values[:2], queries, o, lse, EPS)
     assert [k.fn.__name__ for k, *_ in launches] == [
         "attnres_blocks_kernel",
         "attnres_merge_kernel",
         "attnres_blocks_kernel",
         "attnres_bwd_kernel",
+        "attnres_merge_bwd_kernel",
+        "attnres_blocks_bwd_kernel",
+        "attnres_blocks_bwd_kernel",
     ]
     for kernel, args, kwargs in launches:
         constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
