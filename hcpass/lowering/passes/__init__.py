@@ -1,15 +1,21 @@
 """Every pass the hcpass backend runs on a converted model's graphs: one plan per device,
 each pass listed where it runs, in order (as Inductor's ``post_grad_passes`` lists its own).
 
-============  ==========================================  ======================  =========
-where         what it sees                                CPU                     CUDA
-============  ==========================================  ======================  =========
-pre-Inductor  the rewritten graph, before ``compile_fx``  `LowerToReference`      `FuseAcrossSites`
-joint         AOTAutograd's forward-backward graph,       `SaveStreamStates`
+============  ======================================  ======================  ======================
+where         what it sees                            CPU                     CUDA
+============  ======================================  ======================  ======================
+pre-Inductor  the rewritten graph, before compile_fx  `LowerToReference`      `BatchBlockAttention`,
+                                                                              `FuseAcrossSites`
+joint         AOTAutograd's forward-backward graph,   `SaveStreamStates`
               before partitioning
-post-grad     each graph Inductor compiles (forward,      `CopySubgraphOutputAliases`
-              backward, nested bodies)                    (with shared subgraphs)
-============  ==========================================  ======================  =========
+post-grad     each graph Inductor compiles (forward,  `CopySubgraphOutputAliases`
+              backward, nested bodies)                (with shared subgraphs)
+============  ======================================  ======================  ======================
+
+On CUDA, `BatchBlockAttention` computes Block Attention Residuals' phase 1 once per block for
+all its sites' queries (``attnres_blocks``; each site keeps its ``attnres_merge``), and
+`FuseAcrossSites` fuses the boundaries between Hyper-Connections sites; a graph has sites of
+one family, so at most one of them changes it.
 
 The pre-Inductor passes (`GraphPass`) edit the graph in place before ``compile_fx``, so
 Inductor's cache keys on the graph they produced; the joint and post-grad passes are
@@ -30,6 +36,7 @@ from typing import Any
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from hcpass.lowering.passes.batch_block_attention import BatchBlockAttention
 from hcpass.lowering.passes.fuse_across_sites import FuseAcrossSites
 from hcpass.lowering.passes.graph_pass import GraphPass
 from hcpass.lowering.passes.lower_reference import LowerToReference
@@ -76,8 +83,9 @@ def pass_plan(cuda: bool, share: bool = True) -> PassPlan:
     fallback where Inductor cannot compile the shared form."""
     if cuda:
         # The ops stay hcpass ops, whose CUDA kernels (the generated Triton kernels) `import
-        # hcpass` registered; only the boundaries between sites are fused.
-        return PassPlan(pre_inductor=(FuseAcrossSites(),))
+        # hcpass` registered; a Block AttnRes block's depth attentions share phase 1, and the
+        # boundaries between Hyper-Connections sites are fused.
+        return PassPlan(pre_inductor=(BatchBlockAttention(), FuseAcrossSites()))
     return PassPlan(
         pre_inductor=(LowerToReference(share),),
         # Every inlined merge's new state is saved for backward instead of rebuilt there.
