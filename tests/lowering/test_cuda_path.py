@@ -11,10 +11,12 @@ they do on a GPU:
 - eager: the rewritten graph as the runtime runs it, the launchers under the ops' autograd;
 - compiled: ``torch.compile(converted, backend="hcpass")`` with the backend lowering every
   graph as for CUDA inputs (`pass_plan(cuda=True)`: the site boundaries fused into
-  ``post_res_coeffs_pre``), then AOTAutograd with Inductor's decompositions and min-cut
-  partitioner; the forward and backward graphs it makes run as FX graphs, so the ops they
-  call reach the launchers. Left out: Inductor's code generation for the rest of the graph,
-  where the ops stay extern calls (`test_inductor_runs_the_launchers`, slow, runs it too).
+  ``post_res_coeffs_pre``; Block AttnRes's phase 1 once per block for all its depth
+  attentions, ``attnres_blocks``, each attention an ``attnres_merge``), then AOTAutograd
+  with Inductor's decompositions and min-cut partitioner; the forward and backward graphs
+  it makes run as FX graphs, so the ops they call reach the launchers. Left out: Inductor's
+  code generation for the rest of the graph, where the ops stay extern calls
+  (`test_inductor_runs_the_launchers`, slow, runs it too).
 
 The reference is the same converted model, eager, with each op's own CPU kernel (its
 `set_kernel_enabled("cpu", False)`). Compared: the output and the gradient of every
@@ -45,6 +47,7 @@ from unittest import mock
 import pytest
 import torch
 from hcpass.codegen import LAUNCHERS, generate, register_interpreted_cpu_kernels
+from torch._dynamo.utils import counters
 
 import hcpass
 import hcpass.lowering.backend as backend
@@ -59,6 +62,14 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 GPU_BF16_TOL = 2e-2
 HC_FORWARD = ("coeffs", "pre", "post_res")
 HC_BACKWARD = ("coeffs_backward", "pre_backward", "post_res_backward")
+ATTNRES = ("attnres", "attnres_backward")
+# Block AttnRes compiled: phase 1 once per block, phase 2 per depth attention
+ATTNRES_PHASES = (
+    "attnres_blocks",
+    "attnres_blocks_backward",
+    "attnres_merge",
+    "attnres_merge_backward",
+)
 # the op definitions, whose CPU kernels the worker replaces
 OP_DEFS = {
     name: getattr(library, name, None) or getattr(attnres_library, name) for name in LAUNCHERS
@@ -252,6 +263,7 @@ def run_case(case: Case, inductor: bool = False) -> dict[str, float]:
     compiled = torch.compile(converted, backend="hcpass")
     for path, model in (("eager", converted), ("compiled", compiled)):
         _LAUNCHED.clear()
+        counters.clear()
         with _cuda_lowering(compile_fx):
             got = _values_and_gradients(model, inputs, params)
         _check_launches(case, path, dict(_LAUNCHED), len(converted.mixers))
@@ -259,12 +271,42 @@ def run_case(case: Case, inductor: bool = False) -> dict[str, float]:
     return errors
 
 
+def _attention_blocks(case: Case) -> list[int]:
+    """How many depth attentions each block of a GPT converted to Block AttnRes has: its
+    ``2 * layers`` sites give depth attentions 1..2L (the first site reads the embedding
+    alone; attention 2L is the output norm's), and attention a reads the blocks completed
+    before block ``(a - 1) // block_size``."""
+    block = dict(case.options).get("block_size")
+    if block is None:  # full AttnRes: every attention over blocks of its own
+        return [1] * 2 * case.layers
+    return list(Counter((a - 1) // block for a in range(1, 2 * case.layers + 1)).values())
+
+
+def _check_attnres_launches(case: Case, path: str, launched: dict[str, int]) -> None:
+    """Eagerly, one attnres call per depth attention; compiled, phase 1 once for each block
+    of two or more attentions (`BatchBlockAttention` batched every one), the rest as one
+    attnres call each."""
+    blocks = _attention_blocks(case)
+    batched = sum(size >= 2 for size in blocks)
+    if path == "eager":
+        assert set(launched) == set(ATTNRES), (path, launched)
+        return
+    hcpass_counts = dict(counters["hcpass"])
+    assert hcpass_counts.get("attnres_batched", 0) == batched, hcpass_counts
+    assert "attnres_unbatched" not in hcpass_counts, hcpass_counts
+    expected = {*(ATTNRES_PHASES if batched else ()), *(ATTNRES if min(blocks) < 2 else ())}
+    assert set(launched) == expected, (path, launched)
+    # phase 1 runs once per block forward and once backward: never once per attention
+    assert launched.get("attnres_blocks", 0) == batched, (path, launched)
+    assert launched.get("attnres_blocks_backward", 0) == batched, (path, launched)
+
+
 def _check_launches(case: Case, path: str, launched: dict[str, int], sites: int) -> None:
     expected = _expected_launches(case, sites, path == "compiled")
     if expected is not None:
         assert launched == expected, (path, launched, expected)
     elif case.family == "attnres":
-        assert set(launched) == {"attnres", "attnres_backward"}, (path, launched)
+        _check_attnres_launches(case, path, launched)
     else:
         fused = {"post_res_coeffs_pre"} if path == "compiled" else set()
         assert set(launched) == {*HC_FORWARD, *HC_BACKWARD, *fused}, (path, launched)
@@ -282,6 +324,8 @@ CASES = [
     ),
     Case(family="attnres", batch=3, length=5, width=24, options=()),
     Case(family="attnres", batch=1, length=7, options=(("block_size", 2),)),
+    # blocks of 3 sites: one block of 3 depth attentions (S = 3) and one of 1 (unbatched)
+    Case(family="attnres", batch=3, length=5, width=24, options=(("block_size", 3),)),
     hc("hc", 4, False),
 ]
 # every manifold, with static mixers at n = 2 (C = 24, 7 positions) and dynamic ones at n = 4
