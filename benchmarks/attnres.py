@@ -21,8 +21,9 @@ Columns, side by side:
   and the ``attnres_backward`` kernel);
 - hcpass phases: phase 1 once for the block's S queries (`attnres_blocks`: one pass over the
   blocks for all S), then one merge per site (`attnres_merge`): the paper's batching, the
-  launchers called directly. Forward only: the phases have no backward of their own (a
-  site's is ``attnres_backward``, as in the hcpass column), so fwd+bwd is n/a;
+  launchers called directly, without the ops' autograd, so forward only (fwd+bwd is n/a;
+  the ops ``hcpass::attnres_blocks`` and ``attnres_merge`` have backward kernels, which
+  this column does not time yet);
 - eager: `two_phase` below, plain PyTorch: phase 1 the S queries against the stacked
   completed blocks with online-softmax statistics (max m, sum l, normalised partial output
   o), phase 2 each site's merge with its partial block; autograd for the backward;
@@ -175,9 +176,9 @@ def hcpass_op(blocks: list[Tensor], partials: list[Tensor], queries: Tensor) -> 
 
 
 def hcpass_phases(blocks: list[Tensor], partials: list[Tensor], queries: Tensor) -> list[Tensor]:
-    o, m, l = codegen.attnres.attnres_blocks(blocks, queries, KEY_EPS)  # noqa: E741
+    o, lse = codegen.attnres.attnres_blocks(blocks, queries, KEY_EPS)
     return [
-        codegen.attnres.attnres_merge(o[s], m[s], l[s], p, queries[s], KEY_EPS)
+        codegen.attnres.attnres_merge(o[s], lse[s], p, queries[s], KEY_EPS)
         for s, p in enumerate(partials)
     ]
 
