@@ -798,6 +798,18 @@ def test_cuda_kernels_match_reference(k, dtype):
     want_values, want_query = reference.attnres_backward(grad, values, query, EPS)
     assert_matches(got_values, want_values, GPU_TOL[dtype])
     assert_matches(got_query, want_query, GPU_TOL[torch.float32])
+    # the phases' backward: phase 1 for the 6 queries, the merge of the first
+    o, lse = reference.attnres_blocks(values, queries, EPS)
+    args = (torch.randn_like(o), torch.randn_like(lse), values, queries, o, lse, EPS)
+    got_values, got_query = kernels.attnres_blocks_backward(*args)
+    want_values, want_query = reference.attnres_blocks_backward(*args)
+    assert_matches(got_values, want_values, GPU_TOL[dtype])
+    assert_matches(got_query, want_query, GPU_TOL[torch.float32])
+    inputs = (o[0], lse[0], values[-1], queries[0])
+    got = kernels.attnres_merge_backward(grad, *inputs, EPS)
+    want = reference.attnres_merge_backward(grad, *inputs, EPS)
+    for g, w, t in zip(got, want, inputs, strict=True):
+        assert_matches(g, w, GPU_TOL[t.dtype])
 
 
 @pytest.mark.gpu

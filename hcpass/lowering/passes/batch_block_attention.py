@@ -96,7 +96,7 @@ def _members(graph: fx.Graph) -> list[_Member]:
     for node in graph.nodes:
         if node.op == "call_function" and node.target is _ATTNRES:
             members.extend(_member(node, node, None, {}))
-        elif is_checkpoint(node) and _body_attr(node) is not None:
+        elif is_checkpoint(node) and _body_attr(node) and graph.owning_module is not None:
             body = operator.attrgetter(_body_attr(node))(graph.owning_module)
             placeholders = body.graph.find_nodes(op="placeholder")
             outer = dict(zip(placeholders, node.args[1:], strict=True))
