@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from unittest import mock
 
+import pytest
 import torch
 from expecttest import TestCase
 from torch import fx
@@ -19,7 +20,7 @@ import hcpass
 import hcpass.lowering.backend as backend
 from hcpass.frontend.regions import REGION, Region
 from hcpass.lowering.passes.batch_block_attention import BatchBlockAttention
-from hcpass.rewrite.regions import outline_checkpoints
+from hcpass.rewrite.regions import checkpoint_eagerly, outline_checkpoints
 from tests import models
 from tests.graphs import GraphBuilder, body, code
 
@@ -27,10 +28,13 @@ OPS = torch.ops.hcpass
 EPS = 1e-6
 
 
-def two_sites(regions: bool = False, late_query: bool = False, eps2: float = EPS) -> fx.GraphModule:
+def two_sites(
+    regions: bool = False, one_region: bool = False, late_query: bool = False, eps2: float = EPS
+) -> fx.GraphModule:
     """Two depth attentions over the same completed block x, each with its partial block,
     as the Block AttnRes rewrite writes them; `regions`: each in a checkpoint region of its
-    own; `late_query`: the second query computed after the first attention."""
+    own; `one_region`: both in one (a checkpointed transformer block); `late_query`: the
+    second query computed after the first attention."""
     g = GraphBuilder()
     x = g.input("x", 5, 12)
     w1, w2 = g.parameter("w1", 12), g.parameter("w2", 12)
@@ -45,6 +49,11 @@ def two_sites(regions: bool = False, late_query: bool = False, eps2: float = EPS
     if regions:
         for index, node in enumerate((h1, h2)):
             node.meta[REGION] = Region(index, {"use_reentrant": False})
+    if one_region:
+        region = Region(0, {"use_reentrant": False})
+        for node in (y, h1, z, h2):
+            node.meta[REGION] = region
+    if regions or one_region:
         for name, module in outline_checkpoints(graph).items():
             setattr(root, name, module)
     return fx.GraphModule(root, graph)
@@ -127,6 +136,36 @@ attnres_merge_default = torch.ops.hcpass.attnres_merge.default(attnres_default_1
 return (attnres_merge_default,)""",
         )
 
+    def test_two_attentions_in_one_region_both_take_their_outputs(self):
+        gm = lowered(two_sites(one_region=True))
+        self.assertEqual(dict(counters["hcpass"]), {"attnres_batched": 1})
+        self.assertExpectedInline(
+            body(gm),
+            """\
+stack = torch.stack([w1, w2])
+attnres_blocks_default = torch.ops.hcpass.attnres_blocks.default([x], stack, 1e-06)
+getitem_1 = attnres_blocks_default[0]
+getitem_2 = attnres_blocks_default[1]
+hcpass_checkpoint_body_0 = self.hcpass_checkpoint_body_0
+select = torch.select(getitem_1, 0, 0)
+select_1 = torch.select(getitem_2, 0, 0)
+select_2 = torch.select(getitem_1, 0, 1)
+select_3 = torch.select(getitem_2, 0, 1)
+tag_activation_checkpoint = torch.ops.higher_order.tag_activation_checkpoint(hcpass_checkpoint_body_0, x, w1, w2, select, select_1, select_2, select_3, use_reentrant = False)
+getitem = tag_activation_checkpoint[0]
+return (getitem,)""",
+        )
+        self.assertExpectedInline(
+            bodies(gm),
+            """\
+hcpass_checkpoint_body_0(x, w1, w2, attnres_default_o, attnres_default_lse, attnres_default_1_o, attnres_default_1_lse):
+tanh = torch.tanh(x)
+attnres_merge_default = torch.ops.hcpass.attnres_merge.default(attnres_default_o, attnres_default_lse, tanh, w1, 1e-06)
+add = tanh + attnres_merge_default
+attnres_merge_default_1 = torch.ops.hcpass.attnres_merge.default(attnres_default_1_o, attnres_default_1_lse, add, w2, 1e-06)
+return (attnres_merge_default_1,)""",
+        )
+
     def test_another_eps_is_another_group(self):
         gm = lowered(two_sites(eps2=1e-5))
         self.assertEqual(dict(counters["hcpass"]), {})
@@ -180,11 +219,24 @@ def _values_and_gradients(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [out, *torch.autograd.grad(out, leaves, grad)]
 
 
-def test_the_batched_graph_computes_the_same_values_and_gradients():
-    gm = two_sites()
+@pytest.mark.parametrize("regions", ["none", "one each", "one for both"])
+def test_the_batched_graph_computes_the_same_values_and_gradients(regions):
+    """Checkpoint bodies run through torch.utils.checkpoint, as the eager runtime does."""
+
+    def build(batch: bool) -> fx.GraphModule:
+        gm = two_sites(regions=regions == "one each", one_region=regions == "one for both")
+        if batch:
+            BatchBlockAttention()(gm.graph)
+            assert any(n.target is OPS.attnres_blocks.default for n in gm.graph.nodes)
+        checkpoint_eagerly(gm.graph)
+        gm.recompile()
+        return gm
+
+    gm = build(batch=False)
     inputs = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
     want = _values_and_gradients(gm, inputs)
-    got = _values_and_gradients(lowered(gm), inputs)
+    batched = build(batch=True)
+    got = _values_and_gradients(batched, inputs)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
