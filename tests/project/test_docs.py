@@ -38,3 +38,15 @@ def test_relative_links_name_existing_files(page: Path):
     targets = [m.group(1) for m in LINK.finditer(page.read_text(encoding="utf-8"))]
     missing = [t for t in targets if "://" not in t and not (page.parent / t).exists()]
     assert not missing, f"{page.relative_to(REPO)} links to missing files: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """CI runs the tests the way the README tells a user to (its `# run the tests` line),
+    with only options after it (the durations list)."""
+    (line,) = [
+        line for line in (REPO / "README.md").read_text().splitlines() if "# run the tests" in line
+    ]
+    command = line.split("#")[0].strip()
+    assert command.startswith("python -m pytest"), command
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert any(step.strip().startswith(command) for step in ci), (command, ".ci/run")

@@ -24,6 +24,10 @@ import hcpass
 from hcpass.tools.demo.gpt import GPT
 from tests import models
 
+# Each test here runs ranks in processes of their own; under pytest-xdist they share one
+# worker (`--dist loadgroup`), so two tests' ranks never compete for the cores.
+pytestmark = pytest.mark.xdist_group("ranks")
+
 
 class BrokenGPT(GPT):
     """The tiny GPT with a graph break after every block (Dynamo traces each block alone)."""
