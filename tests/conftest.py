@@ -7,6 +7,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
+from tests.interpreter import round_bf16_to_nearest_even
+
 # One Inductor/Triton cache for the whole session: cold compiles dominate the suite's time.
 _CACHE = os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hcpass-inductor-")
@@ -20,15 +22,17 @@ def _seed():
     yield
 
 
-# Shared by the Triton interpreter tests (test_codegen, test_attnres_ops).
+# Shared by the Triton interpreter tests (test_codegen, test_attnres_ops, test_cuda_path).
 @pytest.fixture(scope="module")
 def interpreter() -> Iterator[ProcessPoolExecutor]:
-    """A worker process whose triton was imported with TRITON_INTERPRET=1."""
+    """A worker process whose triton was imported with TRITON_INTERPRET=1, its interpreter
+    rounding fp32 -> bf16 to nearest even as a GPU does (tests/interpreter.py)."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(int).result()  # start it now, while the variable is set
+        # start it now, while the variable is set
+        pool.submit(round_bf16_to_nearest_even).result()
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]

@@ -12,7 +12,8 @@ fp64 1e-12, fp32 1e-5 (the fp32 accumulation), bf16 1e-2 and fp16 2e-3 (one roun
 output, 2^-8 and 2^-11 relative, after an fp32 accumulation). Outputs that stay in compute
 dtype (the query's gradient, the phase-1 statistics) get the compute dtype's tolerance.
 Kernels against the reference (`KERNEL_TOL`, as tests/test_codegen.py): fp64 1e-11, fp32
-1e-5; bf16 1e-2 -- the interpreter converts to bf16 by truncation, torch rounds to nearest.
+1e-5; bf16 1e-2 (the worker's interpreter rounds fp32 to bf16 to nearest even as a GPU does,
+tests/interpreter.py).
 """
 
 from __future__ import annotations
