@@ -19,11 +19,12 @@ Columns, side by side:
 - hcpass: ``hcpass::attnres`` once per site, what a converted model calls (its CUDA kernels
   are the generated ones of codegen/attnres.py: phase 1 with the site's one query, phase 2,
   and the ``attnres_backward`` kernel);
-- hcpass phases: phase 1 once for the block's S queries (`attnres_blocks`: one pass over the
-  blocks for all S), then one merge per site (`attnres_merge`): the paper's batching, the
-  launchers called directly, without the ops' autograd, so forward only (fwd+bwd is n/a;
-  the ops ``hcpass::attnres_blocks`` and ``attnres_merge`` have backward kernels, which
-  this column does not time yet);
+- hcpass phases: phase 1 once for the block's S queries (``hcpass::attnres_blocks``: one
+  pass over the blocks for all S), then one merge per site (``hcpass::attnres_merge``): the
+  paper's batching, what a Block AttnRes model compiled with ``backend="hcpass"`` runs on
+  CUDA; the backward through the ops' autograd, their backward kernels
+  (``attnres_merge_backward`` per site, then ``attnres_blocks_backward`` once for the S
+  queries);
 - eager: `two_phase` below, plain PyTorch: phase 1 the S queries against the stacked
   completed blocks with online-softmax statistics (max m, sum l, normalised partial output
   o), phase 2 each site's merge with its partial block; autograd for the backward;
@@ -176,11 +177,9 @@ def hcpass_op(blocks: list[Tensor], partials: list[Tensor], queries: Tensor) -> 
 
 
 def hcpass_phases(blocks: list[Tensor], partials: list[Tensor], queries: Tensor) -> list[Tensor]:
-    o, lse = codegen.attnres.attnres_blocks(blocks, queries, KEY_EPS)
-    return [
-        codegen.attnres.attnres_merge(o[s], lse[s], p, queries[s], KEY_EPS)
-        for s, p in enumerate(partials)
-    ]
+    ops = torch.ops.hcpass  # CUDA kernels and their backward: the generated ones
+    o, lse = ops.attnres_blocks(blocks, queries, KEY_EPS)
+    return [ops.attnres_merge(o[s], lse[s], p, queries[s], KEY_EPS) for s, p in enumerate(partials)]
 
 
 def builders() -> dict[str, Callable[[], Block]]:
@@ -196,17 +195,11 @@ def builders() -> dict[str, Callable[[], Block]]:
     }
 
 
-FORWARD_ONLY = {"hcpass_phases"}
-
-
 # ------------------------------------------------------------------------- measuring
 def measure(name: str, block: Block, p: Problem, want: list[Tensor]) -> dict[str, float | str]:
     """Check the outputs against `want` (the reference's), then time both phases."""
-    if name in FORWARD_ONLY:  # no autograd: the inputs as they are
-        blocks, partials, queries = p.blocks, p.partials, p.queries
-    else:
-        leaves = [t.detach().requires_grad_() for t in (*p.blocks, *p.partials, p.queries)]
-        blocks, partials, queries = leaves[: p.n], leaves[p.n : -1], leaves[-1]
+    leaves = [t.detach().requires_grad_() for t in (*p.blocks, *p.partials, p.queries)]
+    blocks, partials, queries = leaves[: p.n], leaves[p.n : -1], leaves[-1]
 
     def forward() -> list[Tensor]:
         return block(blocks, partials, queries)
@@ -214,9 +207,6 @@ def measure(name: str, block: Block, p: Problem, want: list[Tensor]) -> dict[str
     for got, expected in zip(forward(), want, strict=True):
         torch.testing.assert_close(got, expected, rtol=OUTPUT_TOL, atol=OUTPUT_TOL)
     times: dict[str, float | str] = {"block fwd": common.median_ms(forward)}
-    if name in FORWARD_ONLY:
-        times["block fwd+bwd"] = "n/a: forward only"
-        return times
     grads = [torch.randn_like(h) for h in want]
 
     def step() -> None:

@@ -39,9 +39,9 @@
 # - mixer: hcpass 8 kernels x 4 configs (~35 s with the autotuner's timings), Inductor
 #   compiles coeffs, pre and post_res with their backwards (~35 s), Liger ~8 kernels (~8 s),
 #   9 phases x 4 columns timed by do_bench (25 ms warmup, 100 ms runs: ~7 s), import ~10 s;
-# - attnres: 5 kernels (phase 1 for 1, 4 and 16 queries, merge, backward: ~5 s), Inductor
-#   compiles two_phase forward and backward for S = 4 and 16 (~35 s), 2 x 7 do_bench (~10 s),
-#   import ~10 s;
+# - attnres: 8 kernels (phase 1 for 1, 4 and 16 queries, merge, backward, the phases'
+#   backward for 4 and 16 queries and the merge's: ~8 s), Inductor compiles two_phase forward
+#   and backward for S = 4 and 16 (~35 s), 2 x 8 do_bench (~10 s), import ~10 s;
 # - train: eager 25 steps (~3 s); Inductor compiles the 12-layer GPT's forward and backward
 #   (~45 s); hcpass converts (~10 s), compiles (~50 s) and autotunes its 8 kernels at n = 4,
 #   C = 768 (~35 s); 5 warmup + 20 timed steps of ~50 ms per variant; import ~10 s.
