@@ -96,6 +96,18 @@ def _jit(fn: Callable) -> Callable:
 
 # ------------------------------------------------------------------------------ kernels
 @_jit
+def _load_tile(table_ptr, j, first_ptr, p64, c, mask, ACC: tl.constexpr):
+    """The ``[BLOCK_P, BLOCK_C]`` tile at positions `p64` and channels `c` of tensor `j` of a
+    table (``[n, 3]`` int64: address, position stride, channel stride), in ACC; `first_ptr`
+    (tensor 0) types the addresses."""
+    base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
+    stride_p = tl.load(table_ptr + 3 * j + 1)
+    stride_c = tl.load(table_ptr + 3 * j + 2)
+    rows = base + p64[:, None] * stride_p + c[None, :] * stride_c
+    return tl.load(rows, mask=mask, other=0.0).to(ACC)
+
+
+@_jit
 def attnres_blocks_kernel(
     table_ptr,  # int64 [n, 3]: address, position stride, channel stride of each block
     first_ptr,  # block 0: its pointer type types the table's addresses
@@ -124,19 +136,12 @@ def attnres_blocks_kernel(
     m = tl.full((BLOCK_S, BLOCK_P), float("-inf"), ACC)
     l = tl.zeros((BLOCK_S, BLOCK_P), ACC)  # noqa: E741
     for j in range(n):
-        base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
-        stride_p = tl.load(table_ptr + 3 * j + 1)
-        stride_c = tl.load(table_ptr + 3 * j + 2)
         sumsq = tl.zeros((BLOCK_P,), ACC)
         dots = tl.zeros((BLOCK_S, BLOCK_P), ACC)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
-            v = tl.load(
-                base + p64[:, None] * stride_p + c[None, :] * stride_c,
-                mask=p_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            ).to(ACC)
+            v = _load_tile(table_ptr, j, first_ptr, p64, c, p_ok[:, None] & c_ok[None, :], ACC)
             w = tl.load(
                 w_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0
             ).to(ACC)
@@ -158,16 +163,9 @@ def attnres_blocks_kernel(
         c_ok = c < C
         o = tl.zeros((BLOCK_S, BLOCK_P, BLOCK_C), ACC)
         for j in range(n):
-            base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
-            stride_p = tl.load(table_ptr + 3 * j + 1)
-            stride_c = tl.load(table_ptr + 3 * j + 2)
             logit = tl.load(logits_ptr + j * S * P + sp, mask=sp_ok, other=0.0)
             weight = tl.exp(logit - lse)
-            v = tl.load(
-                base + p64[:, None] * stride_p + c[None, :] * stride_c,
-                mask=p_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            ).to(ACC)
+            v = _load_tile(table_ptr, j, first_ptr, p64, c, p_ok[:, None] & c_ok[None, :], ACC)
             o += weight[:, :, None] * v[None, :, :]
         tl.store(
             o_ptr + sp[:, :, None] * C + c[None, None, :],
@@ -252,9 +250,6 @@ def attnres_bwd_kernel(
     l = tl.zeros((BLOCK_P,), ACC)  # noqa: E741
     ld = tl.zeros((BLOCK_P,), ACC)
     for i in range(k):
-        base = tl.load(table_ptr + 3 * i).to(first_ptr.dtype, bitcast=True)
-        stride_p = tl.load(table_ptr + 3 * i + 1)
-        stride_c = tl.load(table_ptr + 3 * i + 2)
         sumsq = tl.zeros((BLOCK_P,), ACC)
         q = tl.zeros((BLOCK_P,), ACC)
         d = tl.zeros((BLOCK_P,), ACC)
@@ -262,9 +257,7 @@ def attnres_bwd_kernel(
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
             pc_ok = p_ok[:, None] & c_ok[None, :]
-            v = tl.load(
-                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
-            ).to(ACC)
+            v = _load_tile(table_ptr, i, first_ptr, p64, c, pc_ok, ACC)
             g = tl.load(g_rows + c[None, :] * stride_gc, mask=pc_ok, other=0.0).to(ACC)
             w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
             sumsq += tl.sum(v * v, 1)
@@ -294,9 +287,6 @@ def attnres_bwd_kernel(
         w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
         gw = tl.zeros((BLOCK_C,), ACC)
         for i in range(k):
-            base = tl.load(table_ptr + 3 * i).to(first_ptr.dtype, bitcast=True)
-            stride_p = tl.load(table_ptr + 3 * i + 1)
-            stride_c = tl.load(table_ptr + 3 * i + 2)
             out = tl.load(out_table_ptr + i).to(first_ptr.dtype, bitcast=True)
             r = tl.load(stats_ptr + i * P + p64, mask=p_ok, other=0.0)
             q = tl.load(stats_ptr + (k + i) * P + p64, mask=p_ok, other=0.0)
@@ -304,9 +294,7 @@ def attnres_bwd_kernel(
             alpha = tl.exp(r * q - m) * inv_l
             coef_w = alpha * (d - dbar) * r  # ds_i r_i
             coef_v = coef_w * r * r * q / C
-            v = tl.load(
-                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
-            ).to(ACC)
+            v = _load_tile(table_ptr, i, first_ptr, p64, c, pc_ok, ACC)
             gv = alpha[:, None] * g + coef_w[:, None] * w[None, :] - coef_v[:, None] * v
             tl.store(
                 out + p64[:, None] * C + c[None, :], gv.to(first_ptr.dtype.element_ty), mask=pc_ok
@@ -424,20 +412,13 @@ def attnres_blocks_bwd_kernel(
         dots += tl.sum(go * o, 2)
     big_d = dots - tl.load(glse_ptr + sp, mask=sp_ok, other=0.0)
     for j in range(n):
-        base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
-        stride_p = tl.load(table_ptr + 3 * j + 1)
-        stride_c = tl.load(table_ptr + 3 * j + 2)
         sumsq = tl.zeros((BLOCK_P,), ACC)
         q = tl.zeros((BLOCK_S, BLOCK_P), ACC)
         d = tl.zeros((BLOCK_S, BLOCK_P), ACC)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
-            b = tl.load(
-                base + p64[:, None] * stride_p + c[None, :] * stride_c,
-                mask=p_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            ).to(ACC)
+            b = _load_tile(table_ptr, j, first_ptr, p64, c, p_ok[:, None] & c_ok[None, :], ACC)
             w = tl.load(
                 w_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0
             )
@@ -470,9 +451,6 @@ def attnres_blocks_bwd_kernel(
         )
         gw = tl.zeros((BLOCK_S, BLOCK_C), ACC)
         for j in range(n):
-            base = tl.load(table_ptr + 3 * j).to(first_ptr.dtype, bitcast=True)
-            stride_p = tl.load(table_ptr + 3 * j + 1)
-            stride_c = tl.load(table_ptr + 3 * j + 2)
             out = tl.load(out_table_ptr + j).to(first_ptr.dtype, bitcast=True)
             r = tl.load(r_ptr + j * P + p64, mask=p_ok, other=0.0)
             q = tl.load(qd_ptr + j * S * P + sp, mask=sp_ok, other=0.0)
@@ -480,9 +458,7 @@ def attnres_blocks_bwd_kernel(
             beta = tl.where(sp_ok, tl.exp(r[None, :] * q - lse), 0.0)
             coef_w = beta * (d - big_d) * r[None, :]  # ds_sj r_j
             coef_b = tl.sum(coef_w * q, 0) * r * r / C
-            b = tl.load(
-                base + p64[:, None] * stride_p + c[None, :] * stride_c, mask=pc_ok, other=0.0
-            ).to(ACC)
+            b = _load_tile(table_ptr, j, first_ptr, p64, c, pc_ok, ACC)
             gb = tl.sum(beta[:, :, None] * go + coef_w[:, :, None] * w[:, None, :], 0)
             gb -= coef_b[:, None] * b
             tl.store(
