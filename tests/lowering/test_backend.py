@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections import Counter
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from hcpass.lowering.passes.subgraph_aliases import CopySubgraphOutputAliases
 from tests import graphs, models
 from tests.op_inputs import OP_NAMES, coeffs_inputs
 
+REPO = Path(__file__).resolve().parents[2]
 HCPASS_OPS = {
     torch.ops.hcpass.coeffs.default,
     torch.ops.hcpass.pre.default,
@@ -55,11 +57,20 @@ def test_backend_works_without_importing_hcpass():
 
 
 def test_other_backends_cannot_drop_the_mixers():
-    model = models.tiny_gpt()
-    x = models.token_inputs()[0]
-    converted = hcpass.convert(model, x)
-    with pytest.raises(RuntimeError, match="backend='hcpass'"):
-        torch.compile(converted, backend="aot_eager")(*x)
+    # In a process of its own: once, in a pytest-xdist worker after hundreds of other tests,
+    # the aot_eager compile ran the converted forward through hcpass's own eager path (the
+    # mixers ran, nothing was lost) instead of raising; the cause is not found yet.
+    script = textwrap.dedent(
+        """
+        import pytest, torch, hcpass
+        from tests import models
+
+        converted = hcpass.convert(models.tiny_gpt(), models.token_inputs()[0])
+        with pytest.raises(RuntimeError, match="backend='hcpass'"):
+            torch.compile(converted, backend="aot_eager")(*models.token_inputs()[0])
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=REPO)
 
 
 class TwoResidualLinears(torch.nn.Module):
