@@ -479,24 +479,23 @@ MAX_BLOCK_S = 16
 GPU_TILE = 2048
 
 
-def _blocks_config(S: int, C: int) -> dict[str, int]:
-    block_s = min(MAX_BLOCK_S, triton.next_power_of_2(S))
-    block_c = min(64 if block_s > 2 else 128, triton.next_power_of_2(C))
+def _query_tile_config(block_s: int, C: int) -> dict[str, int]:
+    """A ``[BLOCK_S, BLOCK_P, BLOCK_C]`` tile of `block_s` queries: it shrinks along
+    positions and channels as `block_s` grows."""
     if generate.interpreted():
         return dict(BLOCK_S=block_s, BLOCK_P=16, BLOCK_C=64)
+    block_c = min(64 if block_s > 2 else 128, triton.next_power_of_2(C))
     block_p = max(1, min(16, GPU_TILE // (block_s * block_c)))
     return dict(BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+
+
+def _blocks_config(S: int, C: int) -> dict[str, int]:
+    return _query_tile_config(min(MAX_BLOCK_S, triton.next_power_of_2(S)), C)
 
 
 def _blocks_backward_config(S: int, C: int) -> dict[str, int]:
-    """All S queries in one program (a block's gradient sums over them): the tile
-    ``[BLOCK_S, BLOCK_P, BLOCK_C]`` shrinks along positions and channels as S grows."""
-    block_s = triton.next_power_of_2(S)
-    if generate.interpreted():
-        return dict(BLOCK_S=block_s, BLOCK_P=16, BLOCK_C=64)
-    block_c = min(64 if block_s > 2 else 128, triton.next_power_of_2(C))
-    block_p = max(1, min(16, GPU_TILE // (block_s * block_c)))
-    return dict(BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    """All S queries in one program: a block's gradient sums over them."""
+    return _query_tile_config(triton.next_power_of_2(S), C)
 
 
 def _merge_config(C: int) -> dict[str, int]:
@@ -592,6 +591,11 @@ def _table(rows: list[Tensor]) -> Tensor:
     return torch.tensor(entries, dtype=torch.int64).to(rows[0].device)
 
 
+def _addresses(tensors: list[Tensor]) -> Tensor:
+    """The address of each (contiguous) tensor, on its device: a table of outputs."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(tensors[0].device)
+
+
 def attnres(values: list[Tensor], query: Tensor, eps: float) -> Tensor:
     """``hcpass::attnres``: phase 1 over ``values[:-1]`` with the one query, phase 2 with
     ``values[-1]``."""
@@ -622,7 +626,7 @@ def attnres_backward(
         return grads, torch.zeros_like(query, memory_format=torch.contiguous_format)
     rows = [_rows(v, P, C) for v in values]
     g = _rows(grad, P, C)
-    out_table = torch.tensor([t.data_ptr() for t in grads], dtype=torch.int64).to(first.device)
+    out_table = _addresses(grads)
     config = _merge_config(C)
     programs = triton.cdiv(P, config["BLOCK_P"])
     stats = first.new_empty((3, k, P), dtype=acc)
@@ -653,8 +657,7 @@ def attnres_merge_backward(
     grad: Tensor, o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``hcpass::attnres_merge_backward``: one kernel and a sum over programs."""
-    reference.check_merge(o, lse, partial, query)
-    reference.check_grad(grad, [partial])
+    reference.check_merge_backward(grad, o, lse, partial, query)
     _check_device(grad, o, lse, partial, query)
     C = partial.shape[-1]
     P = math.prod(partial.shape[:-1])
@@ -709,10 +712,7 @@ def attnres_blocks_backward(
 ) -> tuple[list[Tensor], Tensor]:
     """``hcpass::attnres_blocks_backward``: one kernel (all S queries of a position tile in
     one program, so each block's gradient is written once) and a sum over programs."""
-    reference.check_blocks(blocks, queries)
-    for t in (o, grad_o):
-        reference.check_phase_one(t, lse, blocks, queries)
-    reference.check_phase_one(o, grad_lse, blocks, queries)
+    reference.check_blocks_backward(grad_o, grad_lse, blocks, queries, o, lse)
     first = blocks[0]
     _check_device(grad_o, grad_lse, *blocks, queries, o, lse)
     n, S, C = len(blocks), queries.shape[0], first.shape[-1]
@@ -722,7 +722,7 @@ def attnres_blocks_backward(
     if P == 0 or C == 0:
         return grads, torch.zeros_like(queries, memory_format=torch.contiguous_format)
     rows = [_rows(b, P, C) for b in blocks]
-    out_table = torch.tensor([t.data_ptr() for t in grads], dtype=torch.int64).to(first.device)
+    out_table = _addresses(grads)
     config = _blocks_backward_config(S, C)
     programs = triton.cdiv(P, config["BLOCK_P"])
     grad_w = first.new_empty((programs, S, C), dtype=acc)

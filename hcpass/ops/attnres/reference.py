@@ -230,6 +230,31 @@ def check_merge(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor) -> None:
         )
 
 
+def check_blocks_backward(
+    grad_o: Tensor,
+    grad_lse: Tensor,
+    blocks: list[Tensor] | tuple[Tensor, ...],
+    queries: Tensor,
+    o: Tensor,
+    lse: Tensor,
+) -> None:
+    """The inputs of ``attnres_blocks_backward``: phase 1's inputs, its outputs and their
+    gradients fit one another."""
+    check_blocks(blocks, queries)
+    for t in (o, grad_o):
+        check_phase_one(t, lse, blocks, queries)
+    check_phase_one(o, grad_lse, blocks, queries)
+
+
+def check_merge_backward(
+    grad: Tensor, o: Tensor, lse: Tensor, partial: Tensor, query: Tensor
+) -> None:
+    """The inputs of ``attnres_merge_backward``: the merge's inputs, and grad h shaped as the
+    partial block."""
+    check_merge(o, lse, partial, query)
+    check_grad(grad, [partial])
+
+
 def _block_logits(keys: list[Tensor], w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``r [n, 1, *pos]``, ``q [n, S, *pos]`` and ``s = r q`` of keys in compute dtype."""
     r = torch.stack([_rms_inv(k, eps) for k in keys]).unsqueeze(1)
@@ -263,10 +288,7 @@ def attnres_blocks_backward(
 ) -> tuple[list[Tensor], Tensor]:
     """(grad of each block in the blocks' dtype, grad of the queries in their dtype), the
     closed form of the module docstring from the saved ``o`` and ``lse``."""
-    check_blocks(blocks, queries)
-    for t in (o, grad_o):
-        check_phase_one(t, lse, blocks, queries)
-    check_phase_one(o, grad_lse, blocks, queries)
+    check_blocks_backward(grad_o, grad_lse, blocks, queries, o, lse)
     dtype, C = blocks[0].dtype, blocks[0].shape[-1]
     acc = compute_dtype(dtype)
     keys = [b.to(acc) for b in blocks]
@@ -302,8 +324,7 @@ def attnres_merge_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad o, grad lse, grad partial, grad query), each in its input's dtype: the closed
     form of the module docstring, recomputing gamma from the inputs."""
-    check_merge(o, lse, partial, query)
-    check_grad(grad, [partial])
+    check_merge_backward(grad, o, lse, partial, query)
     acc, C = compute_dtype(partial.dtype), partial.shape[-1]
     pf, w, g, of = partial.to(acc), query.to(acc), grad.to(acc), o.to(acc)
     r, q = _rms_inv(pf, eps), _dot(pf, w)
